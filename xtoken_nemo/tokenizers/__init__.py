@@ -1,1 +1,65 @@
-"""tokenizers"""
+"""Tokenizers: one interface over HF tokenizers, SentencePiece and tiktoken BPE.
+
+    from xtoken_nemo.tokenizers import load_tokenizer
+    tok = load_tokenizer("qwen3")            # built-in offline name
+    tok = load_tokenizer("/models/Llama-3.2-1B")  # HF dir, tokenizer.json, .model or .tiktoken
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from xtoken_nemo.errors import TokenizerError
+from xtoken_nemo.tokenizers.base import ROLES, Encoding, Tokenizer
+from xtoken_nemo.tokenizers.builtin import ALIASES, BUILTIN_NAMES, load_builtin
+
+__all__ = ["ROLES", "BUILTIN_NAMES", "Encoding", "Tokenizer", "load_tokenizer"]
+
+
+def load_tokenizer(
+    name_or_path: str | Path,
+    vocab_size: int | None = None,
+    special_tokens: dict[str, str | int] | None = None,
+) -> Tokenizer:
+    """A built-in name (llama3, qwen3, phi4mini, o200k) or a path to a tokenizer.
+
+    Paths: an HF model directory or tokenizer.json, a SentencePiece .model, or a .tiktoken ranks
+    file (o200k pattern). ``vocab_size`` sets the model's logit count when it exceeds the
+    tokenizer's ids; ``special_tokens`` sets roles, e.g. ``{"bos": "<s>"}``.
+    """
+    key = str(name_or_path)
+    if key in BUILTIN_NAMES or key in ALIASES:
+        if vocab_size is None and special_tokens is None:
+            return _cached_builtin(ALIASES.get(key, key))
+        tok = load_builtin(key)
+        if vocab_size is not None and vocab_size != tok.vocab_size:
+            raise TokenizerError(f"built-in tokenizer '{key}' has a fixed vocab_size of {tok.vocab_size}")
+        tok._apply_special_overrides(special_tokens)
+        return tok
+    path = Path(name_or_path)
+    if not path.exists():
+        raise TokenizerError(
+            f"tokenizer '{key}' is neither a built-in name ({', '.join(BUILTIN_NAMES)}) nor an existing path; "
+            "give a built-in name, an HF model directory, a tokenizer.json, a .model or a .tiktoken file"
+        )
+    if path.is_dir() or path.suffix == ".json":
+        from xtoken_nemo.tokenizers.hf import HFTokenizer
+
+        return HFTokenizer(path, name=key, vocab_size=vocab_size, special_tokens=special_tokens)
+    if path.suffix == ".model":
+        from xtoken_nemo.tokenizers.sp import SentencePieceTokenizer
+
+        return SentencePieceTokenizer(path, name=key, vocab_size=vocab_size, special_tokens=special_tokens)
+    if path.suffix in (".tiktoken", ".vocab"):
+        from xtoken_nemo.tokenizers.tiktoken_bpe import TiktokenTokenizer, read_ranks
+
+        return TiktokenTokenizer(read_ranks(path), name=key, vocab_size=vocab_size, roles=special_tokens)
+    raise TokenizerError(
+        f"cannot tell the tokenizer format of {path}; expected an HF directory, tokenizer.json, .model or .tiktoken"
+    )
+
+
+@lru_cache(maxsize=8)
+def _cached_builtin(name: str) -> Tokenizer:
+    return load_builtin(name)
