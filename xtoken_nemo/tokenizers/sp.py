@@ -62,7 +62,7 @@ class SentencePieceTokenizer(Tokenizer):
         return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
 
     def _encode_text(self, text: str) -> Encoding:
-        proto = self._sp.encode(text, out_type="immutable_proto")
+        proto = self._encode_proto(text)
         # SentencePiece spans are byte offsets into the UTF-8 input; we expose character offsets.
         raw = text.encode("utf-8")
         char_at = [0] * (len(raw) + 1)
@@ -82,6 +82,14 @@ class SentencePieceTokenizer(Tokenizer):
                 end = start + 1
             offsets.append((start, end))
         return Encoding(ids, offsets)
+
+    def _encode_proto(self, text: str):
+        # sentencepiece >= 0.2.1 returns spans as return_type="proto"; older releases only as
+        # out_type="immutable_proto".
+        try:
+            return self._sp.encode(text, return_type="proto")
+        except TypeError:
+            return self._sp.encode(text, out_type="immutable_proto")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [list(ids) for ids in self._fragment_sp.encode(list(texts))]
