@@ -1,0 +1,667 @@
+"""Vocab-parallel losses: logits sharded over the tensor-parallel group (method.md 3.4).
+
+Shapes on each rank: student ``[N, V_S_pad / tp]``, teacher ``[N, V_T_pad / tp]`` (Megatron's
+vocab-parallel output layout: rank r holds columns ``[r * V/tp, (r + 1) * V/tp)``); the real
+vocab sizes are given so the padded columns (global id >= V) are masked out. At tp=1 (no group)
+the same code is the single-device path. Every function returns the mean over chunks
+(``reduction="none"``: the ``[N]`` per-chunk vector), replicated on all ranks; gradients flow to
+the student logits only (the teacher is frozen: teacher logits get no gradient).
+
+Implementation:
+- KL and P-KL are explicit autograd Functions (like megatron-core's vocab-parallel cross
+  entropy): the forward runs in token blocks and keeps only the per-token log-normalizers; the
+  backward recomputes each block. Math helpers (``_Math``) are separate from communication
+  (``comm``). bf16/fp16 logits in, fp32 accumulation, gradient returned in the input dtype.
+- P-KL: each rank projects its student shard with its rows of W (``[V_S_pad/tp, V_T_pad]``
+  sparse CSR): a full-width partial ``[V_T_pad, block]``, reduce-scattered so each rank gets the
+  sum for exactly its teacher shard. Backward: the gradient w.r.t. the projected shard is
+  all-gathered back to full width and mapped through W. The partial exists for one block at a
+  time: extra memory is one ``[block, V_T]`` buffer (plus its gathered twin in backward).
+- GOLD, H-KL and ULD use autograd-aware collectives (``comm.sum_autograd`` /
+  ``comm.gather_cols_autograd``) inside a per-block function wrapped in activation
+  checkpointing (recomputed in backward). The common-pair KL needs each side's mass per pair:
+  the teacher's common probabilities and the student's aggregated common mass are summed over
+  ranks into ``[block, |T_C|]`` buffers. ULD is exact by default: the uncommon probabilities are
+  all-gathered per block and sorted; ``uld_topk=k`` is an approximation that sorts only each
+  rank's k largest uncommon probabilities per side (the rest is treated as zero; exact when k is
+  at least the shard width).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from xtoken_nemo.errors import LossInputError
+from xtoken_nemo.losses import comm
+from xtoken_nemo.losses.checks import (
+    check_logits,
+    check_pairs,
+    check_projection_shape,
+    check_reduction,
+    check_same_chunks,
+    check_temperature,
+    reduce_chunks,
+)
+from xtoken_nemo.losses.reference import DEFAULT_EPS, MERGE_MODES, MergedChunks, _chunk_index, hkl_pairs
+from xtoken_nemo.vocab.projection import ProjectionMatrix
+
+DEFAULT_BLOCK = 256
+MASK_VALUE = -1e30  # finite: exp() underflows to exactly 0 and 0 * MASK_VALUE stays 0 (no NaN)
+
+
+# ==========================================================================================
+# Shard geometry and validation
+# ==========================================================================================
+@dataclass(frozen=True)
+class Shard:
+    """One rank's slice of a vocabulary: columns [start, start + width) of a padded vocab."""
+
+    start: int
+    width: int
+    vocab_size: int  # real (unpadded) vocab size
+    padded: int  # width * world size
+
+    @property
+    def valid(self) -> int:
+        """Number of real (non-padded) columns in this shard."""
+        return max(0, min(self.width, self.vocab_size - self.start))
+
+
+def _shard(local_width: int, vocab_size: int, group: object | None, name: str) -> Shard:
+    ws, r = comm.world_size(group), comm.rank(group)
+    padded = local_width * ws
+    if vocab_size > padded or vocab_size <= 0:
+        raise LossInputError(
+            f"{name} vocab size {vocab_size} does not fit the sharded logits: {local_width} columns "
+            f"per rank x {ws} ranks = {padded}; pass the real (unpadded) vocab size"
+        )
+    return Shard(r * local_width, local_width, vocab_size, padded)
+
+
+def _check_local(name: str, logits: torch.Tensor) -> None:
+    check_logits(name, logits)
+
+
+def _check_finite_global(name: str, logits: torch.Tensor, group: object | None) -> None:
+    """NaN/inf anywhere in the group is an error on every rank (no rank may wait in a collective)."""
+    bad = torch.tensor([float((~torch.isfinite(logits)).sum())])
+    comm.all_reduce_(bad, "sum", group)
+    if bad.item() > 0:
+        raise LossInputError(
+            f"{name} contain {int(bad.item())} NaN/inf values (over the tensor-parallel group); check "
+            "the model forward (overflow in bf16, a masked position) before the loss"
+        )
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+class _Math:
+    """Pure math on one block; no communication."""
+
+    @staticmethod
+    def prep(x: torch.Tensor, shard: Shard, temperature: float) -> torch.Tensor:
+        """[B, width] input-dtype logits -> compute-dtype logits / T, padded columns = MASK_VALUE."""
+        y = x.to(_compute_dtype(x))
+        if temperature != 1.0:
+            y = y / temperature
+        if shard.valid < shard.width:
+            padded = torch.arange(shard.width) >= shard.valid
+            y = y.masked_fill(padded, MASK_VALUE)
+        return y
+
+    @staticmethod
+    def sum_exp(y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.exp(y - m[:, None]).sum(-1)
+
+    @staticmethod
+    def kl_terms(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
+        """[B, n] -> [B] local part of sum p_T (log p_T - log p_S)."""
+        return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+
+    @staticmethod
+    def pkl_terms(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
+        """[B, n] -> [B] local part of sum p_T (log p_T - log max(q, eps))."""
+        pt = log_pt.exp()
+        return (pt * log_pt - pt * q.clamp_min(eps).log()).sum(-1)
+
+    @staticmethod
+    def pkl_grad_q(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
+        """d/dq of sum p_T (log p_T - log max(q, eps)): -p_T / q where q > eps, else 0."""
+        return torch.where(q > eps, -log_pt.exp() / q.clamp_min(eps), torch.zeros((), dtype=q.dtype))
+
+    @staticmethod
+    def softmax_backward(p: torch.Tensor, g_p: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
+        """d/dz of a function of p = softmax(z): p * (g_p - sum_v p g_p); ``dot`` is that sum."""
+        return p * (g_p - dot[:, None])
+
+
+def _lse_pair(
+    ys: list[torch.Tensor], group: object | None
+) -> list[torch.Tensor]:
+    """Vocab-parallel log-sum-exp of several [B, n_i] blocks, two collectives in all (no autograd)."""
+    m = torch.stack([y.max(dim=-1).values for y in ys])  # [k, B]
+    comm.all_reduce_(m, "max", group)
+    s = torch.stack([_Math.sum_exp(y, m[i]) for i, y in enumerate(ys)])
+    comm.all_reduce_(s, "sum", group)
+    return list(m + s.log())
+
+
+def _blocks(n: int, block: int):
+    for start in range(0, n, block):
+        yield start, min(n, start + block)
+
+
+def _check_block(block_size: int) -> int:
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise LossInputError(f"block_size must be a positive int, got {block_size!r}")
+    return block_size
+
+
+# ==========================================================================================
+# KL (same tokenizer)
+# ==========================================================================================
+class _VocabParallelKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, s_loc, t_loc, shard, group, temperature, block):  # type: ignore[override]
+        n = s_loc.shape[0]
+        cdt = _compute_dtype(s_loc)
+        lse_s = torch.empty(n, dtype=cdt)
+        lse_t = torch.empty(n, dtype=cdt)
+        local = torch.empty(n, dtype=cdt)
+        for a, b in _blocks(n, block):
+            ys = _Math.prep(s_loc[a:b], shard, temperature)
+            yt = _Math.prep(t_loc[a:b], shard, temperature)
+            ls, lt = _lse_pair([ys, yt], group)
+            lse_s[a:b], lse_t[a:b] = ls, lt
+            local[a:b] = _Math.kl_terms(yt - lt[:, None], ys - ls[:, None])
+        comm.all_reduce_(local, "sum", group)
+        ctx.save_for_backward(s_loc, t_loc, lse_s, lse_t)
+        ctx.cfg = (shard, temperature, block)
+        return local
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        s_loc, t_loc, lse_s, lse_t = ctx.saved_tensors
+        shard, temperature, block = ctx.cfg
+        out = torch.empty_like(s_loc)
+        for a, b in _blocks(s_loc.shape[0], block):
+            ps = (_Math.prep(s_loc[a:b], shard, temperature) - lse_s[a:b, None]).exp()
+            pt = (_Math.prep(t_loc[a:b], shard, temperature) - lse_t[a:b, None]).exp()
+            out[a:b] = ((ps - pt) * (grad[a:b, None] / temperature)).to(out.dtype)
+        return out, None, None, None, None, None
+
+
+def kl_loss_parallel(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    vocab_size: int,
+    temperature: float = 1.0,
+    group: object | None = None,
+    block_size: int = DEFAULT_BLOCK,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """KL(p_T || p_S); student/teacher [N, V_pad/tp] with one shared vocabulary of real size vocab_size."""
+    check_temperature(temperature)
+    check_reduction(reduction)
+    group = comm.resolve_group(group)
+    _check_local("student logits", student_logits)
+    _check_local("teacher logits", teacher_logits)
+    check_same_chunks(student_logits, teacher_logits)
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise LossInputError(
+            f"KL needs one vocabulary: student shard has {student_logits.shape[-1]} columns, teacher "
+            f"{teacher_logits.shape[-1]}; use P-KL or H-KL for a teacher with another tokenizer"
+        )
+    shard = _shard(student_logits.shape[-1], vocab_size, group, "student")
+    _check_finite_global("logits", torch.cat([student_logits.detach(), teacher_logits.detach()], -1), group)
+    per_chunk = _VocabParallelKL.apply(
+        student_logits, teacher_logits.detach(), shard, group, float(temperature), _check_block(block_size)
+    )
+    return reduce_chunks(per_chunk, reduction)
+
+
+# ==========================================================================================
+# P-KL
+# ==========================================================================================
+class LocalProjection:
+    """This rank's rows of W as sparse CSR: ``[V_S_pad/tp, V_T_pad]`` and its transpose.
+
+    Build once per (W, tp rank) and pass it to :func:`pkl_loss_parallel` (passing the full
+    ProjectionMatrix works too, it is then sharded on every call).
+    """
+
+    def __init__(self, W: ProjectionMatrix, student_shard: Shard, teacher_padded: int):
+        if W.shape[0] != student_shard.vocab_size:
+            raise LossInputError(
+                f"W has {W.shape[0]} student rows but the student logits have vocab {student_shard.vocab_size}; "
+                "W must be built for exactly these tokenizers"
+            )
+        if W.shape[1] > teacher_padded:
+            raise LossInputError(f"W has {W.shape[1]} teacher columns, more than the teacher's padded vocab {teacher_padded}")
+        if bool((W.values < 0).any()) or not bool(torch.isfinite(W.values).all()):
+            raise LossInputError("W has negative or non-finite weights; a projection matrix must be non-negative")
+        self.student_shard = student_shard
+        self.teacher_padded = teacher_padded
+        self.num_teacher_tokens = W.shape[1]
+        a = student_shard.start
+        b = min(student_shard.start + student_shard.width, W.shape[0])
+        idx, val = W.indices[a:b], W.values[a:b]
+        mask = (idx >= 0) & (val != 0)
+        rows = torch.arange(b - a)[:, None].expand_as(idx)[mask]
+        cols = idx[mask]
+        shape = (student_shard.width, teacher_padded)
+        with warnings.catch_warnings():  # "sparse CSR support is in beta" / invariant-check notices
+            warnings.simplefilter("ignore", UserWarning)
+            coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), val[mask], shape).coalesce()
+            self._csr = {torch.float32: coo.to_sparse_csr()}
+            coo_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), val[mask], shape[::-1]).coalesce()
+            self._csr_t = {torch.float32: coo_t.to_sparse_csr()}
+
+    def rows(self, dtype: torch.dtype) -> torch.Tensor:
+        """[V_S_pad/tp, V_T_pad] CSR."""
+        if dtype not in self._csr:
+            self._csr[dtype] = self._csr[torch.float32].to(dtype)
+        return self._csr[dtype]
+
+    def rows_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """[V_T_pad, V_S_pad/tp] CSR."""
+        if dtype not in self._csr_t:
+            self._csr_t[dtype] = self._csr_t[torch.float32].to(dtype)
+        return self._csr_t[dtype]
+
+    def partial(self, ps: torch.Tensor) -> torch.Tensor:
+        """[B, V_S_pad/tp] local student probabilities -> [V_T_pad, B] partial W_local^T p_S_local."""
+        return torch.sparse.mm(self.rows_t(ps.dtype), ps.t())
+
+    def pull_back(self, g_q: torch.Tensor) -> torch.Tensor:
+        """[V_T_pad, B] gradient w.r.t. the projection -> [B, V_S_pad/tp] gradient w.r.t. p_S_local."""
+        return torch.sparse.mm(self.rows(g_q.dtype), g_q).t()
+
+
+def prepare_projection(
+    W: ProjectionMatrix,
+    student_local_width: int,
+    teacher_local_width: int,
+    group: object | None = None,
+) -> LocalProjection:
+    """This rank's LocalProjection for student/teacher shards of the given widths."""
+    group = comm.resolve_group(group)
+    shard = _shard(student_local_width, W.shape[0], group, "student")
+    return LocalProjection(W, shard, teacher_local_width * comm.world_size(group))
+
+
+class _VocabParallelPKL(torch.autograd.Function):
+    @staticmethod
+    def _project(ps, proj, group):
+        """[B, n_S] -> [B, n_T] this rank's teacher shard of W^T p_S (reduce-scatter of the partial)."""
+        return comm.reduce_scatter_rows(proj.partial(ps), group).t()
+
+    @staticmethod
+    def forward(ctx, s_loc, t_loc, proj, s_shard, t_shard, group, temperature, eps, block):  # type: ignore[override]
+        n = s_loc.shape[0]
+        cdt = _compute_dtype(s_loc)
+        lse_s = torch.empty(n, dtype=cdt)
+        lse_t = torch.empty(n, dtype=cdt)
+        local = torch.empty(n, dtype=cdt)
+        for a, b in _blocks(n, block):
+            ys = _Math.prep(s_loc[a:b], s_shard, temperature)
+            yt = _Math.prep(t_loc[a:b], t_shard, temperature).to(cdt)
+            ls, lt = _lse_pair([ys, yt], group)
+            lse_s[a:b], lse_t[a:b] = ls, lt
+            q = _VocabParallelPKL._project((ys - ls[:, None]).exp(), proj, group)
+            local[a:b] = _Math.pkl_terms(yt - lt[:, None], q, eps)
+        comm.all_reduce_(local, "sum", group)
+        ctx.save_for_backward(s_loc, t_loc, lse_s, lse_t)
+        ctx.cfg = (proj, s_shard, t_shard, group, temperature, eps, block)
+        return local
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        s_loc, t_loc, lse_s, lse_t = ctx.saved_tensors
+        proj, s_shard, t_shard, group, temperature, eps, block = ctx.cfg
+        out = torch.empty_like(s_loc)
+        for a, b in _blocks(s_loc.shape[0], block):
+            ps = (_Math.prep(s_loc[a:b], s_shard, temperature) - lse_s[a:b, None]).exp()
+            log_pt = _Math.prep(t_loc[a:b], t_shard, temperature).to(ps.dtype) - lse_t[a:b, None]
+            q = _VocabParallelPKL._project(ps, proj, group)  # recomputed, [B, n_T]
+            g_q = _Math.pkl_grad_q(log_pt, q, eps) * grad[a:b, None].to(ps.dtype)
+            g_ps = proj.pull_back(comm.all_gather_rows(g_q.t(), group))  # [B, n_S]
+            dot = (ps * g_ps).sum(-1)
+            comm.all_reduce_(dot, "sum", group)
+            out[a:b] = (_Math.softmax_backward(ps, g_ps, dot) / temperature).to(out.dtype)
+        return out, None, None, None, None, None, None, None, None
+
+
+def pkl_loss_parallel(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    W: ProjectionMatrix | LocalProjection,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    temperature: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    group: object | None = None,
+    block_size: int = DEFAULT_BLOCK,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """P-KL: KL(p_T || W^T p_S). student [N, V_S_pad/tp], teacher [N, V_T_pad/tp], W [V_S, V_T]."""
+    check_temperature(temperature)
+    check_reduction(reduction)
+    group = comm.resolve_group(group)
+    _check_local("student logits", student_logits)
+    _check_local("teacher logits", teacher_logits)
+    check_same_chunks(student_logits, teacher_logits)
+    s_shard = _shard(student_logits.shape[-1], student_vocab_size, group, "student")
+    t_shard = _shard(teacher_logits.shape[-1], teacher_vocab_size, group, "teacher")
+    if isinstance(W, ProjectionMatrix):
+        check_projection_shape(W.shape, student_vocab_size, teacher_vocab_size)
+        proj = LocalProjection(W, s_shard, t_shard.padded)
+    else:
+        proj = W
+        if (
+            proj.student_shard != s_shard
+            or proj.teacher_padded != t_shard.padded
+            or proj.num_teacher_tokens != teacher_vocab_size
+        ):
+            raise LossInputError(
+                "the LocalProjection was prepared for other shards/vocab sizes than these logits; "
+                "call prepare_projection with this rank's logits"
+            )
+    _check_finite_global("student logits", student_logits.detach(), group)
+    _check_finite_global("teacher logits", teacher_logits.detach(), group)
+    per_chunk = _VocabParallelPKL.apply(
+        student_logits, teacher_logits.detach(), proj, s_shard, t_shard, group,
+        float(temperature), float(eps), _check_block(block_size),
+    )
+    return reduce_chunks(per_chunk, reduction)
+
+
+# ==========================================================================================
+# GOLD, H-KL, ULD (autograd collectives, checkpointed blocks)
+# ==========================================================================================
+def _vp_lse(y: torch.Tensor, group: object | None) -> torch.Tensor:
+    """Autograd-aware vocab-parallel log-sum-exp [B, n] -> [B] (max detached, sum-exp sum-reduced)."""
+    m = y.detach().max(dim=-1).values
+    comm.all_reduce_(m, "max", group)
+    return m + comm.sum_autograd(torch.exp(y - m[:, None]).sum(-1), group).log()
+
+
+def _vp_log_softmax(y: torch.Tensor, group: object | None) -> torch.Tensor:
+    """Autograd-aware vocab-parallel log-softmax of [B, n]."""
+    return y - _vp_lse(y, group)[:, None]
+
+
+@dataclass
+class _HybridLayout:
+    """Common-set layout for this rank: which local columns are common, and where they go."""
+
+    num_common_teacher: int  # |T_C|, unique common teacher tokens
+    s_local_cols: torch.Tensor  # local student columns in a pair
+    s_slot: torch.Tensor  # their slot in [0, |T_C|)
+    t_local_cols: torch.Tensor  # local teacher columns in T_C
+    t_slot: torch.Tensor
+    s_uncommon: torch.Tensor  # [n_S] bool: real, uncommon student columns
+    t_uncommon: torch.Tensor  # [n_T] bool
+
+
+def _hybrid_layout(pairs: torch.Tensor, s_shard: Shard, t_shard: Shard) -> _HybridLayout:
+    teachers, inverse = torch.unique(pairs[:, 1], return_inverse=True)
+    s_ids = pairs[:, 0]
+    s_own = (s_ids >= s_shard.start) & (s_ids < s_shard.start + s_shard.width)
+    t_own = (teachers >= t_shard.start) & (teachers < t_shard.start + t_shard.width)
+    s_unc = torch.zeros(s_shard.width, dtype=torch.bool)
+    s_unc[: s_shard.valid] = True
+    s_unc[s_ids[s_own] - s_shard.start] = False
+    t_unc = torch.zeros(t_shard.width, dtype=torch.bool)
+    t_unc[: t_shard.valid] = True
+    t_unc[teachers[t_own] - t_shard.start] = False
+    return _HybridLayout(
+        num_common_teacher=int(teachers.numel()),
+        s_local_cols=s_ids[s_own] - s_shard.start,
+        s_slot=inverse[s_own],
+        t_local_cols=teachers[t_own] - t_shard.start,
+        t_slot=torch.nonzero(t_own).squeeze(1),
+        s_uncommon=s_unc,
+        t_uncommon=t_unc,
+    )
+
+
+def _sorted_l1_gathered(
+    us: torch.Tensor, ut: torch.Tensor, group: object | None, topk: int | None
+) -> torch.Tensor:
+    """[B, n_S], [B, n_T] local uncommon probabilities (zeros elsewhere) -> [B] ULD over the group."""
+    if topk is not None:
+        us = us.topk(min(topk, us.shape[-1]), dim=-1).values
+        ut = ut.topk(min(topk, ut.shape[-1]), dim=-1).values
+    gs = comm.gather_cols_autograd(us, group)
+    gt = comm.gather_cols_autograd(ut, group)
+    width = max(gs.shape[-1], gt.shape[-1])
+    ss = torch.nn.functional.pad(gs.sort(dim=-1, descending=True).values, (0, width - gs.shape[-1]))
+    st = torch.nn.functional.pad(gt.sort(dim=-1, descending=True).values, (0, width - gt.shape[-1]))
+    return (ss - st).abs().sum(-1)
+
+
+def _hybrid_block(
+    s_blk: torch.Tensor,
+    t_blk: torch.Tensor,
+    layout: _HybridLayout,
+    s_shard: Shard,
+    t_shard: Shard,
+    group: object | None,
+    temperature: float,
+    weights: tuple[float, float],
+    eps: float,
+    uld_topk: int | None,
+) -> torch.Tensor:
+    """[B] this rank's partial of the GOLD/H-KL loss of one block (sum over ranks = the loss)."""
+    ws = comm.world_size(group)
+    log_ps = _vp_log_softmax(_Math.prep(s_blk, s_shard, temperature), group)
+    with torch.no_grad():
+        log_pt = _vp_log_softmax(_Math.prep(t_blk, t_shard, temperature).to(log_ps.dtype), group)
+    ps, pt = log_ps.exp(), log_pt.exp()
+    b = ps.shape[0]
+    # common term: both sides' mass per common teacher token, summed over ranks
+    q_c = torch.zeros(b, layout.num_common_teacher, dtype=ps.dtype).index_add(1, layout.s_slot, ps[:, layout.s_local_cols])
+    q_c = comm.sum_autograd(q_c, group)
+    pt_c = torch.zeros(b, layout.num_common_teacher, dtype=ps.dtype)
+    pt_c[:, layout.t_slot] = pt[:, layout.t_local_cols]
+    comm.all_reduce_(pt_c, "sum", group)
+    common = (torch.xlogy(pt_c, pt_c) - torch.xlogy(pt_c, q_c.clamp_min(eps))).sum(-1)
+    # uncommon term: ULD over the group (zeros in place of common/padded columns: same L1)
+    uld = _sorted_l1_gathered(ps * layout.s_uncommon, pt * layout.t_uncommon, group, uld_topk)
+    w_c, w_u = weights
+    return (w_c * common + w_u * uld) / ws  # replicated on every rank -> each owns 1/ws
+
+
+def gold_loss_parallel(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    common_pairs: torch.Tensor,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    temperature: float = 1.0,
+    weighting: str | tuple[float, float] = "sum",
+    eps: float = DEFAULT_EPS,
+    uld_topk: int | None = None,
+    group: object | None = None,
+    block_size: int = DEFAULT_BLOCK,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """GOLD (KL on common pairs + ULD on the rest) on vocab-sharded logits; semantics as the reference."""
+    from xtoken_nemo.losses.reference import _hybrid_weights
+
+    check_temperature(temperature)
+    check_reduction(reduction)
+    group = comm.resolve_group(group)
+    _check_local("student logits", student_logits)
+    _check_local("teacher logits", teacher_logits)
+    check_same_chunks(student_logits, teacher_logits)
+    s_shard = _shard(student_logits.shape[-1], student_vocab_size, group, "student")
+    t_shard = _shard(teacher_logits.shape[-1], teacher_vocab_size, group, "teacher")
+    pairs = check_pairs(common_pairs, student_vocab_size, teacher_vocab_size)
+    if uld_topk is not None and (not isinstance(uld_topk, int) or uld_topk <= 0):
+        raise LossInputError(f"uld_topk must be a positive int or None, got {uld_topk!r}")
+    _check_finite_global("student logits", student_logits.detach(), group)
+    _check_finite_global("teacher logits", teacher_logits.detach(), group)
+    layout = _hybrid_layout(pairs, s_shard, t_shard)
+    weights = _hybrid_weights(weighting, layout.num_common_teacher, teacher_vocab_size)
+    teacher = teacher_logits.detach()
+    block = _check_block(block_size)
+    parts = []
+    for a, b in _blocks(student_logits.shape[0], block):
+        args = (layout, s_shard, t_shard, group, float(temperature), weights, float(eps), uld_topk)
+        if torch.is_grad_enabled() and student_logits.requires_grad:
+            part = checkpoint(_hybrid_block, student_logits[a:b], teacher[a:b], *args, use_reentrant=False)
+        else:
+            part = _hybrid_block(student_logits[a:b], teacher[a:b], *args)
+        parts.append(part)
+    per_chunk = comm.sum_partials(torch.cat(parts), group)
+    return reduce_chunks(per_chunk, reduction)
+
+
+def hkl_loss_parallel(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    W: ProjectionMatrix,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    temperature: float = 1.0,
+    min_weight: float = 0.0,
+    weighting: str | tuple[float, float] = "sum",
+    eps: float = DEFAULT_EPS,
+    uld_topk: int | None = None,
+    group: object | None = None,
+    block_size: int = DEFAULT_BLOCK,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """H-KL: GOLD with W's argmax pairs as the common set (pass W or precomputed ``hkl_pairs(W)``)."""
+    check_projection_shape(W.shape, student_vocab_size, teacher_vocab_size)
+    return gold_loss_parallel(
+        student_logits, teacher_logits, hkl_pairs(W, min_weight), student_vocab_size, teacher_vocab_size,
+        temperature, weighting, eps, uld_topk, group, block_size, reduction,
+    )
+
+
+def uld_loss_parallel(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    temperature: float = 1.0,
+    uld_topk: int | None = None,
+    group: object | None = None,
+    block_size: int = DEFAULT_BLOCK,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """ULD on vocab-sharded logits: GOLD with an empty common set and only the ULD term."""
+    return gold_loss_parallel(
+        student_logits, teacher_logits, torch.zeros(0, 2, dtype=torch.int64), student_vocab_size,
+        teacher_vocab_size, temperature, (0.0, 1.0), DEFAULT_EPS, uld_topk, group, block_size, reduction,
+    )
+
+
+# ==========================================================================================
+# Chunk merge and teacher confidence on sharded logits
+# ==========================================================================================
+def merge_chunks_parallel(
+    logits: torch.Tensor,
+    chunks,
+    vocab_size: int,
+    targets: torch.Tensor | None = None,
+    mode: str = "chain",
+    group: object | None = None,
+) -> MergedChunks:
+    """Vocab-parallel :func:`~xtoken_nemo.losses.reference.merge_chunks`: [T, V_pad/tp] -> [N, V_pad/tp].
+
+    Returns this rank's shard of the normalized chunk log-probs (padded columns at MASK_VALUE) and
+    the replicated [N] log-mass. Autograd flows to ``logits``.
+    """
+    if mode not in MERGE_MODES:
+        raise LossInputError(f"unknown chunk merge {mode!r}; choose one of {MERGE_MODES}")
+    group = comm.resolve_group(group)
+    _check_local("per-position logits", logits)
+    _check_finite_global("per-position logits", logits.detach(), group)
+    shard = _shard(logits.shape[-1], vocab_size, group, "logits")
+    pos, cid = _chunk_index(chunks, logits.shape[0])
+    n = len(chunks)
+    first = torch.tensor([int(c[0]) for c in chunks], dtype=torch.int64)
+    y = _Math.prep(logits, shard, 1.0)
+    if mode in ("first", "chain"):
+        first_logp = _vp_log_softmax(y[first], group)
+        if mode == "first":
+            return MergedChunks(first_logp, torch.zeros(n, dtype=y.dtype))
+        if targets is None:
+            raise LossInputError("chain merge needs the target token ids (the actual next tokens)")
+        targets = torch.as_tensor(targets, dtype=torch.int64)
+        later = pos != first[cid]
+        lp, lc = pos[later], cid[later]
+        rows = _vp_log_softmax(y[lp], group)  # [L, n]
+        tgt = targets[lp] - shard.start
+        own = (tgt >= 0) & (tgt < shard.width)
+        picked = torch.where(own, rows.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), torch.zeros((), dtype=rows.dtype))
+        picked = comm.sum_autograd(picked, group)
+        log_mass = torch.zeros(n, dtype=y.dtype).index_add(0, lc, picked)
+        return MergedChunks(first_logp, log_mass)
+    counts = torch.bincount(cid, minlength=n).to(y.dtype)
+    logp = _vp_log_softmax(y[pos], group)
+    mean = torch.zeros(n, y.shape[1], dtype=y.dtype).index_add(0, cid, logp) / counts[:, None]
+    if shard.valid < shard.width:
+        mean = mean.masked_fill(torch.arange(shard.width) >= shard.valid, MASK_VALUE)
+    lse = _vp_lse(mean, group)
+    return MergedChunks(mean - lse[:, None], lse)
+
+
+def teacher_confidence_parallel(
+    teacher_logits: torch.Tensor,
+    kind: str,
+    vocab_size: int,
+    targets: torch.Tensor | None = None,
+    group: object | None = None,
+) -> torch.Tensor:
+    """Vocab-parallel :func:`~xtoken_nemo.losses.weighting.teacher_confidence` (replicated scalar)."""
+    from xtoken_nemo.losses.weighting import CONFIDENCE_KINDS
+
+    if kind not in CONFIDENCE_KINDS:
+        raise LossInputError(f"unknown confidence {kind!r}; choose one of {CONFIDENCE_KINDS}")
+    group = comm.resolve_group(group)
+    _check_local("teacher logits", teacher_logits)
+    _check_finite_global("teacher logits", teacher_logits.detach(), group)
+    shard = _shard(teacher_logits.shape[-1], vocab_size, group, "teacher")
+    with torch.no_grad():
+        y = _Math.prep(teacher_logits, shard, 1.0)
+        logp = _vp_log_softmax(y, group)
+        if kind == "ce":
+            if targets is None:
+                raise LossInputError("confidence 'ce' needs the target token ids of the teacher's chunks")
+            tgt = torch.as_tensor(targets, dtype=torch.int64) - shard.start
+            own = (tgt >= 0) & (tgt < shard.width)
+            v = torch.where(own, logp.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), torch.zeros(()))
+        elif kind == "entropy":
+            v = (logp.exp() * logp).sum(-1)
+        else:
+            v = logp.max(dim=-1).values
+            comm.all_reduce_(v, "max", group)
+            return v.exp().mean()
+        comm.all_reduce_(v, "sum", group)
+        return v.mean()
+
+
+__all__ = [
+    "DEFAULT_BLOCK",
+    "LocalProjection",
+    "Shard",
+    "gold_loss_parallel",
+    "hkl_loss_parallel",
+    "kl_loss_parallel",
+    "merge_chunks_parallel",
+    "pkl_loss_parallel",
+    "prepare_projection",
+    "teacher_confidence_parallel",
+    "uld_loss_parallel",
+]
