@@ -166,16 +166,18 @@ class ProjectionMatrix:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = dict(f.metadata() or {})
+                if meta.get("format") != FORMAT_NAME:
+                    raise ProjectionMatrixError(
+                        f"{path} is a safetensors file but not an xtoken-nemo projection matrix; "
+                        "build one with `xtoken build-w`"
+                    )
                 indices, values = f.get_tensor("indices"), f.get_tensor("values")
+        except ProjectionMatrixError:
+            raise
         except Exception as exc:  # safetensors raises its own error types for corrupt headers/data
             raise ProjectionMatrixError(
                 f"W file {path} is corrupt or truncated ({exc}); rebuild it with `xtoken build-w`"
             ) from None
-        if meta.get("format") != FORMAT_NAME:
-            raise ProjectionMatrixError(
-                f"{path} is a safetensors file but not an xtoken-nemo projection matrix; "
-                "build one with `xtoken build-w`"
-            )
         if meta.get("format_version") != FORMAT_VERSION:
             raise ProjectionMatrixError(
                 f"W file {path} has format version {meta.get('format_version')}, this xtoken-nemo "
