@@ -14,8 +14,10 @@ import torch
 from xtoken_nemo.errors import LossInputError
 
 
-def check_logits(name: str, logits: torch.Tensor, vocab_size: int | None = None, ndim: int = 2) -> None:
-    """[N, V] floating logits, N > 0, finite; ``vocab_size`` (if given) == V."""
+def check_logits(
+    name: str, logits: torch.Tensor, vocab_size: int | None = None, ndim: int = 2, finite: bool = True
+) -> None:
+    """[N, V] floating logits, N > 0, finite (unless ``finite=False``); ``vocab_size`` (if given) == V."""
     if not isinstance(logits, torch.Tensor) or not logits.is_floating_point():
         raise LossInputError(f"{name} must be a floating-point tensor, got {type(logits).__name__}")
     if logits.dim() != ndim:
@@ -27,7 +29,8 @@ def check_logits(name: str, logits: torch.Tensor, vocab_size: int | None = None,
         raise LossInputError(f"{name} has no chunks (empty chunk list): nothing to distill; skip the loss for this batch")
     if vocab_size is not None and logits.shape[-1] != vocab_size:
         raise LossInputError(f"{name} has vocab dim {logits.shape[-1]} but {vocab_size} was expected")
-    check_finite(name, logits)
+    if finite:
+        check_finite(name, logits)
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:
