@@ -137,13 +137,15 @@ def plot_audits(reports: list[AuditReport], path: str) -> None:
     for i, report in enumerate(reports):
         xs = [j + i * width for j in range(len(names))]
         shares = [report.categories[n].fraction * 100 for n in names]
-        ax.bar(xs, shares, width, label=f"{report.teacher} ({report.recommended_loss.upper()})")
+        bars = ax.bar(xs, shares, width, label=f"{report.teacher} (-> {report.recommended_loss.upper()})")
+        counts = [f"{report.categories[n].covered}/{report.categories[n].total}" for n in names]
+        ax.bar_label(bars, labels=counts, fontsize=7, padding=2)
     ax.set_xticks([j + width * (len(reports) - 1) / 2 for j in range(len(names))])
     ax.set_xticklabels(names, rotation=30, ha="right")
     ax.set_ylabel("% of category in strict common set C")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 115)
     ax.set_title(f"Coverage audit, student {reports[0].student}")
-    ax.legend()
+    ax.legend(loc="upper center", ncol=len(reports), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
