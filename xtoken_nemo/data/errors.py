@@ -1,0 +1,7 @@
+"""Errors of the data pipeline."""
+
+from xtoken_nemo.errors import XTokenError
+
+
+class DataError(XTokenError):
+    """Input files, a preprocessed directory or a dataset request are unusable as given."""
