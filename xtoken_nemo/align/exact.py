@@ -100,13 +100,15 @@ def _pair_zero_width(s_keys: list[frozenset], t_keys: list[frozenset]) -> list[t
 
 
 def _cuts(start: np.ndarray, end: np.ndarray):
-    """Indices of non-empty tokens, their ends, and which ends are cuts."""
+    """Indices of non-empty tokens, and each side's cuts: position = start of the next token,
+    count = non-empty tokens before the cut. A hole in the coverage (text a normalizer dropped or
+    merged, e.g. the combining mark of "e\u0301" under NFC) stays with the token before it."""
     nonempty = np.flatnonzero(end > start)
-    e = end[nonempty]
-    valid = np.ones(nonempty.shape[0], dtype=bool)
-    if nonempty.shape[0] > 1:
-        valid[:-1] = start[nonempty[1:]] >= e[:-1]
-    return nonempty, e, valid
+    st, e = start[nonempty], end[nonempty]
+    valid = st[1:] >= e[:-1]
+    pos = st[1:][valid]
+    count = np.flatnonzero(valid) + 1
+    return nonempty, pos, count
 
 
 def align_positions(
@@ -127,16 +129,18 @@ def align_positions(
     s_start, s_end = np.asarray(s_start, np.int64), np.asarray(s_end, np.int64)
     t_start, t_end = np.asarray(t_start, np.int64), np.asarray(t_end, np.int64)
     n, m = s_start.shape[0], t_start.shape[0]
-    s_ne, s_e, s_valid = _cuts(s_start, s_end)
-    t_ne, t_e, t_valid = _cuts(t_start, t_end)
+    s_ne, s_pos, s_cnt = _cuts(s_start, s_end)
+    t_ne, t_pos, t_cnt = _cuts(t_start, t_end)
 
-    common = np.intersect1d(s_e[s_valid], t_e[t_valid], assume_unique=False)
-    # cut list: START, interior common cuts, END (the end of everything on both sides)
-    ks = np.concatenate(([0], np.searchsorted(s_e, common, side="right"), [s_ne.shape[0]]))
-    kt = np.concatenate(([0], np.searchsorted(t_e, common, side="right"), [t_ne.shape[0]]))
-    pos = np.concatenate(([0], common, [max(s_e[-1] if s_e.size else 0, t_e[-1] if t_e.size else 0)]))
+    common, i_s, i_t = np.intersect1d(s_pos, t_pos, assume_unique=True, return_indices=True)
+    # cut list: START, interior common cuts, END (after everything on both sides)
+    ks = np.concatenate(([0], s_cnt[i_s], [s_ne.shape[0]])).astype(np.int64)
+    kt = np.concatenate(([0], t_cnt[i_t], [t_ne.shape[0]])).astype(np.int64)
+    s_last = int(s_end[s_ne[-1]]) if s_ne.size else 0
+    t_last = int(t_end[t_ne[-1]]) if t_ne.size else 0
+    pos = np.concatenate(([0], common, [max(s_last, t_last)])).astype(np.int64)
     keep = np.ones(ks.shape[0], dtype=bool)
-    keep[1:] = (np.diff(ks) > 0) | (np.diff(kt) > 0)  # drops END when the last common cut is it
+    keep[1:] = (np.diff(ks) > 0) | (np.diff(kt) > 0)
     ks, kt, pos = ks[keep], kt[keep], pos[keep]
 
     # original-index region [lo, hi) of zero-width tokens at each cut
