@@ -70,7 +70,8 @@ def _shim_rng() -> None:
     cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
     cuda.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
     cuda.manual_seed = lambda seed: torch.manual_seed(seed)  # type: ignore[assignment]
-    cuda.manual_seed_all = lambda seed: torch.manual_seed(seed)  # type: ignore[assignment]
+    # torch.manual_seed itself calls cuda.manual_seed_all: a no-op here, or it would recurse.
+    cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
     try:
         from megatron.core.tensor_parallel import random as mrandom
     except Exception:  # megatron not installed: nothing else to patch
