@@ -24,6 +24,7 @@ common cut (only possible for id input with specials mid-text) stays inside its 
 from __future__ import annotations
 
 from functools import lru_cache
+from operator import itemgetter
 
 import numpy as np
 
@@ -64,8 +65,15 @@ class SurfaceTable:
         return frozenset(key)
 
     def concat(self, ids) -> bytes:
-        pieces = self.pieces
-        return b"".join([pieces[i] for i in ids])
+        """Surface bytes of a sequence of ids (specials contribute nothing)."""
+        n = len(ids)
+        if n == 0:
+            return b""
+        if n == 1:
+            return self.pieces[int(ids[0])]
+        if isinstance(ids, np.ndarray):
+            ids = ids.tolist()
+        return b"".join(itemgetter(*ids)(self.pieces))
 
     def byte_positions(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[n] start and [n] end byte offsets of every token (zero width for specials)."""
@@ -188,14 +196,13 @@ def align_bytes(s_ids, t_ids, student, teacher) -> Alignment:
     s_ids, t_ids = np.asarray(s_ids, np.int64), np.asarray(t_ids, np.int64)
     s_start, s_end = s_tab.byte_positions(s_ids)
     t_start, t_end = t_tab.byte_positions(t_ids)
-    s_list, t_list = s_ids.tolist(), t_ids.tolist()
     return align_positions(
         s_start,
         s_end,
         t_start,
         t_end,
-        lambda i: s_tab.key(s_list[i]),
-        lambda j: t_tab.key(t_list[j]),
+        lambda i: s_tab.key(int(s_ids[i])),
+        lambda j: t_tab.key(int(t_ids[j])),
         unit="byte",
     )
 
