@@ -72,10 +72,15 @@ def _shim_rng() -> None:
     cuda.manual_seed = lambda seed: torch.manual_seed(seed)  # type: ignore[assignment]
     # torch.manual_seed itself calls cuda.manual_seed_all: a no-op here, or it would recurse.
     cuda.manual_seed_all = lambda seed: None  # type: ignore[assignment]
+    cuda.random.get_rng_state = lambda device="cuda": torch.get_rng_state()  # type: ignore[assignment]
+    cuda.random.set_rng_state = lambda state, device="cuda": torch.set_rng_state(state)  # type: ignore[assignment]
     try:
         from megatron.core.tensor_parallel import random as mrandom
     except Exception:  # megatron not installed: nothing else to patch
         return
+    # the model-parallel RNG tracker forks "CUDA" RNG states around dropout; on CPU they are
+    # the CPU generator's state
+    mrandom._get_cuda_rng_state = lambda device=None, clone=False, graph_safe=False: torch.get_rng_state()  # type: ignore[assignment]
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)  # type: ignore[assignment]
 
 
