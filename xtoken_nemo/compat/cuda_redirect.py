@@ -2,7 +2,8 @@
 clipping, the forward-backward schedule) on the CPU.
 
 ``cuda_to_cpu()`` is a TorchFunctionMode: ``device="cuda"``/``device=0`` becomes CPU,
-``tensor.cuda()`` a no-op and ``tensor.to("cuda")`` a CPU ``to``. Only for CPU runs and tests;
+``tensor.cuda()`` a no-op, ``tensor.to("cuda")`` a CPU ``to``, and ``tensor.type()`` reports
+"torch.cuda.*" names (megatron asserts them). Only for CPU runs and tests;
 on a GPU it is never entered (see :func:`maybe_cuda_to_cpu`).
 """
 
@@ -31,7 +32,11 @@ class CudaToCpu(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        # megatron asserts tensor.type() == "torch.cuda.FloatTensor" (grad clipping, optimizer)
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(result, str) and not result.startswith("torch.cuda."):
+            return result.replace("torch.", "torch.cuda.", 1)
+        return result
 
 
 def cuda_to_cpu() -> CudaToCpu:
