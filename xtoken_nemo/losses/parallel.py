@@ -98,6 +98,20 @@ def _check_finite_global(name: str, logits: torch.Tensor, group: object | None) 
         )
 
 
+def _raise_if_not_finite(per_chunk: torch.Tensor, what: str) -> None:
+    """Post-check of the KL/P-KL Functions (cheaper than scanning the logits first).
+
+    NaN/+inf in any rank's logits makes the all-reduced maxima/sums, hence the replicated per-chunk
+    loss, non-finite on every rank: all ranks raise together, none waits in a collective. (A -inf
+    student logit is a probability of exactly 0 and is accepted here.)
+    """
+    if not bool(torch.isfinite(per_chunk).all()):
+        raise LossInputError(
+            f"{what} contain NaN/inf values (the loss of {int((~torch.isfinite(per_chunk)).sum())} chunks is "
+            "not finite); check the model forward (overflow in bf16, a masked position) before the loss"
+        )
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -126,10 +140,9 @@ class _Math:
         return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
 
     @staticmethod
-    def pkl_terms(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
-        """[B, n] -> [B] local part of sum p_T (log p_T - log max(q, eps))."""
-        pt = log_pt.exp()
-        return (pt * log_pt - pt * q.clamp_min(eps).log()).sum(-1)
+    def pkl_terms(log_pt: torch.Tensor, q: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
+        """[B, n] -> [B] (or [n, B] -> [B] with dim=0) local part of sum p_T (log p_T - log max(q, eps))."""
+        return (log_pt.exp() * (log_pt - q.clamp_min(eps).log_())).sum(dim)
 
     @staticmethod
     def pkl_grad_q(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
@@ -220,10 +233,10 @@ def kl_loss_parallel(
             f"{teacher_logits.shape[-1]}; use P-KL or H-KL for a teacher with another tokenizer"
         )
     shard = _shard(student_logits.shape[-1], vocab_size, group, "student")
-    _check_finite_global("logits", torch.cat([student_logits.detach(), teacher_logits.detach()], -1), group)
     per_chunk = _VocabParallelKL.apply(
         student_logits, teacher_logits.detach(), shard, group, float(temperature), _check_block(block_size)
     )
+    _raise_if_not_finite(per_chunk, "student/teacher logits")
     return reduce_chunks(per_chunk, reduction)
 
 
@@ -276,13 +289,16 @@ class LocalProjection:
             self._csr_t[dtype] = self._csr_t[torch.float32].to(dtype)
         return self._csr_t[dtype]
 
+    # CSR x dense runs fastest with a contiguous vocab-major [V, B] operand; elementwise math on a
+    # transposed view is several times slower than on a contiguous tensor, so both sides pay one
+    # transposing copy instead.
     def partial(self, ps: torch.Tensor) -> torch.Tensor:
         """[B, V_S_pad/tp] local student probabilities -> [V_T_pad, B] partial W_local^T p_S_local."""
-        return torch.sparse.mm(self.rows_t(ps.dtype), ps.t())
+        return torch.sparse.mm(self.rows_t(ps.dtype), ps.t().contiguous())
 
-    def pull_back(self, g_q: torch.Tensor) -> torch.Tensor:
+    def pull_back(self, g_q_t: torch.Tensor) -> torch.Tensor:
         """[V_T_pad, B] gradient w.r.t. the projection -> [B, V_S_pad/tp] gradient w.r.t. p_S_local."""
-        return torch.sparse.mm(self.rows(g_q.dtype), g_q).t()
+        return torch.sparse.mm(self.rows(g_q_t.dtype), g_q_t.contiguous()).t().contiguous()
 
 
 def prepare_projection(
@@ -298,10 +314,40 @@ def prepare_projection(
 
 
 class _VocabParallelPKL(torch.autograd.Function):
+    """P-KL in vocab-major layout: every block is transposed once on load ([V/tp, B], fp32), so the
+    sparse products, the reduce-scatter/all-gather (over rows) and the elementwise math all run on
+    contiguous tensors; the gradient is transposed back once when written."""
+
     @staticmethod
-    def _project(ps, proj, group):
-        """[B, n_S] -> [B, n_T] this rank's teacher shard of W^T p_S (reduce-scatter of the partial)."""
-        return comm.reduce_scatter_rows(proj.partial(ps), group).t()
+    def _load(x_blk, shard, temperature, dtype):
+        """[B, n] input block -> [n, B] contiguous compute-dtype logits / T, padded rows masked."""
+        y = torch.empty(x_blk.shape[1], x_blk.shape[0], dtype=dtype).copy_(x_blk.t())  # always a fresh copy
+        if temperature != 1.0:
+            y.div_(temperature)
+        if shard.valid < shard.width:
+            y[shard.valid :] = MASK_VALUE
+        return y
+
+    @staticmethod
+    def _row_max(x_blk, shard, temperature, dtype):
+        """[B] max over this rank's real columns, from the row-major input (fast inner reduction)."""
+        if shard.valid == 0:
+            return torch.full((x_blk.shape[0],), MASK_VALUE, dtype=dtype)
+        return x_blk[:, : shard.valid].amax(dim=-1).to(dtype) / temperature
+
+    @staticmethod
+    def _lse_cols(ys, yt, m, group):
+        """Vocab-parallel log-sum-exp over dim 0 of two [n_i, B] blocks given local maxima m [2, B]."""
+        comm.all_reduce_(m, "max", group)
+        z = torch.stack([torch.exp(ys - m[0]).sum(0), torch.exp(yt - m[1]).sum(0)])
+        comm.all_reduce_(z, "sum", group)
+        lse = m + z.log()
+        return lse[0], lse[1]
+
+    @staticmethod
+    def _project(ps_t, proj, group):
+        """[n_S, B] -> [n_T, B]: this rank's teacher shard of W^T p_S (reduce-scatter of the partial)."""
+        return comm.reduce_scatter_rows(torch.sparse.mm(proj.rows_t(ps_t.dtype), ps_t), group)
 
     @staticmethod
     def forward(ctx, s_loc, t_loc, proj, s_shard, t_shard, group, temperature, eps, block):  # type: ignore[override]
@@ -311,12 +357,16 @@ class _VocabParallelPKL(torch.autograd.Function):
         lse_t = torch.empty(n, dtype=cdt)
         local = torch.empty(n, dtype=cdt)
         for a, b in _blocks(n, block):
-            ys = _Math.prep(s_loc[a:b], s_shard, temperature)
-            yt = _Math.prep(t_loc[a:b], t_shard, temperature).to(cdt)
-            ls, lt = _lse_pair([ys, yt], group)
+            ys = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt)  # [n_S, B]
+            yt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt)  # [n_T, B]
+            m = torch.stack([
+                _VocabParallelPKL._row_max(s_loc[a:b], s_shard, temperature, cdt),
+                _VocabParallelPKL._row_max(t_loc[a:b], t_shard, temperature, cdt),
+            ])
+            ls, lt = _VocabParallelPKL._lse_cols(ys, yt, m, group)
             lse_s[a:b], lse_t[a:b] = ls, lt
-            q = _VocabParallelPKL._project((ys - ls[:, None]).exp(), proj, group)
-            local[a:b] = _Math.pkl_terms(yt - lt[:, None], q, eps)
+            q = _VocabParallelPKL._project(ys.sub_(ls).exp_(), proj, group)
+            local[a:b] = _Math.pkl_terms(yt.sub_(lt), q, eps, dim=0)
         comm.all_reduce_(local, "sum", group)
         ctx.save_for_backward(s_loc, t_loc, lse_s, lse_t)
         ctx.cfg = (proj, s_shard, t_shard, group, temperature, eps, block)
@@ -328,14 +378,20 @@ class _VocabParallelPKL(torch.autograd.Function):
         proj, s_shard, t_shard, group, temperature, eps, block = ctx.cfg
         out = torch.empty_like(s_loc)
         for a, b in _blocks(s_loc.shape[0], block):
-            ps = (_Math.prep(s_loc[a:b], s_shard, temperature) - lse_s[a:b, None]).exp()
-            log_pt = _Math.prep(t_loc[a:b], t_shard, temperature).to(ps.dtype) - lse_t[a:b, None]
-            q = _VocabParallelPKL._project(ps, proj, group)  # recomputed, [B, n_T]
-            g_q = _Math.pkl_grad_q(log_pt, q, eps) * grad[a:b, None].to(ps.dtype)
-            g_ps = proj.pull_back(comm.all_gather_rows(g_q.t(), group))  # [B, n_S]
-            dot = (ps * g_ps).sum(-1)
+            cdt = lse_s.dtype
+            ps = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt).sub_(lse_s[a:b]).exp_()
+            log_pt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt).sub_(lse_t[a:b])
+            q = _VocabParallelPKL._project(ps, proj, group)  # recomputed, [n_T, B]
+            g_q = _Math.pkl_grad_q(log_pt, q, eps).mul_(grad[a:b].to(cdt))
+            del log_pt, q
+            g_ps = torch.sparse.mm(proj.rows(cdt), comm.all_gather_rows(g_q, group))  # [n_S, B]
+            del g_q
+            dot = (ps * g_ps).sum(0)
             comm.all_reduce_(dot, "sum", group)
-            out[a:b] = (_Math.softmax_backward(ps, g_ps, dot) / temperature).to(out.dtype)
+            g = g_ps.sub_(dot).mul_(ps)
+            if temperature != 1.0:
+                g.div_(temperature)
+            out[a:b] = g.t()
         return out, None, None, None, None, None, None, None, None
 
 
@@ -374,12 +430,11 @@ def pkl_loss_parallel(
                 "the LocalProjection was prepared for other shards/vocab sizes than these logits; "
                 "call prepare_projection with this rank's logits"
             )
-    _check_finite_global("student logits", student_logits.detach(), group)
-    _check_finite_global("teacher logits", teacher_logits.detach(), group)
     per_chunk = _VocabParallelPKL.apply(
         student_logits, teacher_logits.detach(), proj, s_shard, t_shard, group,
         float(temperature), float(eps), _check_block(block_size),
     )
+    _raise_if_not_finite(per_chunk, "student/teacher logits")
     return reduce_chunks(per_chunk, reduction)
 
 

@@ -1,0 +1,229 @@
+"""Benchmark: forward+backward time and peak memory of KL, GOLD, P-KL and H-KL, side by side.
+
+Same inputs for every loss: chunk-level student logits [chunks, V_S] and teacher logits
+[chunks, V_T] (bf16 by default, as a model emits them), V_S x V_T from the real built-in
+tokenizers (Llama-3.2 student x Qwen3 teacher) and the real W from the builder. Plain KL (the
+same-tokenizer baseline) uses a second student-vocabulary teacher of the same shape as the
+student. Each loss runs through the single-device path of the vocab-parallel implementation
+(tp=1) with its default token block.
+
+How memory is measured: each loss runs in its own fresh subprocess (so one loss's freed memory
+cannot hide another's peak). The subprocess builds the inputs and W's CSR form, then a sampling
+thread reads the process RSS (psutil) every 2 ms during forward+backward; "peak extra" is the
+highest RSS seen minus the RSS just before the forward. It includes the gradient buffer
+(one [chunks, V_S] tensor in the input dtype), which every loss must return. The figure to
+compare with the aim ("at most one [block, V_T] buffer beyond KL") is `extra_vs_kl_mb` next to
+`block_buffer_mb` (one fp32 [block, V_T] buffer).
+
+Runtime on 2 CPU cores at 2048 chunks: a few minutes (GOLD and H-KL sort full vocabularies).
+
+    .venv/bin/python bench/losses.py [--chunks 2048] [--block 256] [--losses kl,gold,pkl,hkl]
+    .venv/bin/python bench/losses.py --chunks 256      # quick run
+Last line: one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+LOSSES = ("kl", "gold", "pkl", "hkl")
+
+
+def _pad(v: int, multiple: int = 128) -> int:
+    return -(-v // multiple) * multiple
+
+
+# ------------------------------------------------------------------------------------------
+# child: one loss, one process
+# ------------------------------------------------------------------------------------------
+class _RssSampler:
+    def __init__(self, interval: float = 0.002):
+        import psutil
+
+        self._proc = psutil.Process()
+        self.interval = interval
+        self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            time.sleep(self.interval)
+
+    def __enter__(self) -> _RssSampler:
+        self.start_rss = self._proc.memory_info().rss
+        self.peak = self.start_rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def run_child(args: argparse.Namespace) -> dict:
+    import torch
+
+    from xtoken_nemo.losses import parallel as P
+    from xtoken_nemo.losses.reference import hkl_pairs
+    from xtoken_nemo.vocab.projection import ProjectionMatrix
+
+    torch.set_num_threads(args.threads)
+    W = ProjectionMatrix.load(args.w_path)
+    v_s, v_t = W.shape
+    vs_pad, vt_pad = _pad(v_s), _pad(v_t)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    g = torch.Generator().manual_seed(0)
+    n = args.chunks
+
+    def logits(v: int) -> torch.Tensor:
+        return (torch.randn(n, v, generator=g) * 3.0).to(dtype)
+
+    student = logits(vs_pad).requires_grad_(True)
+    if args.loss == "kl":
+        teacher = logits(vs_pad)
+        fn = lambda s, t: P.kl_loss_parallel(s, t, v_s, block_size=args.block)  # noqa: E731
+    else:
+        teacher = logits(vt_pad)
+        if args.loss == "pkl":
+            proj = P.prepare_projection(W, vs_pad, vt_pad)
+            fn = lambda s, t: P.pkl_loss_parallel(s, t, proj, v_s, v_t, block_size=args.block)  # noqa: E731
+        else:
+            pairs = hkl_pairs(W) if args.loss == "hkl" else exact_pairs(W)
+            fn = lambda s, t: P.gold_loss_parallel(s, t, pairs, v_s, v_t, block_size=args.block)  # noqa: E731
+    # warm-up on a few chunks (kernel/thread-pool start-up), not timed
+    warm = student[: min(n, 8)].detach().clone().requires_grad_(True)
+    fn(warm, teacher[: warm.shape[0]]).backward()
+    del warm
+    import gc
+
+    gc.collect()
+    with _RssSampler() as mem:
+        t0 = time.perf_counter()
+        loss = fn(student, teacher)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+    return {
+        "loss": args.loss,
+        "value": float(loss.detach()),
+        "forward_s": t1 - t0,
+        "backward_s": t2 - t1,
+        "time_s": t2 - t0,
+        "peak_extra_mb": (mem.peak - mem.start_rss) / 2**20,
+        "grad_mb": student.grad.numel() * student.grad.element_size() / 2**20,
+    }
+
+
+def exact_pairs(W):
+    """GOLD's common set: W's exact-match rows (a single teacher entry of weight 1), 1-to-1."""
+    import torch
+
+    one = (W.indices[:, 0] >= 0) & (W.indices[:, 1:] < 0).all(1) & (W.values[:, 0] > 0.999)
+    rows = torch.nonzero(one).squeeze(1)
+    teachers = W.indices[rows, 0]
+    uniq, first = {}, []
+    for r, t in zip(rows.tolist(), teachers.tolist()):
+        if t not in uniq:
+            uniq[t] = r
+            first.append((r, t))
+    return torch.tensor(first, dtype=torch.int64).reshape(-1, 2)
+
+
+# ------------------------------------------------------------------------------------------
+# parent
+# ------------------------------------------------------------------------------------------
+def build_w(student: str, teacher: str, path: Path) -> dict:
+    from xtoken_nemo.tokenizers import load_tokenizer
+    from xtoken_nemo.vocab.build import BuildConfig, build_projection_matrix
+
+    t0 = time.perf_counter()
+    W = build_projection_matrix(load_tokenizer(student), load_tokenizer(teacher), BuildConfig(), progress=False)
+    W.save(path)
+    return {"build_w_s": time.perf_counter() - t0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--chunks", type=int, default=2048)
+    parser.add_argument("--block", type=int, default=256, help="token block of the vocab-parallel losses")
+    parser.add_argument("--losses", default=",".join(LOSSES))
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--student", default="llama3")
+    parser.add_argument("--teacher", default="qwen3")
+    parser.add_argument("--w-path", default=None, help="use this saved W instead of building it")
+    parser.add_argument("--child", choices=LOSSES, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--loss", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        args.loss = args.child
+        print(json.dumps(run_child(args)))
+        return
+
+    losses = [x for x in args.losses.split(",") if x]
+    if "kl" not in losses:
+        losses.insert(0, "kl")
+    info: dict = {"chunks": args.chunks, "block": args.block, "dtype": args.dtype, "threads": args.threads}
+    with tempfile.TemporaryDirectory(prefix="xtoken-bench-") as tmp:
+        w_path = Path(args.w_path) if args.w_path else Path(tmp) / "W.safetensors"
+        if not args.w_path:
+            print(f"building W ({args.student} x {args.teacher}) ...", flush=True)
+            info.update(build_w(args.student, args.teacher, w_path))
+        from xtoken_nemo.vocab.projection import ProjectionMatrix
+
+        W = ProjectionMatrix.load(w_path)
+        info.update(v_s=W.shape[0], v_t=W.shape[1], w_nnz=W.nnz, w_zero_rows=int((W.row_nnz() == 0).sum()))
+        info["hkl_pairs"] = int((W.row_nnz() > 0).sum())
+        info["gold_pairs"] = int(exact_pairs(W).shape[0])
+        del W
+        results = {}
+        for loss in losses:
+            cmd = [
+                sys.executable, __file__, "--child", loss, "--w-path", str(w_path), "--chunks", str(args.chunks),
+                "--block", str(args.block), "--dtype", args.dtype, "--threads", str(args.threads),
+            ]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+            results[loss] = res
+            print(
+                f"{loss:5s} fwd {res['forward_s']:7.2f} s  bwd {res['backward_s']:7.2f} s  "
+                f"total {res['time_s']:7.2f} s  peak extra {res['peak_extra_mb']:8.0f} MB  (loss {res['value']:.4f})",
+                flush=True,
+            )
+    kl = results["kl"]
+    block_buffer_mb = args.block * info["v_t"] * 4 / 2**20
+    summary = dict(info, block_buffer_mb=block_buffer_mb)
+    print(f"\nratios to plain KL (same run), one fp32 [block, V_T] buffer = {block_buffer_mb:.0f} MB")
+    for loss, res in results.items():
+        res["time_ratio"] = res["time_s"] / kl["time_s"]
+        res["memory_ratio"] = res["peak_extra_mb"] / kl["peak_extra_mb"] if kl["peak_extra_mb"] > 0 else None
+        res["extra_vs_kl_mb"] = res["peak_extra_mb"] - kl["peak_extra_mb"]
+        res["extra_vs_kl_in_block_buffers"] = res["extra_vs_kl_mb"] / block_buffer_mb
+        print(
+            f"{loss:5s} time x{res['time_ratio']:.2f}  peak-memory x{res['memory_ratio'] or float('nan'):.2f}  "
+            f"extra vs KL {res['extra_vs_kl_mb']:+.0f} MB ({res['extra_vs_kl_in_block_buffers']:+.2f} block buffers)"
+        )
+        summary[loss] = res
+    if "pkl" in results:
+        summary["aim_pkl_time_le_1_5x_kl"] = results["pkl"]["time_ratio"] <= 1.5
+        summary["aim_pkl_extra_le_one_block_buffer"] = results["pkl"]["extra_vs_kl_in_block_buffers"] <= 1.0
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
