@@ -1,0 +1,230 @@
+"""Typed configuration of a distillation run, and `key.sub=value` overrides.
+
+A recipe is a function returning a :class:`DistillConfig`; the CLI applies overrides such as
+``train.train_steps=20 teachers.0.alpha=0.8 optim.lr=1e-4`` on top, then calls ``validate()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+
+from xtoken_nemo.errors import XTokenError
+
+KD_MODES = ("kl", "pkl", "hkl", "gold", "uld")
+MERGE_MODES = ("chain", "logmean", "first")
+SCALINGS = ("dynamic", "kd_heavy", "balanced", "ce_heavy", "ce_only")
+ALPHA_MODES = ("static", "ce", "entropy", "maxprob")
+
+
+class ConfigError(XTokenError):
+    """A run configuration is inconsistent; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    """A model: a converted megatron checkpoint (``checkpoint``), or a fresh random model of the
+    given family/shape (tiny CPU runs, tests), always with its tokenizer."""
+
+    tokenizer: str = "llama3"
+    checkpoint: str | None = None
+    family: str = "llama"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    max_position_embeddings: int = 4096
+    tie_embeddings: bool = True
+    init_seed: int = 1234
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "teacher"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    mode: str = "pkl"
+    alpha: float = 1.0
+    projection: str | None = None  # W file (student -> this teacher), needed by pkl/hkl
+    merge: str = "chain"
+    temperature: float = 1.0
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # preprocessed directories (xtoken preprocess)
+    weights: list[float] | None = None  # blend weights, one per path
+    seq_length: int = 4096
+    shuffle: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    min_lr: float = 0.0
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.1
+    clip_grad: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class TrainConfig:
+    train_steps: int = 30000
+    global_batch_size: int = 768
+    micro_batch_size: int = 1
+    tensor_parallel: int = 1
+    seed: int = 1234
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    kd_scaling: str = "dynamic"
+    alpha_mode: str = "static"
+    alpha_temperature: float = 1.0
+    loss_block_size: int = 1024
+    max_consecutive_nonfinite: int = 5
+    log_interval: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/default/checkpoints"
+    save_interval: int = 1000
+    resume: bool = True  # continue from the latest checkpoint in dir when there is one
+
+
+@dataclass
+class DistillConfig:
+    name: str = "run"
+    student: ModelConfig = field(default_factory=ModelConfig)
+    teachers: list[TeacherConfig] = field(default_factory=list)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log_dir: str = "runs/default/logs"
+
+    def validate(self, world_size: int = 1) -> None:
+        """Raise ConfigError for layouts and settings that cannot run."""
+        t = self.train
+        if t.tensor_parallel < 1 or world_size % t.tensor_parallel:
+            raise ConfigError(f"train.tensor_parallel={t.tensor_parallel} must divide the world size {world_size}")
+        dp = world_size // t.tensor_parallel
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} must be divisible by train.micro_batch_size="
+                f"{t.micro_batch_size} x data-parallel size {dp}"
+            )
+        if t.train_steps < 1:
+            raise ConfigError("train.train_steps must be at least 1")
+        for name, value, allowed in (("train.kd_scaling", t.kd_scaling, SCALINGS), ("train.alpha_mode", t.alpha_mode, ALPHA_MODES), ("train.precision", t.precision, ("auto", "fp32", "bf16"))):
+            if value not in allowed:
+                raise ConfigError(f"{name}={value!r}; choose one of {allowed}")
+        if not self.data.paths:
+            raise ConfigError("data.paths is empty: give the directories written by `xtoken preprocess`")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
+            raise ConfigError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} data.paths")
+        if not 0 <= self.optim.warmup_fraction < 1:
+            raise ConfigError("optim.warmup_fraction must be in [0, 1)")
+        names = [tc.name for tc in self.teachers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"teacher names must be unique, got {names}")
+        for i, tc in enumerate(self.teachers):
+            where = f"teachers.{i} ({tc.name})"
+            if tc.mode not in KD_MODES:
+                raise ConfigError(f"{where}.mode={tc.mode!r}; choose one of {KD_MODES}")
+            if tc.merge not in MERGE_MODES:
+                raise ConfigError(f"{where}.merge={tc.merge!r}; choose one of {MERGE_MODES}")
+            if tc.alpha < 0:
+                raise ConfigError(f"{where}.alpha={tc.alpha} must be >= 0")
+            if tc.mode in ("pkl", "hkl") and not tc.projection:
+                raise ConfigError(
+                    f"{where}.mode={tc.mode} needs {where.split(' ')[0]}.projection, a W file: "
+                    f"`xtoken build-w --student {self.student.tokenizer} --teacher {tc.model.tokenizer} --out W.safetensors`"
+                )
+        if self.teachers and t.alpha_mode == "static" and self.train.kd_scaling != "ce_only":
+            total = sum(tc.alpha for tc in self.teachers)
+            if abs(total - 1.0) > 1e-6:
+                raise ConfigError(f"static teacher alphas must sum to 1, got {total} ({[tc.alpha for tc in self.teachers]})")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------
+# overrides
+# ----------------------------------------------------------------------------------------------
+def _coerce(text: str, annotation, where: str):
+    """Parse an override value for a field of the given (string) annotation."""
+    ann = str(annotation).replace("typing.", "")
+    if text.lower() in ("none", "null") and "None" in ann:
+        return None
+    try:
+        if ann.startswith("bool"):
+            if text.lower() in ("true", "1", "yes"):
+                return True
+            if text.lower() in ("false", "0", "no"):
+                return False
+            raise ValueError(text)
+        if ann.startswith("int"):
+            return int(text)
+        if ann.startswith("float"):
+            return float(text)
+        if ann.startswith("list"):
+            value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v]
+            if "float" in ann:
+                value = [float(v) for v in value]
+            return value
+        return text
+    except ValueError:
+        raise ConfigError(f"override {where}={text!r}: expected {ann}") from None
+
+
+def apply_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig:
+    """Apply ``key.sub=value`` strings in place (list items by index: ``teachers.0.alpha=0.8``)."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key.sub=value")
+        key, text = item.split("=", 1)
+        target = config
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            target = _child(target, part, ".".join(parts[: depth + 1]))
+        last = parts[-1]
+        if isinstance(target, list):
+            raise ConfigError(f"override {key}: cannot replace a whole list item; set its fields")
+        if not dataclasses.is_dataclass(target) or last not in {f.name for f in dataclasses.fields(target)}:
+            raise ConfigError(f"override {key}: no field '{last}' in {type(target).__name__}")
+        hints = typing.get_type_hints(type(target))
+        if dataclasses.is_dataclass(hints[last]):
+            raise ConfigError(f"override {key}: set the fields of {last}, e.g. {key}.<field>=...")
+        setattr(target, last, _coerce(text, hints[last], key))
+    return config
+
+
+def _child(node, part: str, where: str):
+    if isinstance(node, list):
+        if not part.isdigit() or int(part) >= len(node):
+            raise ConfigError(f"override {where}: index {part} out of range (there are {len(node)})")
+        return node[int(part)]
+    if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+        raise ConfigError(f"override {where}: no field '{part}' in {type(node).__name__}")
+    return getattr(node, part)
+
+
+def config_from_dict(data: dict) -> DistillConfig:
+    """Inverse of ``to_dict`` (for a run's saved config)."""
+    cfg = DistillConfig(
+        name=data["name"],
+        student=ModelConfig(**data["student"]),
+        teachers=[TeacherConfig(**{**t, "model": ModelConfig(**t["model"])}) for t in data["teachers"]],
+        data=DataConfig(**data["data"]),
+        optim=OptimConfig(**data["optim"]),
+        train=TrainConfig(**data["train"]),
+        checkpoint=CheckpointConfig(**data["checkpoint"]),
+        log_dir=data["log_dir"],
+    )
+    return cfg

@@ -1,0 +1,187 @@
+"""Per-micro-batch distillation loss on vocab-sharded logits: CE + each teacher's KD loss.
+
+Everything here works on this rank's vocabulary shard; the collectives live in
+:mod:`xtoken_nemo.losses.parallel`. Shapes:
+
+- student logits [B, S, V_S_pad/tp], labels/loss_mask [B, S]
+- teacher m logits [B, T_m, V_Tm_pad/tp], labels [B, T_m], chunks [B, K, 4] (-1 padded) with rows
+  (s_start, s_end, t_start, t_end) in each side's label coordinates.
+
+Chunk merging follows the teacher's ``merge`` mode on both sides. For ``chain`` the merged
+chunk has a log-mass (the probability of the chunk's later actual tokens); the per-chunk loss is
+then ``c_T * L_shape + KL_Bernoulli(c_T || c_S)`` (:func:`chunk_mass_kl`), which is the KL of the
+unnormalized chain-rule vectors. For ``first``/``logmean`` it is the shape loss alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from xtoken_nemo.distill.config import TeacherConfig
+from xtoken_nemo.losses import (
+    LocalProjection,
+    adaptive_alphas,
+    chunk_mass_kl,
+    combine_teachers,
+    gold_loss_parallel,
+    hkl_loss_parallel,
+    kl_loss_parallel,
+    merge_chunks_parallel,
+    pkl_loss_parallel,
+    scale_kd_ce,
+    teacher_confidence_parallel,
+    uld_loss_parallel,
+)
+
+#: value written into padded vocabulary columns before any softmax
+PAD_LOGIT = -1e4
+
+
+@dataclass
+class TeacherLossSpec:
+    """What the loss needs about one teacher besides its logits."""
+
+    config: TeacherConfig
+    vocab_size: int  # real teacher vocab (W columns); padded logit columns are masked
+    projection: LocalProjection | None = None  # pkl
+    W: object | None = None  # ProjectionMatrix, hkl
+    common_pairs: torch.Tensor | None = None  # gold: [P, 2] exact (student, teacher) pairs
+
+
+@dataclass
+class StepLosses:
+    total: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor | None
+    per_teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    alphas: dict[str, float] = field(default_factory=dict)
+    num_chunks: dict[str, int] = field(default_factory=dict)
+
+
+def mask_padded_columns(logits: torch.Tensor, vocab_size: int, group=None) -> torch.Tensor:
+    """[..., V_pad/tp] -> same, with columns >= vocab_size (Megatron's vocab padding) at PAD_LOGIT."""
+    from megatron.core import parallel_state
+
+    width = logits.shape[-1]
+    rank = parallel_state.get_tensor_model_parallel_rank() if torch.distributed.is_initialized() else 0
+    start = rank * width
+    if start + width <= vocab_size:
+        return logits
+    cols = torch.arange(start, start + width, device=logits.device)
+    return logits.masked_fill(cols >= vocab_size, PAD_LOGIT)
+
+
+def student_ce(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token CE over loss_mask, via megatron-core's vocab-parallel cross-entropy."""
+    from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+    # it modifies its fp32 input in place: give it its own copy
+    per_token = vocab_parallel_cross_entropy(logits.float().clone(), labels)
+    mask = loss_mask.float()
+    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def _flat_chunks(chunks: torch.Tensor, s_len: int, t_len: int) -> tuple[list[range], list[range]]:
+    """[B, K, 4] (-1 padded) -> per-chunk position ranges into the [B*S] / [B*T] flattened logits."""
+    s_pos, t_pos = [], []
+    for b in range(chunks.shape[0]):
+        for s0, s1, t0, t1 in chunks[b].tolist():
+            if s0 < 0:
+                continue
+            s_pos.append(range(b * s_len + s0, b * s_len + s1))
+            t_pos.append(range(b * t_len + t0, b * t_len + t1))
+    return s_pos, t_pos
+
+
+def teacher_kd_loss(
+    spec: TeacherLossSpec,
+    student_logits: torch.Tensor,
+    student_labels: torch.Tensor,
+    student_vocab_size: int,
+    teacher_logits: torch.Tensor,
+    teacher_labels: torch.Tensor,
+    chunks: torch.Tensor,
+    block_size: int,
+) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """(mean KD loss over this micro-batch's chunks, number of chunks, merged teacher log-probs)."""
+    cfg = spec.config
+    B, S, Vs = student_logits.shape
+    T = teacher_logits.shape[1]
+    s_pos, t_pos = _flat_chunks(chunks, S, T)
+    if not s_pos:
+        zero = student_logits.sum() * 0.0
+        return zero, 0, None
+    s_merged = merge_chunks_parallel(
+        student_logits.reshape(B * S, Vs), s_pos, student_vocab_size, targets=student_labels.reshape(-1), mode=cfg.merge
+    )
+    with torch.no_grad():
+        t_merged = merge_chunks_parallel(
+            teacher_logits.reshape(B * T, -1), t_pos, spec.vocab_size, targets=teacher_labels.reshape(-1), mode=cfg.merge
+        )
+    s, t = s_merged.logits, t_merged.logits.detach()
+    kw = dict(temperature=cfg.temperature, block_size=block_size, reduction="none")
+    if cfg.mode == "kl":
+        per_chunk = kl_loss_parallel(s, t, student_vocab_size, **kw)
+    elif cfg.mode == "pkl":
+        per_chunk = pkl_loss_parallel(s, t, spec.projection, student_vocab_size, spec.vocab_size, **kw)
+    elif cfg.mode == "hkl":
+        per_chunk = hkl_loss_parallel(s, t, spec.W, student_vocab_size, spec.vocab_size, **kw)
+    elif cfg.mode == "gold":
+        per_chunk = gold_loss_parallel(s, t, spec.common_pairs, student_vocab_size, spec.vocab_size, **kw)
+    else:
+        per_chunk = uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, **kw)
+    if cfg.merge == "chain":
+        per_chunk = chunk_mass_kl(s_merged.log_mass, t_merged.log_mass.detach(), per_chunk, reduction="none")
+    return per_chunk.mean(), len(s_pos), t
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_mask: torch.Tensor,
+    student_vocab_size: int,
+    teachers: list[TeacherLossSpec],
+    teacher_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    kd_scaling: str,
+    alpha_mode: str,
+    alpha_temperature: float,
+    block_size: int,
+) -> StepLosses:
+    """Total loss of one micro-batch. teacher_outputs[m] = (logits, labels, chunks)."""
+    student_logits = mask_padded_columns(student_logits, student_vocab_size)
+    ce = student_ce(student_logits, labels, loss_mask)
+    if not teachers or kd_scaling == "ce_only":
+        return StepLosses(total=ce, ce=ce, kd=None)
+    losses, counts, confidences = {}, {}, []
+    for spec, (t_logits, t_labels, chunks) in zip(teachers, teacher_outputs):
+        t_logits = mask_padded_columns(t_logits, spec.vocab_size)
+        loss, n, merged_teacher = teacher_kd_loss(
+            spec, student_logits, labels, student_vocab_size, t_logits, t_labels, chunks, block_size
+        )
+        losses[spec.config.name], counts[spec.config.name] = loss, n
+        if alpha_mode != "static" and merged_teacher is not None:
+            # confidence, higher = more sure: mean log-prob of the chunks' first actual tokens
+            # ("ce"), negative entropy, or mean max-probability of the merged teacher chunks
+            targets = _chunk_first_targets(t_labels, chunks) if alpha_mode == "ce" else None
+            confidences.append(teacher_confidence_parallel(merged_teacher, alpha_mode, spec.vocab_size, targets=targets))
+    names = [spec.config.name for spec in teachers]
+    if alpha_mode == "static" or len(confidences) != len(teachers):
+        alphas = torch.tensor([spec.config.alpha for spec in teachers], dtype=torch.float32)
+    else:
+        alphas = adaptive_alphas(confidences, alpha_temperature)
+    kd = combine_teachers([losses[n] for n in names], alphas)
+    total = scale_kd_ce(kd, ce, kd_scaling)
+    return StepLosses(
+        total=total, ce=ce, kd=kd, per_teacher=losses,
+        alphas={n: float(a) for n, a in zip(names, alphas)}, num_chunks=counts,
+    )
+
+
+def _chunk_first_targets(t_labels: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
+    """[N] the teacher's actual first token of every chunk (order as in _flat_chunks)."""
+    T = t_labels.shape[1]
+    flat = t_labels.reshape(-1)
+    starts = [b * T + t0 for b in range(chunks.shape[0]) for s0, _, t0, _ in chunks[b].tolist() if s0 >= 0]
+    return flat[torch.tensor(starts, dtype=torch.int64)]

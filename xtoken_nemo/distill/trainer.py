@@ -1,0 +1,386 @@
+"""The training loop: student + frozen teachers on megatron-core, resumable and preemptible.
+
+One process (CPU, or one GPU: the debug mode) or ``torchrun --nproc-per-node N`` (TP x DP).
+Per global step: ``num_micro`` micro-batches through megatron-core's forward-backward schedule
+(gradient accumulation), then the megatron optimizer step (AdamW, clipping) and the
+warmup+cosine schedule. Checkpoints every ``checkpoint.save_interval`` steps, at the end, and on
+SIGTERM/SIGUSR1 (SLURM preemption); a run restarted on the same directory resumes exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from xtoken_nemo.distill.config import DistillConfig
+from xtoken_nemo.errors import XTokenError
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(XTokenError):
+    """The run cannot continue (too many non-finite steps, inconsistent resume, ...)."""
+
+
+@dataclass
+class RunState:
+    """What a checkpoint stores besides weights and optimizer: exact-resume bookkeeping."""
+
+    step: int = 0
+    consecutive_nonfinite: int = 0
+    skipped_steps: int = 0
+    scheduler: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+# ----------------------------------------------------------------------------------------------
+def init_distributed(tp: int, seed: int) -> None:
+    """torch.distributed from torchrun's environment (or a one-process group) + parallel_state."""
+    from xtoken_nemo.models.runtime import ensure_model_parallel, install_shims
+
+    install_shims()
+    if not torch.distributed.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend)
+    ensure_model_parallel(tp, seed)
+
+
+def _params_dtype(cfg: DistillConfig) -> torch.dtype:
+    if cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and torch.cuda.is_available()):
+        return torch.bfloat16
+    return torch.float32
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1; the loop saves a checkpoint and exits at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous = {}
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning("received signal %d: will save a checkpoint and exit after this step", signum)
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def any_rank(self) -> bool:
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+# ----------------------------------------------------------------------------------------------
+class Trainer:
+    def __init__(self, cfg: DistillConfig, progress: bool = True) -> None:
+        from megatron.core import parallel_state
+
+        self.cfg = cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.validate(world_size=world)
+        init_distributed(cfg.train.tensor_parallel, cfg.train.seed)
+        self.rank = torch.distributed.get_rank()
+        self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.progress = progress and self.rank == 0
+        self.dtype = _params_dtype(cfg)
+        self._build()
+
+    # ..........................................................................................
+    def _build(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from xtoken_nemo.compat.cuda_redirect import maybe_cuda_to_cpu
+        from xtoken_nemo.distill.data import MicroBatches, build_dataset
+        from xtoken_nemo.distill.kd import TeacherLossSpec
+        from xtoken_nemo.distill.models import build_model
+        from xtoken_nemo.losses import prepare_projection
+        from xtoken_nemo.tokenizers import load_tokenizer
+        from xtoken_nemo.vocab import ProjectionMatrix
+        from xtoken_nemo.vocab.canonical import exact_matches
+
+        cfg = self.cfg
+        self.student_tok = load_tokenizer(cfg.student.tokenizer)
+        self.teacher_toks = [load_tokenizer(t.model.tokenizer) for t in cfg.teachers]
+        for tc, tok in zip(cfg.teachers, self.teacher_toks):
+            if tc.mode == "kl" and tok.fingerprint != self.student_tok.fingerprint:
+                raise TrainingError(
+                    f"teacher '{tc.name}' has mode kl but tokenizer {tok.name} differs from the student's "
+                    f"{self.student_tok.name}: use pkl/hkl/gold/uld for a cross-tokenizer teacher"
+                )
+
+        student, self.student_arch = build_model(cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True)
+        self.student_vocab = self.student_tok.vocab_size
+        self.teachers, self.teacher_specs, self.teacher_archs = [], [], []
+        for tc, tok in zip(cfg.teachers, self.teacher_toks):
+            model, arch = build_model(tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False)
+            spec = TeacherLossSpec(config=tc, vocab_size=tok.vocab_size)
+            s_local = self.student_arch.padded_vocab_size(self.tp) // self.tp
+            t_local = arch.padded_vocab_size(self.tp) // self.tp
+            if tc.mode in ("pkl", "hkl"):
+                W = ProjectionMatrix.load(tc.projection, self.student_tok, tok)
+                spec.W = W
+                if tc.mode == "pkl":
+                    spec.projection = prepare_projection(W, s_local, t_local)
+            if tc.mode == "gold":
+                matches = exact_matches(self.student_tok, tok)
+                pairs = list(matches.ordinary.items()) + [(s, t) for s, (t, _) in matches.special.items()]
+                spec.common_pairs = torch.tensor(sorted(pairs), dtype=torch.int64)
+            self.teachers.append(model)
+            self.teacher_specs.append(spec)
+            self.teacher_archs.append(arch)
+
+        with maybe_cuda_to_cpu():
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.use_distributed_optimizer
+            )
+            self.model = DistributedDataParallel(student.config, ddp_config, student)
+            opt_config = OptimizerConfig(
+                optimizer="adam",
+                lr=cfg.optim.lr,
+                min_lr=cfg.optim.min_lr,
+                weight_decay=cfg.optim.weight_decay,
+                adam_beta1=cfg.optim.adam_beta1,
+                adam_beta2=cfg.optim.adam_beta2,
+                adam_eps=cfg.optim.adam_eps,
+                clip_grad=cfg.optim.clip_grad,
+                bf16=self.dtype == torch.bfloat16,
+                params_dtype=self.dtype,
+                use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+            )
+            self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        self.student = student
+        steps = cfg.train.train_steps
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer,
+            init_lr=0.0,
+            max_lr=cfg.optim.lr,
+            min_lr=cfg.optim.min_lr,
+            lr_warmup_steps=int(round(cfg.optim.warmup_fraction * steps)),
+            lr_decay_steps=steps,
+            lr_decay_style="cosine",
+            start_wd=cfg.optim.weight_decay,
+            end_wd=cfg.optim.weight_decay,
+            wd_incr_steps=steps,
+            wd_incr_style="constant",
+        )
+        self.dataset = build_dataset(cfg, self.student_tok, self.teacher_toks)
+        self.batches = MicroBatches(
+            self.dataset, cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dp_rank, self.dp_size,
+            [tok.pad_id or 0 for tok in self.teacher_toks],
+        )
+        self.state = RunState()
+
+    # ..........................................................................................
+    def _forward_step(self, data_iterator, model):
+        from xtoken_nemo.distill.kd import distillation_loss
+        from xtoken_nemo.models.build import causal_mask
+
+        batch = next(data_iterator)
+        tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
+        B, S = tokens.shape
+        device = next(self.student.parameters()).device
+        position_ids = torch.arange(S, device=device)[None].expand(B, S)
+        student_logits = model(tokens.to(device), position_ids, causal_mask(B, S, device))
+        teacher_outputs = []
+        with torch.no_grad():
+            for m, teacher in enumerate(self.teachers):
+                t_tokens = batch[f"teacher{m}_tokens"].to(device)
+                T = t_tokens.shape[1]
+                t_pos = torch.arange(T, device=device)[None].expand(B, T)
+                t_logits = teacher(t_tokens, t_pos, causal_mask(B, T, device))
+                teacher_outputs.append((t_logits.float(), batch[f"teacher{m}_labels"].to(device), batch[f"teacher{m}_chunks"]))
+        finite = self._all_finite([student_logits.detach()] + [o[0] for o in teacher_outputs])
+        if not finite:
+            zero = student_logits.sum() * 0.0
+            return zero, partial(self._loss_func, {"nonfinite": 1.0})
+        t = self.cfg.train
+        losses = distillation_loss(
+            student_logits.float(), labels.to(device), loss_mask.to(device), self.student_vocab,
+            self.teacher_specs, teacher_outputs, t.kd_scaling, t.alpha_mode, t.alpha_temperature, t.loss_block_size,
+        )
+        metrics = {"ce": float(losses.ce.detach()), "nonfinite": 0.0 if torch.isfinite(losses.total.detach()) else 1.0}
+        if losses.kd is not None:
+            metrics["kd"] = float(losses.kd.detach())
+            metrics["kd_scale"] = float((losses.ce / losses.kd).detach()) if float(losses.kd) > 0 else 0.0
+            for name, value in losses.per_teacher.items():
+                metrics[f"kd/{name}"] = float(value.detach())
+            for name, value in losses.alphas.items():
+                metrics[f"alpha/{name}"] = value
+        metrics["total"] = float(losses.total.detach())
+        return losses.total, partial(self._loss_func, metrics)
+
+    @staticmethod
+    def _loss_func(metrics: dict, output_tensor: torch.Tensor):
+        return output_tensor, metrics
+
+    @staticmethod
+    def _all_finite(tensors: list[torch.Tensor]) -> bool:
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(x).all()) for x in tensors) else 1.0])
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+    # ..........................................................................................
+    def train_step(self, step: int) -> dict:
+        """One global step; returns averaged metrics (ce, kd, total, grad_norm, lr, ...)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        from xtoken_nemo.compat.cuda_redirect import maybe_cuda_to_cpu
+
+        micro = self.batches.for_step(step)
+        S = self.cfg.data.seq_length
+        with maybe_cuda_to_cpu():
+            self.model.zero_grad_buffer()
+            self.optimizer.zero_grad()
+            outputs = get_forward_backward_func()(
+                forward_step_func=self._forward_step,
+                data_iterator=iter(micro),
+                model=[self.model],
+                num_microbatches=len(micro),
+                seq_length=S,
+                micro_batch_size=self.cfg.train.micro_batch_size,
+                forward_only=False,
+            )
+            metrics = _average(outputs)
+            nonfinite = torch.tensor([metrics.get("nonfinite", 0.0)])
+            if torch.distributed.is_initialized():
+                torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
+            if nonfinite.item() > 0:
+                self.state.consecutive_nonfinite += 1
+                self.state.skipped_steps += 1
+                metrics.update(skipped=1.0, grad_norm=float("nan"))
+                self.optimizer.zero_grad()
+                if self.state.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite:
+                    raise TrainingError(
+                        f"{self.state.consecutive_nonfinite} steps in a row had NaN/inf logits or loss (last at step {step + 1}); "
+                        "stopping. Lower optim.lr, check the data and the teacher checkpoints, or raise "
+                        "train.max_consecutive_nonfinite"
+                    )
+            else:
+                self.model.finish_grad_sync()
+                ok, grad_norm, _ = self.optimizer.step()
+                if not ok:
+                    raise TrainingError(f"optimizer step {step + 1} failed (grad norm {grad_norm})")
+                self.state.consecutive_nonfinite = 0
+                metrics.update(skipped=0.0, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+        self.scheduler.step(increment=1)
+        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        return metrics
+
+    # ..........................................................................................
+    def resume(self) -> bool:
+        from xtoken_nemo.distill.checkpointing import latest_iteration, load_checkpoint
+
+        ckpt = self.cfg.checkpoint
+        if not ckpt.resume:
+            return False
+        iteration = latest_iteration(ckpt.dir)
+        if iteration is None:
+            return False
+        run_state = load_checkpoint(ckpt.dir, iteration, self.student, self.optimizer)
+        self.state = RunState(**run_state)
+        self.scheduler.load_state_dict(self.state.scheduler)
+        if self.rank == 0:
+            log.warning("resumed from %s at step %d", ckpt.dir, self.state.step)
+        return True
+
+    def save(self) -> Path:
+        from xtoken_nemo.distill.checkpointing import save_checkpoint
+
+        self.state.scheduler = self.scheduler.state_dict()
+        return save_checkpoint(self.cfg.checkpoint.dir, self.state.step, self.student, self.optimizer, self.state.__dict__.copy())
+
+    def run(self) -> dict:
+        """Train to ``train.train_steps``; returns a summary (losses per step, status)."""
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.resume()
+        writer = _tensorboard(cfg.log_dir) if self.rank == 0 else None
+        flag = PreemptionFlag()
+        flag.install()
+        history, status = [], "completed"
+        tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
+        bar = tqdm(total=cfg.train.train_steps, initial=self.state.step, desc=cfg.name, unit="step", disable=not self.progress, dynamic_ncols=True)
+        try:
+            while self.state.step < cfg.train.train_steps:
+                started = time.perf_counter()
+                metrics = self.train_step(self.state.step)
+                self.state.step += 1
+                metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
+                metrics["memory_gb"] = _memory_gb()
+                metrics["step"] = self.state.step
+                history.append(metrics)
+                if self.rank == 0:
+                    _log_metrics(writer, metrics, self.state.step)
+                    bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("total", "ce", "kd", "lr") if k in metrics})
+                    if self.state.step % cfg.train.log_interval == 0:
+                        log.info("step %d %s", self.state.step, json.dumps({k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)}))
+                bar.update(1)
+                preempted = flag.any_rank()
+                if preempted or self.state.step % cfg.checkpoint.save_interval == 0 or self.state.step == cfg.train.train_steps:
+                    self.save()
+                if preempted:
+                    status = "preempted"
+                    break
+        finally:
+            bar.close()
+            flag.uninstall()
+            if writer is not None:
+                writer.close()
+        if self.rank == 0 and status == "preempted":
+            log.warning("preempted at step %d: checkpoint saved; restart the same command to resume", self.state.step)
+        return {"status": status, "step": self.state.step, "skipped_steps": self.state.skipped_steps, "history": history}
+
+
+def _average(outputs: list[dict]) -> dict:
+    keys = {k for o in outputs for k in o}
+    return {k: sum(float(o[k]) for o in outputs if k in o) / max(1, sum(1 for o in outputs if k in o)) for k in keys}
+
+
+def _memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
+
+
+def _tensorboard(log_dir: str):
+    from torch.utils.tensorboard import SummaryWriter
+
+    Path(log_dir).mkdir(parents=True, exist_ok=True)
+    return SummaryWriter(log_dir)
+
+
+def _log_metrics(writer, metrics: dict, step: int) -> None:
+    if writer is None:
+        return
+    for key, value in metrics.items():
+        if isinstance(value, float) and math.isfinite(value):
+            writer.add_scalar(f"train/{key}", value, step)
