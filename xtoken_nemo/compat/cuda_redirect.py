@@ -1,53 +1,76 @@
-"""Run megatron-core code that allocates on "cuda" (DDP grad buffers, the optimizer, grad
-clipping, the forward-backward schedule) on the CPU.
+"""A TorchFunctionMode that runs CUDA-assuming megatron code on CPU (CPU runs and tests only).
 
-``cuda_to_cpu()`` is a TorchFunctionMode: ``device="cuda"``/``device=0`` becomes CPU,
-``tensor.cuda()`` a no-op, ``tensor.to("cuda")`` a CPU ``to``, and ``tensor.type()`` reports
-"torch.cuda.*" names (megatron asserts them). Only for CPU runs and tests;
-on a GPU it is never entered (see :func:`maybe_cuda_to_cpu`).
+megatron-core creates tensors with ``device=torch.cuda.current_device()`` / ``device="cuda"`` and
+calls ``.cuda()`` in places that are otherwise device-agnostic (dist_checkpointing's save
+finalisation and load validation, DDP buffers, the optimizer, grad clipping). Inside
+:func:`cuda_to_cpu` every such device argument becomes CPU, ``Tensor.cuda()`` returns the
+tensor itself and ``Tensor.type()`` reports "torch.cuda.*" names (megatron asserts them). It is a no-op context when CUDA is available, so callers may use it
+unconditionally::
+
+    with cuda_to_cpu():
+        dist_checkpointing.save(model.sharded_state_dict(), path)
+
+``install_cuda_redirect()`` enters the mode for good on the calling thread (for processes that
+run megatron training loops on CPU). Modes are per thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch.overrides import TorchFunctionMode
 
-
-def _is_cuda(device) -> bool:
-    if device is None or isinstance(device, bool):
-        return False
-    if isinstance(device, int):
-        return True
-    return str(device).startswith("cuda")
+_CPU = torch.device("cpu")
 
 
-class CudaToCpu(TorchFunctionMode):
+def _is_cuda(device: object) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to CPU; ``Tensor.cuda()`` becomes the identity."""
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
         if func is torch.Tensor.cuda:
             return args[0]
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = _CPU
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
+            args = (args[0], _CPU, *args[2:])
         result = func(*args, **kwargs)
-        # megatron asserts tensor.type() == "torch.cuda.FloatTensor" (grad clipping, optimizer)
+        # megatron asserts tensor.type() == "torch.cuda.FloatTensor" (grad clipping, the
+        # distributed optimizer): report CPU tensors under their CUDA type names
         if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(result, str) and not result.startswith("torch.cuda."):
             return result.replace("torch.", "torch.cuda.", 1)
         return result
 
 
-def cuda_to_cpu() -> CudaToCpu:
-    return CudaToCpu()
+_GLOBAL_MODE: CudaToCpuMode | None = None
 
 
-def maybe_cuda_to_cpu():
-    """The redirect on a machine without CUDA, a null context on a GPU."""
+@contextlib.contextmanager
+def cuda_to_cpu() -> Iterator[None]:
+    """Redirect CUDA device arguments to CPU inside the block (no-op when CUDA is available)."""
+    if torch.cuda.is_available() or _GLOBAL_MODE is not None:
+        yield
+        return
+    with CudaToCpuMode():
+        yield
+
+
+def install_cuda_redirect() -> bool:
+    """Enter the redirect for good on this thread (idempotent; no-op with CUDA). True if active."""
+    global _GLOBAL_MODE
     if torch.cuda.is_available():
-        return contextlib.nullcontext()
-    from xtoken_nemo.compat.cpu import install_cpu_shims
-
-    install_cpu_shims()
-    return CudaToCpu()
+        return False
+    if _GLOBAL_MODE is None:
+        _GLOBAL_MODE = CudaToCpuMode()
+        _GLOBAL_MODE.__enter__()
+    return True

@@ -1,0 +1,192 @@
+"""ModelArch -> megatron-core ``TransformerConfig`` + ``GPTModel``; forward helpers.
+
+Layer spec: the Transformer-Engine spec when CUDA is available and ``transformer_engine`` imports,
+the local (pure megatron-core) spec otherwise; TE is only imported inside :func:`layer_spec`.
+Both specs produce the same dist-checkpoint keys (the local spec maps its layernorm names onto
+TE's fused ones), so a checkpoint written on CPU loads on GPU and back.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
+from xtoken_nemo.models.config import ModelArch, check_tp
+from xtoken_nemo.models.errors import ModelError
+from xtoken_nemo.models.rope import hf_rotary_embedding_class, rope_attention_factor, set_rope_mscale
+
+log = logging.getLogger(__name__)
+
+
+def te_available() -> bool:
+    """True when the TE layer spec can be used (CUDA present and transformer_engine imports)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def transformer_config(arch: ModelArch, tp: int = 1, params_dtype: torch.dtype = torch.float32, **overrides: Any):
+    """The megatron-core ``TransformerConfig`` of ``arch`` (dropout 0; overrides win)."""
+    import torch.nn.functional as F
+    from megatron.core.transformer import TransformerConfig
+
+    check_tp(arch, tp)
+    on_cpu = not torch.cuda.is_available()
+    kwargs: dict[str, Any] = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=arch.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        qk_layernorm=arch.qk_layernorm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=on_cpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    kwargs.update(overrides)
+    mscale = rope_attention_factor(arch)
+    if mscale != 1.0 and kwargs.get("apply_rope_fusion"):
+        log.warning("LongRoPE attention factor %.4f needs unfused rope: apply_rope_fusion turned off", mscale)
+        kwargs["apply_rope_fusion"] = False
+    config = TransformerConfig(**kwargs)
+    set_rope_mscale(config, mscale)
+    return config
+
+
+def layer_spec(arch: ModelArch, use_te: bool | None = None):
+    """TE spec on CUDA when TE imports (or ``use_te=True``), local spec otherwise."""
+    if use_te is None:
+        use_te = te_available()
+    if use_te:
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+@dataclass(frozen=True)
+class GPTModelArgs:
+    """The GPTModel constructor arguments besides config and spec."""
+
+    vocab_size: int  # padded
+    max_sequence_length: int
+    share_embeddings_and_output_weights: bool
+    rotary_percent: float
+    rotary_base: float
+    position_embedding_type: str = "rope"
+
+    def as_kwargs(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def gpt_model_args(arch: ModelArch, padded_vocab_size: int) -> GPTModelArgs:
+    if padded_vocab_size < arch.vocab_size:
+        raise ModelError(f"padded_vocab_size {padded_vocab_size} is smaller than vocab_size {arch.vocab_size}")
+    return GPTModelArgs(
+        vocab_size=padded_vocab_size,
+        max_sequence_length=arch.max_position_embeddings,
+        share_embeddings_and_output_weights=arch.tie_embeddings,
+        rotary_percent=arch.rope.partial_rotary_factor,
+        rotary_base=arch.rope.theta,
+    )
+
+
+def build_gpt_model(
+    arch: ModelArch,
+    padded_vocab_size: int | None = None,
+    tp: int | None = None,
+    params_dtype: torch.dtype = torch.float32,
+    use_te: bool | None = None,
+    parallel_output: bool = True,
+    perform_initialization: bool = True,
+    **config_overrides: Any,
+):
+    """A megatron-core GPTModel for ``arch`` on this rank's TP shard (parallel_state must be up).
+
+    ``padded_vocab_size`` defaults to Megatron padding for the current TP size. The rotary module
+    is :class:`~xtoken_nemo.models.rope.HFRotaryEmbedding` (HF-exact frequencies, LongRoPE).
+    Returns the model on CUDA when available, else on CPU, in eval mode.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    if tp is None:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+    if padded_vocab_size is None:
+        padded_vocab_size = arch.padded_vocab_size(tp)
+    check_tp(arch, tp, padded_vocab_size)
+    config = transformer_config(arch, tp, params_dtype, perform_initialization=perform_initialization, **config_overrides)
+    args = gpt_model_args(arch, padded_vocab_size)
+    model = GPTModel(config, layer_spec(arch, use_te), parallel_output=parallel_output, **args.as_kwargs())
+    model.rotary_pos_emb = hf_rotary_embedding_class()(arch, cp_group=model.rotary_pos_emb.cp_group)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    model.eval()
+    return model
+
+
+def causal_mask(batch: int, seq: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[b, 1, s, s] bool, True = masked (megatron's convention); explicit masks are needed on CPU."""
+    mask = torch.triu(torch.ones(seq, seq, dtype=torch.bool, device=device), diagonal=1)
+    return mask[None, None].expand(batch, 1, seq, seq)
+
+
+def forward_logits(model, input_ids: torch.Tensor, arch: ModelArch | None = None) -> torch.Tensor:
+    """[b, s] ids -> [b, s, V_padded/tp] logits (this rank's vocab shard with parallel_output).
+
+    Refuses sequences longer than a Phi-3 sliding window (megatron's local attention has no
+    window, so they would silently differ from HF).
+    """
+    b, s = input_ids.shape
+    if arch is not None and arch.sliding_window is not None and s > arch.sliding_window:
+        raise ModelError(
+            f"sequence length {s} exceeds config.json sliding_window={arch.sliding_window}; sliding-window "
+            "attention is not reproduced: use sequences up to the window"
+        )
+    device = next(model.parameters()).device
+    ids = input_ids.to(device)
+    pos = torch.arange(s, device=device).unsqueeze(0).expand(b, s)
+    with cuda_to_cpu():  # megatron's attention buffers are allocated with device=cuda
+        return model(ids, pos, causal_mask(b, s, device))
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int = 0, fill: float = float("-inf")) -> torch.Tensor:
+    """Logits [..., V_shard] with columns of ids >= ``vocab_size`` set to ``fill`` (new tensor).
+
+    ``V_shard`` is this rank's slice of the padded vocabulary: rank r holds ids
+    ``[r * V_shard, (r + 1) * V_shard)``.
+    """
+    shard = logits.shape[-1]
+    start = tp_rank * shard
+    if start + shard <= vocab_size:
+        return logits
+    ids = torch.arange(start, start + shard, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, fill)

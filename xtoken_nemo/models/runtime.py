@@ -1,0 +1,61 @@
+"""Megatron process state for single-process tools (conversion, scoring) and CPU runs.
+
+``ensure_model_parallel(tp)`` is what every entry point that builds a GPTModel calls first:
+- on a machine without CUDA it installs the CPU shims (``xtoken_nemo.compat.cpu``);
+- if ``torch.distributed`` is not initialized, it starts a one-process group (gloo on CPU, nccl on
+  CUDA) on a free local port, so ``xtoken convert`` / ``xtoken score`` work without ``torchrun``;
+- it initializes megatron's ``parallel_state`` with the requested TP size, or checks that an
+  existing initialization (a training job, a test harness) has that TP size.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import torch
+
+from xtoken_nemo.models.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def install_shims() -> None:
+    """CPU shims for megatron-core when CUDA is absent (no-op on GPU)."""
+    if not torch.cuda.is_available():
+        from xtoken_nemo.compat.cpu import install_cpu_shims
+
+        install_cpu_shims(groups=("core", "rng"))
+
+
+def ensure_model_parallel(tp: int = 1, seed: int = 1234) -> None:
+    """Make sure torch.distributed and megatron ``parallel_state`` are up with TP size ``tp``."""
+    install_shims()
+    if not torch.distributed.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) != 1 and "MASTER_ADDR" in os.environ:
+            raise ModelError("WORLD_SIZE > 1 but torch.distributed is not initialized: call init_process_group first")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(
+            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1
+        )
+        log.debug("started a one-process %s group", backend)
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+
+    if not parallel_state.model_parallel_is_initialized():
+        world = torch.distributed.get_world_size()
+        if world % tp:
+            raise ModelError(f"tensor-parallel size {tp} does not divide the world size {world}")
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    have = parallel_state.get_tensor_model_parallel_world_size()
+    if have != tp:
+        raise ModelError(f"megatron is initialized with tensor-parallel size {have}, but {tp} was asked for")
+    if not get_cuda_rng_tracker().get_states():
+        model_parallel_cuda_manual_seed(seed)
