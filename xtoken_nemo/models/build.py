@@ -138,6 +138,9 @@ def build_gpt_model(
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
+    from xtoken_nemo.models.runtime import ensure_rng_tracker
+
+    ensure_rng_tracker()
     if tp is None:
         tp = parallel_state.get_tensor_model_parallel_world_size()
     if padded_vocab_size is None:

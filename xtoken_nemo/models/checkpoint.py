@@ -66,6 +66,19 @@ def write_metadata(
     return meta
 
 
+def save_mcore_checkpoint(model, out_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Save ``model`` (any TP layout, collective) with the architecture record ``meta``.
+
+    ``meta`` is the metadata of the checkpoint the model was loaded from (or built for); the
+    parameters' dtype is recorded from the model.
+    """
+    save_model(model, out_dir)
+    if torch.distributed.get_rank() == 0:
+        meta = dict(meta, params_dtype=dtype_name(next(model.parameters()).dtype))
+        (Path(out_dir) / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    torch.distributed.barrier()
+
+
 def read_metadata(ckpt_dir: str | Path) -> dict[str, Any]:
     path = Path(ckpt_dir) / METADATA_FILE
     if not path.exists():

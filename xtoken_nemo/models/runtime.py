@@ -47,7 +47,6 @@ def ensure_model_parallel(tp: int = 1, seed: int = 1234) -> None:
         )
         log.debug("started a one-process %s group", backend)
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
 
     if not parallel_state.model_parallel_is_initialized():
         world = torch.distributed.get_world_size()
@@ -57,5 +56,13 @@ def ensure_model_parallel(tp: int = 1, seed: int = 1234) -> None:
     have = parallel_state.get_tensor_model_parallel_world_size()
     if have != tp:
         raise ModelError(f"megatron is initialized with tensor-parallel size {have}, but {tp} was asked for")
+    ensure_rng_tracker(seed)
+
+
+def ensure_rng_tracker(seed: int = 1234) -> None:
+    """Seed megatron's model-parallel RNG tracker unless a caller already did (forward needs it)."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker, model_parallel_cuda_manual_seed
+
+    install_shims()
     if not get_cuda_rng_tracker().get_states():
         model_parallel_cuda_manual_seed(seed)
