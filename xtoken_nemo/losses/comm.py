@@ -14,8 +14,20 @@ data is divided by the world size before :func:`sum_partials`.
 
 from __future__ import annotations
 
+import warnings
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
+
+
+@contextmanager
+def _quiet():
+    """torch >= 2.10 marks reduce_scatter_tensor / all_gather_into_tensor / torch.distributed.nn
+    as deprecated (FutureWarning) in favour of newer names that 2.6 lacks; keep logs readable."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        yield
 
 Group = "dist.ProcessGroup | None"
 
@@ -57,7 +69,8 @@ def reduce_scatter_rows(t: torch.Tensor, group: object | None) -> torch.Tensor:
     if ws == 1:
         return t
     out = torch.empty((t.shape[0] // ws, *t.shape[1:]), dtype=t.dtype)
-    dist.reduce_scatter_tensor(out, t.contiguous(), group=group)
+    with _quiet():
+        dist.reduce_scatter_tensor(out, t.contiguous(), group=group)
     return out
 
 
@@ -67,7 +80,8 @@ def all_gather_rows(t: torch.Tensor, group: object | None) -> torch.Tensor:
     if ws == 1:
         return t
     out = torch.empty((t.shape[0] * ws, *t.shape[1:]), dtype=t.dtype)
-    dist.all_gather_into_tensor(out, t.contiguous(), group=group)
+    with _quiet():
+        dist.all_gather_into_tensor(out, t.contiguous(), group=group)
     return out
 
 
@@ -78,7 +92,8 @@ def sum_autograd(t: torch.Tensor, group: object | None) -> torch.Tensor:
         return t
     from torch.distributed.nn.functional import all_reduce
 
-    return all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+    with _quiet():
+        return all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
 def gather_cols_autograd(t: torch.Tensor, group: object | None) -> torch.Tensor:
@@ -87,7 +102,8 @@ def gather_cols_autograd(t: torch.Tensor, group: object | None) -> torch.Tensor:
         return t
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(t.contiguous(), group=group), dim=-1)
+    with _quiet():
+        return torch.cat(all_gather(t.contiguous(), group=group), dim=-1)
 
 
 class _SumPartials(torch.autograd.Function):

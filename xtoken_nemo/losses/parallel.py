@@ -145,6 +145,18 @@ class _Math:
         return (log_pt.exp() * (log_pt - q.clamp_min(eps).log_())).sum(dim)
 
     @staticmethod
+    def pkl_terms_(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
+        """In-place (overwrites both) [n, B] -> [B]: local part of sum p_T (log p_T - log max(q, eps))."""
+        d = torch.sub(log_pt, q.clamp_min_(eps).log_(), out=q)
+        return log_pt.exp_().mul_(d).sum(0)
+
+    @staticmethod
+    def pkl_grad_q_(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
+        """In-place version of :meth:`pkl_grad_q` (overwrites both inputs; returns log_pt's buffer)."""
+        keep = q > eps
+        return log_pt.exp_().div_(q.clamp_min_(eps)).neg_().mul_(keep)
+
+    @staticmethod
     def pkl_grad_q(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
         """d/dq of sum p_T (log p_T - log max(q, eps)): -p_T / q where q > eps, else 0."""
         return torch.where(q > eps, -log_pt.exp() / q.clamp_min(eps), torch.zeros((), dtype=q.dtype))
@@ -339,7 +351,7 @@ class _VocabParallelPKL(torch.autograd.Function):
     def _lse_cols(ys, yt, m, group):
         """Vocab-parallel log-sum-exp over dim 0 of two [n_i, B] blocks given local maxima m [2, B]."""
         comm.all_reduce_(m, "max", group)
-        z = torch.stack([torch.exp(ys - m[0]).sum(0), torch.exp(yt - m[1]).sum(0)])
+        z = torch.stack([(ys - m[0]).exp_().sum(0), (yt - m[1]).exp_().sum(0)])  # one temporary each
         comm.all_reduce_(z, "sum", group)
         lse = m + z.log()
         return lse[0], lse[1]
@@ -366,7 +378,9 @@ class _VocabParallelPKL(torch.autograd.Function):
             ls, lt = _VocabParallelPKL._lse_cols(ys, yt, m, group)
             lse_s[a:b], lse_t[a:b] = ls, lt
             q = _VocabParallelPKL._project(ys.sub_(ls).exp_(), proj, group)
-            local[a:b] = _Math.pkl_terms(yt.sub_(lt), q, eps, dim=0)
+            del ys
+            local[a:b] = _Math.pkl_terms_(yt.sub_(lt), q, eps)
+            del yt, q
         comm.all_reduce_(local, "sum", group)
         ctx.save_for_backward(s_loc, t_loc, lse_s, lse_t)
         ctx.cfg = (proj, s_shard, t_shard, group, temperature, eps, block)
@@ -382,7 +396,7 @@ class _VocabParallelPKL(torch.autograd.Function):
             ps = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt).sub_(lse_s[a:b]).exp_()
             log_pt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt).sub_(lse_t[a:b])
             q = _VocabParallelPKL._project(ps, proj, group)  # recomputed, [n_T, B]
-            g_q = _Math.pkl_grad_q(log_pt, q, eps).mul_(grad[a:b].to(cdt))
+            g_q = _Math.pkl_grad_q_(log_pt, q, eps).mul_(grad[a:b].to(cdt))  # consumes log_pt and q
             del log_pt, q
             g_ps = torch.sparse.mm(proj.rows(cdt), comm.all_gather_rows(g_q, group))  # [n_S, B]
             del g_q
