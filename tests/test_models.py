@@ -446,3 +446,29 @@ def test_mask_padded_vocab_per_rank():
     assert torch.isfinite(mask_padded_vocab(logits, 11, tp_rank=0)).all()
     masked = mask_padded_vocab(logits, 11, tp_rank=1)
     assert torch.isinf(masked[..., 3:]).all() and torch.isfinite(masked[..., :3]).all()
+
+
+def test_bf16_checkpoint_round_trip_and_fp32_load(built, tmp_path):
+    """Conversion keeps the HF dtype (exact bf16 round trip); loading upcasts to fp32 for scoring."""
+    import transformers
+    from safetensors.torch import load_file
+
+    from xtoken_nemo.models import hf_to_mcore, mcore_to_hf
+
+    b = built["phi4mini_tied"]
+    hf_bf16 = tmp_path / "hf"
+    b["model"].to(torch.bfloat16).save_pretrained(hf_bf16)
+    b["model"].to(torch.float32)
+    meta = hf_to_mcore(hf_bf16, tmp_path / "ck")
+    assert meta["params_dtype"] == "bfloat16"
+    mcore_to_hf(tmp_path / "ck", tmp_path / "back", like=hf_bf16)
+    orig, back = load_file(hf_bf16 / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(orig) == sorted(back)
+    bad = [(k, orig[k].dtype, back[k].dtype) for k in orig if not (back[k].dtype == torch.bfloat16 and torch.equal(orig[k], back[k]))]
+    assert not bad
+    ids = b["ids"][SHORT]
+    logits, arch, _ = _mcore_logits(tmp_path / "ck", {SHORT: ids})
+    assert logits[SHORT].dtype == torch.float32
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf_bf16, dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits[SHORT][..., : arch.vocab_size], ref(ids).logits, atol=ATOL, rtol=1e-5)

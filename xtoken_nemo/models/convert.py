@@ -11,15 +11,17 @@ then walk the parameters, turn each into its HF tensor(s) (views where the layou
 write them into safetensors shards of at most ``max_shard_bytes``; config.json (and tokenizer /
 generation files) come from ``--like``.
 
-Memory: the model's parameters exist once (``num_params x bytes per param``: a 4B-parameter
-model in bf16 is 8 GB, in fp32 16 GB) plus, transiently, the HF tensors of one parameter
-(hf_to_mcore: at most a fused qkv or gate/up block, ~100 MB for a 4B model; the embedding
-(V x hidden, 0.8-1.6 GB for Qwen3-4B/Phi-4-mini in bf16 incl. its padded copy) is the largest)
-and, for mcore_to_hf, at most one output shard of newly made tensors (split q/k/v, gate/up;
-views of parameters cost nothing). dist_checkpointing's torch_dist save/load adds write/read
-buffers of the same order as the largest tensors. So a 4B model converts in about 9-10 GB (bf16)
-or 17-18 GB (fp32): within a 24 GiB machine. ``bench/convert_memory.py`` measures the ratio of
-peak RSS growth to model size on a mid-size model.
+Memory (measured by ``bench/convert_memory.py`` on a 187M-parameter bf16 Llama, CPU): private
+memory (RssAnon) grows by 1.37 x the model's bytes in both directions. That is the parameters once
+plus dist_checkpointing's copies of the SwiGLU ``linear_fc1`` halves (megatron saves/loads fc1 as
+two chunk views, and the torch_dist writer clones views): fc1 is ~45% of a 4B model's parameters.
+Everything else is one tensor at a time (hf_to_mcore: the HF tensors of one parameter, the largest
+being the embedding; mcore_to_hf: at most one output shard, ``max_shard_bytes``, of newly made
+tensors; views of parameters cost nothing). Reading safetensors through mmap also fills page cache
+(counted in RSS, reclaimable, not private). Expected for a 4B model in bf16 (8 GB): ~11.5 GB
+private, so it converts on a 24 GiB machine; in fp32 (``--dtype float32``, 16 GB) ~23 GB, too tight:
+convert in the HF checkpoint's own dtype (the default) and upcast when loading for training/scoring
+(``load_mcore_checkpoint(params_dtype=torch.float32)`` casts on load). Not measured at 4B here.
 """
 
 from __future__ import annotations
@@ -249,6 +251,7 @@ def hf_to_mcore(
     log.info("building %s model (%d layers, hidden %d, vocab %d padded to %d, %s)", arch.family, arch.num_layers,
              arch.hidden_size, arch.vocab_size, padded, dtype_name(params_dtype))
     model = build_gpt_model(arch, padded, tp=1, params_dtype=params_dtype, use_te=False, perform_initialization=False)
+    model.to(params_dtype)  # megatron keeps norm weights in fp32 (Float16Module casts them in training): store one dtype
     load_hf_weights(model, arch, reader, progress=progress)
     save_model(model, out_dir)
     meta = write_metadata(out_dir, arch, padded, vocab_divisor, tp, params_dtype, source=str(hf_dir))
@@ -291,13 +294,15 @@ def mcore_to_hf(
             )
     _prepare_out(out_dir)
     ensure_model_parallel(1)
-    out_dtype = None if dtype is None else (dtype_from_name(dtype) if isinstance(dtype, str) else dtype)
+    if dtype is None:  # the checkpoint's dtype (norm weights of a bf16 megatron model are fp32: cast them too)
+        dtype = meta["params_dtype"]
+    out_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
     model, arch, meta = load_mcore_checkpoint(mcore_dir, params_dtype=None, use_te=False, tp=1)
     writer = ShardedSafetensorsWriter(out_dir, max_shard_bytes)
     n_params = sum(1 for _ in model.parameters())
     pairs = tqdm(iter_hf_weights(model, arch), desc="mcore -> hf", unit="tensor", disable=not progress, total=None)
     for name, tensor in pairs:
-        writer.add(name, tensor if out_dtype is None else tensor.to(out_dtype))
+        writer.add(name, tensor.to(out_dtype))
     files = writer.close()
     del model
     if like is not None:
