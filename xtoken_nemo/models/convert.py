@@ -286,8 +286,9 @@ def mcore_to_hf(
         like = Path(like)
         config = load_hf_config(like)
         like_arch = arch_from_hf_config(config)
-        if like_arch != arch:
-            diffs = [f for f in arch.__dataclass_fields__ if f != "hf_config" and getattr(arch, f) != getattr(like_arch, f)]
+        diffs = [f for f in arch.__dataclass_fields__
+                 if f not in ("hf_config", "torch_dtype") and getattr(arch, f) != getattr(like_arch, f)]
+        if diffs:
             raise ModelError(
                 f"--like {like} describes a different model than checkpoint {mcore_dir}: fields {diffs} differ; "
                 "give the HF directory the checkpoint was converted from"
