@@ -105,12 +105,13 @@ def reference_cases(c: dict) -> dict:
 def merge_objective(logits: torch.Tensor, log_mass: torch.Tensor, weights: torch.Tensor, start: int, ws: int) -> torch.Tensor:
     """A linear functional of a merge's output whose per-rank partials sum to the full one.
 
-    The replicated log_mass term is divided by ws: every rank back-propagates it.
+    The log_mass term is used as it is on every rank, like the replicated losses: the merge's
+    backward must count it once (not ws times).
     """
     cols = torch.arange(start, start + logits.shape[1])
     col_w = torch.where(cols < VS, cols.to(logits.dtype).sin(), torch.zeros((), dtype=logits.dtype))
     w = weights[: logits.shape[0]].to(logits.dtype)
-    return (logits * col_w).sum() + (log_mass * w).sum() / ws
+    return (logits * col_w).sum() + (log_mass * w).sum()
 
 
 def run_cases(c: dict, rank: int, ws: int, group=None) -> dict:

@@ -650,7 +650,8 @@ def merge_chunks_parallel(
     """Vocab-parallel :func:`~xtoken_nemo.losses.reference.merge_chunks`: [T, V_pad/tp] -> [N, V_pad/tp].
 
     Returns this rank's shard of the normalized chunk log-probs (padded columns at MASK_VALUE) and
-    the replicated [N] log-mass. Autograd flows to ``logits``.
+    the replicated [N] log-mass. Autograd flows to ``logits``; the log-mass may be used as it is
+    by a loss that every rank computes identically (its backward counts it once, not tp times).
     """
     if mode not in MERGE_MODES:
         raise LossInputError(f"unknown chunk merge {mode!r}; choose one of {MERGE_MODES}")
@@ -675,7 +676,9 @@ def merge_chunks_parallel(
         tgt = targets[lp] - shard.start
         own = (tgt >= 0) & (tgt < shard.width)
         picked = torch.where(own, rows.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), torch.zeros((), dtype=rows.dtype))
-        picked = comm.sum_autograd(picked, group)
+        # each target is owned by one rank: a sum of partials, so that a replicated consumer of
+        # log_mass (every rank computes the same loss from it) back-propagates it once
+        picked = comm.sum_partials(picked, group)
         log_mass = torch.zeros(n, dtype=y.dtype).index_add(0, lc, picked)
         return MergedChunks(first_logp, log_mass)
     counts = torch.bincount(cid, minlength=n).to(y.dtype)
@@ -684,7 +687,10 @@ def merge_chunks_parallel(
     if shard.valid < shard.width:
         mean = mean.masked_fill(torch.arange(shard.width) >= shard.valid, MASK_VALUE)
     lse = _vp_lse(mean, group)
-    return MergedChunks(mean - lse[:, None], lse)
+    # lse already back-propagates through an all-reduce; returned as a replicated value whose
+    # gradient every rank contributes, it is split into ws equal partials
+    log_mass = comm.sum_partials(lse / comm.world_size(group), group)
+    return MergedChunks(mean - lse[:, None], log_mass)
 
 
 def teacher_confidence_parallel(
