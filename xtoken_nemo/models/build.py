@@ -182,7 +182,9 @@ def forward_logits(model, input_ids: torch.Tensor, arch: ModelArch | None = None
 
 
 def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int = 0, fill: float = float("-inf")) -> torch.Tensor:
-    """Logits [..., V_shard] with columns of ids >= ``vocab_size`` set to ``fill`` (new tensor).
+    """Logits [..., V_shard] with columns of ids >= ``vocab_size`` set to ``fill``.
+
+    Returns a new tensor, or ``logits`` itself when this rank holds no padded column.
 
     ``V_shard`` is this rank's slice of the padded vocabulary: rank r holds ids
     ``[r * V_shard, (r + 1) * V_shard)``.
