@@ -110,22 +110,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token", action="append", help="show W's row for this student token text")
     p.set_defaults(func=cmd_inspect_w)
 
-    for module in ("xtoken_nemo.align.cli:add_align_parser", "xtoken_nemo.data.cli:add_preprocess_parser"):
-        _add_optional(sub, module)
+    from xtoken_nemo.align.cli import add_align_parser
+    from xtoken_nemo.data.cli import add_preprocess_parser
+    from xtoken_nemo.distill.cli import add_train_parser
+    from xtoken_nemo.models.cli import add_convert_parser, add_score_parser
+
+    add_align_parser(sub)
+    add_preprocess_parser(sub)
+    add_convert_parser(sub)
+    add_score_parser(sub)
+    add_train_parser(sub)
     return parser
-
-
-def _add_optional(sub, target: str) -> None:
-    import importlib
-
-    module_name, func = target.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        return
-    getattr(module, func)(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -158,29 +158,30 @@ class DistillConfig:
 # overrides
 # ----------------------------------------------------------------------------------------------
 def _coerce(text: str, annotation, where: str):
-    """Parse an override value for a field of the given (string) annotation."""
-    ann = str(annotation).replace("typing.", "")
-    if text.lower() in ("none", "null") and "None" in ann:
+    """Parse an override value for a field of type ``annotation`` (int, float, bool, str, lists,
+    and ``X | None``)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    optional = type(None) in typing.get_args(annotation)
+    if optional and text.lower() in ("none", "null"):
         return None
+    base = args[0] if optional and len(args) == 1 else annotation
+    origin = typing.get_origin(base)
     try:
-        if ann.startswith("bool"):
+        if base is bool:
             if text.lower() in ("true", "1", "yes"):
                 return True
             if text.lower() in ("false", "0", "no"):
                 return False
             raise ValueError(text)
-        if ann.startswith("int"):
-            return int(text)
-        if ann.startswith("float"):
-            return float(text)
-        if ann.startswith("list"):
-            value = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v]
-            if "float" in ann:
-                value = [float(v) for v in value]
-            return value
+        if base in (int, float):
+            return base(text)
+        if origin is list:
+            (item,) = typing.get_args(base) or (str,)
+            values = json.loads(text) if text.startswith("[") else [v for v in text.split(",") if v]
+            return [item(v) for v in values]
         return text
-    except ValueError:
-        raise ConfigError(f"override {where}={text!r}: expected {ann}") from None
+    except (ValueError, TypeError, json.JSONDecodeError):
+        raise ConfigError(f"override {where}={text!r}: expected {getattr(base, '__name__', base)}") from None
 
 
 def apply_overrides(config: DistillConfig, overrides: list[str]) -> DistillConfig:
@@ -216,15 +217,28 @@ def _child(node, part: str, where: str):
 
 
 def config_from_dict(data: dict) -> DistillConfig:
-    """Inverse of ``to_dict`` (for a run's saved config)."""
-    cfg = DistillConfig(
-        name=data["name"],
-        student=ModelConfig(**data["student"]),
-        teachers=[TeacherConfig(**{**t, "model": ModelConfig(**t["model"])}) for t in data["teachers"]],
-        data=DataConfig(**data["data"]),
-        optim=OptimConfig(**data["optim"]),
-        train=TrainConfig(**data["train"]),
-        checkpoint=CheckpointConfig(**data["checkpoint"]),
-        log_dir=data["log_dir"],
-    )
-    return cfg
+    """A DistillConfig from a (possibly partial) dict: missing sections and fields keep their
+    defaults; unknown ones are errors naming the field."""
+
+    def build(cls, values, where):
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where} must be an object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"unknown field(s) {unknown} in {where}; known: {sorted(names)}")
+        return values
+
+    top = build(DistillConfig, data, "config")
+    teachers = []
+    for i, t in enumerate(top.get("teachers", [])):
+        t = dict(build(TeacherConfig, t, f"teachers.{i}"))
+        t["model"] = ModelConfig(**build(ModelConfig, t.get("model", {}), f"teachers.{i}.model"))
+        teachers.append(TeacherConfig(**t))
+    sections = {
+        "student": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
+    }
+    kwargs = {k: v for k, v in top.items() if k not in sections and k != "teachers"}
+    for key, cls in sections.items():
+        kwargs[key] = cls(**build(cls, top.get(key, {}), key))
+    return DistillConfig(teachers=teachers, **kwargs)

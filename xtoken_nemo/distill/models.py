@@ -46,14 +46,21 @@ def hf_config_for(mc: ModelConfig, vocab_size: int) -> dict:
 
 
 def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.dtype, trainable: bool):
-    """(GPTModel on this rank's TP shard, ModelArch). Teachers come back frozen in eval mode."""
+    """(GPTModel on this rank's TP shard, ModelArch, padded vocab size).
+
+    From ``mc.checkpoint`` the weights are the same at every TP size. A random model (no
+    checkpoint) is seeded by ``mc.init_seed`` but megatron's initialization depends on the TP
+    layout: for runs that must agree across layouts, write the random model once with
+    :func:`save_random_checkpoint` (``xtoken init-model``) and load it.
+    """
     from xtoken_nemo.models.build import build_gpt_model
     from xtoken_nemo.models.config import arch_from_hf_config
 
     if mc.checkpoint:
-        from xtoken_nemo.models.checkpoint import load_mcore_model
+        from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
 
-        model, arch = load_mcore_model(mc.checkpoint, tp=tp, params_dtype=params_dtype)
+        model, arch, meta = load_mcore_checkpoint(mc.checkpoint, params_dtype=params_dtype, tp=tp)
+        padded = int(meta["padded_vocab_size"])
         if arch.vocab_size < vocab_size:
             raise ConfigError(
                 f"model checkpoint {mc.checkpoint} has vocab_size {arch.vocab_size} but tokenizer "
@@ -61,14 +68,67 @@ def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.d
             )
     else:
         arch = arch_from_hf_config(hf_config_for(mc, vocab_size))
-        # the same seed gives the same weights at any TP size: megatron initializes the full
-        # tensors on CPU and splits them (use_cpu_initialization)
+        padded = arch.padded_vocab_size(tp)
         torch.manual_seed(mc.init_seed)
-        model = build_gpt_model(arch, tp=tp, params_dtype=params_dtype)
+        model = build_gpt_model(arch, padded, tp=tp, params_dtype=params_dtype)
+    mark_tensor_parallel_params(model)
     if trainable:
         model.train()
     else:
         model.eval()
         for p in model.parameters():
             p.requires_grad_(False)
-    return model, arch
+    return model, arch, padded
+
+
+def mark_tensor_parallel_params(model) -> int:
+    """Set megatron's ``tensor_model_parallel``/``partition_dim`` attributes on every TP-sharded
+    weight that lacks them; returns how many were fixed.
+
+    megatron-core (0.16.1) sets them only inside its weight-initialization helpers, so a model
+    built with ``perform_initialization=False`` (to load a checkpoint) has none: its sharded
+    weights then count as TP duplicates, the gradient norm is taken over rank 0's shards alone,
+    and clipping is wrong at TP > 1.
+    """
+    from megatron.core.tensor_parallel.layers import (
+        ColumnParallelLinear,
+        RowParallelLinear,
+        VocabParallelEmbedding,
+        set_tensor_model_parallel_attributes,
+    )
+
+    fixed = 0
+    for module in model.modules():
+        if isinstance(module, (ColumnParallelLinear, VocabParallelEmbedding)):
+            dim = 0
+        elif isinstance(module, RowParallelLinear):
+            dim = 1
+        else:
+            mode = getattr(module, "parallel_mode", None)  # Transformer-Engine linears
+            dim = {"column": 0, "row": 1}.get(mode)
+            if dim is None:
+                continue
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and not getattr(weight, "tensor_model_parallel", False):
+            set_tensor_model_parallel_attributes(weight, True, dim, 1)
+            fixed += 1
+    return fixed
+
+
+def save_random_checkpoint(mc: ModelConfig, vocab_size: int, out_dir: str, pad_for_tp: int = 8) -> str:
+    """Write a random model of ``mc``'s family/shape as a checkpoint that loads at any TP size
+    dividing ``pad_for_tp`` (call with megatron initialized at TP=1)."""
+    from xtoken_nemo.models.build import build_gpt_model
+    from xtoken_nemo.models.checkpoint import save_mcore_checkpoint, write_metadata
+    from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR, arch_from_hf_config
+
+    arch = arch_from_hf_config(hf_config_for(mc, vocab_size))
+    padded = arch.padded_vocab_size(pad_for_tp)
+    torch.manual_seed(mc.init_seed)
+    model = build_gpt_model(arch, padded, tp=1, params_dtype=torch.float32)
+    from pathlib import Path
+
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    meta = write_metadata(Path(out_dir), arch, padded, DEFAULT_VOCAB_DIVISOR, pad_for_tp, torch.float32, source=f"random init seed {mc.init_seed}")
+    save_mcore_checkpoint(model, out_dir, meta)
+    return out_dir

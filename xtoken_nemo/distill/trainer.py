@@ -114,7 +114,7 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from xtoken_nemo.compat.cuda_redirect import maybe_cuda_to_cpu
+        from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
         from xtoken_nemo.distill.data import MicroBatches, build_dataset
         from xtoken_nemo.distill.kd import TeacherLossSpec
         from xtoken_nemo.distill.models import build_model
@@ -133,14 +133,14 @@ class Trainer:
                     f"{self.student_tok.name}: use pkl/hkl/gold/uld for a cross-tokenizer teacher"
                 )
 
-        student, self.student_arch = build_model(cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True)
+        student, self.student_arch, s_padded = build_model(cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True)
         self.student_vocab = self.student_tok.vocab_size
+        self.student_padded = s_padded
         self.teachers, self.teacher_specs, self.teacher_archs = [], [], []
         for tc, tok in zip(cfg.teachers, self.teacher_toks):
-            model, arch = build_model(tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False)
+            model, arch, t_padded = build_model(tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False)
             spec = TeacherLossSpec(config=tc, vocab_size=tok.vocab_size)
-            s_local = self.student_arch.padded_vocab_size(self.tp) // self.tp
-            t_local = arch.padded_vocab_size(self.tp) // self.tp
+            s_local, t_local = s_padded // self.tp, t_padded // self.tp
             if tc.mode in ("pkl", "hkl"):
                 W = ProjectionMatrix.load(tc.projection, self.student_tok, tok)
                 spec.W = W
@@ -154,10 +154,9 @@ class Trainer:
             self.teacher_specs.append(spec)
             self.teacher_archs.append(arch)
 
-        with maybe_cuda_to_cpu():
-            ddp_config = DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.optim.use_distributed_optimizer
-            )
+        use_dist_opt = cfg.optim.use_distributed_optimizer and _distributed_optimizer_works()
+        with cuda_to_cpu():
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt)
             self.model = DistributedDataParallel(student.config, ddp_config, student)
             opt_config = OptimizerConfig(
                 optimizer="adam",
@@ -170,7 +169,7 @@ class Trainer:
                 clip_grad=cfg.optim.clip_grad,
                 bf16=self.dtype == torch.bfloat16,
                 params_dtype=self.dtype,
-                use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
+                use_distributed_optimizer=use_dist_opt,
             )
             self.optimizer = get_megatron_optimizer(opt_config, [self.model])
         self.student = student
@@ -250,11 +249,11 @@ class Trainer:
         """One global step; returns averaged metrics (ce, kd, total, grad_norm, lr, ...)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from xtoken_nemo.compat.cuda_redirect import maybe_cuda_to_cpu
+        from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 
         micro = self.batches.for_step(step)
         S = self.cfg.data.seq_length
-        with maybe_cuda_to_cpu():
+        with cuda_to_cpu():
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             outputs = get_forward_backward_func()(
@@ -313,7 +312,22 @@ class Trainer:
         from xtoken_nemo.distill.checkpointing import save_checkpoint
 
         self.state.scheduler = self.scheduler.state_dict()
-        return save_checkpoint(self.cfg.checkpoint.dir, self.state.step, self.student, self.optimizer, self.state.__dict__.copy())
+        return save_checkpoint(
+            self.cfg.checkpoint.dir, self.state.step, self.student, self.optimizer, self.state.__dict__.copy(),
+            write_extra=self._write_model_record,
+        )
+
+    def _write_model_record(self, directory: Path) -> None:
+        """The student's architecture record (xtoken_model.json) and the run config, so that the
+        checkpoint directory loads with `xtoken score` / `xtoken export`."""
+        from xtoken_nemo.models.checkpoint import write_metadata
+        from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR
+
+        write_metadata(
+            directory, self.student_arch, self.student_padded, DEFAULT_VOCAB_DIVISOR, self.tp, self.dtype,
+            source=f"xtoken train {self.cfg.name} step {self.state.step}",
+        )
+        (directory / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
 
     def run(self) -> dict:
         """Train to ``train.train_steps``; returns a summary (losses per step, status)."""
@@ -356,6 +370,18 @@ class Trainer:
         if self.rank == 0 and status == "preempted":
             log.warning("preempted at step %d: checkpoint saved; restart the same command to resume", self.state.step)
         return {"status": status, "step": self.state.step, "skipped_steps": self.state.skipped_steps, "history": history}
+
+
+def _distributed_optimizer_works() -> bool:
+    """megatron-core's DistributedOptimizer needs Apex or Transformer-Engine Adam: with torch's Adam
+    (per-parameter 'step' tensors) its checkpoint loading fails (KeyError 'step' in 0.16.1). Without
+    them (CPU runs) the plain megatron optimizer is used instead; said once in the log."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
+        return True
+    log.warning("Apex/Transformer-Engine not installed: using megatron's non-distributed optimizer (optimizer state replicated over data-parallel ranks)")
+    return False
 
 
 def _average(outputs: list[dict]) -> dict:
