@@ -143,10 +143,18 @@ def _tp2_worker(rank, world_size, pair, run_dir):
     cfg = sp_config(pair, run_dir, mode="pkl", steps=3, tp=2)
     cfg.checkpoint.dir = str(run_dir / "tp1_ckpt")
     _, resumed = _run(cfg)
-    return {"history": out["history"], "resumed": resumed["history"]}
+    # data parallelism: the same two processes as TP=1 x DP=2, global batch 4 of micro-batches of 1
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    cfg = sp_config(pair, run_dir / "dp2", mode="pkl", steps=2, tp=1)
+    cfg.train.micro_batch_size = 1
+    _, dp2 = _run(cfg)
+    return {"history": out["history"], "resumed": resumed["history"], "dp2": dp2["history"]}
 
 
-def test_tp2_equals_tp1_and_checkpoints_reshard(sp_pair, tmp_path):
+def test_tp2_and_dp2_equal_tp1_and_checkpoints_reshard(sp_pair, tmp_path):
     _, full = _run(sp_config(sp_pair, tmp_path / "full", mode="pkl", steps=3))
     at_tp1 = sp_config(sp_pair, tmp_path, mode="pkl", steps=3)
     at_tp1.checkpoint.dir = str(tmp_path / "tp2run" / "tp1_ckpt")
@@ -154,14 +162,19 @@ def test_tp2_equals_tp1_and_checkpoints_reshard(sp_pair, tmp_path):
 
     res0, res1 = run_distributed(_tp2_worker, world_size=2, tp=2, args=(sp_pair, str(tmp_path / "tp2run")))
     for key in ("total", "ce", "kd/cross", "kd/same", "grad_norm"):
-        print(key, [h[key] for h in res0["history"]], [h[key] for h in full["history"][:2]])
-    for key in ("total", "ce", "kd/cross", "kd/same", "grad_norm"):
         tp2 = [h[key] for h in res0["history"]]
         assert tp2 == pytest.approx([h[key] for h in res1["history"]], rel=1e-6), key  # replicated metrics
         assert tp2 == pytest.approx([h[key] for h in full["history"][:2]], rel=1e-4), key  # TP=2 == TP=1
         # a TP=1 checkpoint continued at TP=2 gives step 3 of the uninterrupted TP=1 run
         assert res0["resumed"][0][key] == pytest.approx(full["history"][2][key], rel=1e-4), key
     assert [h["step"] for h in res0["resumed"]] == [3]
+    # TP=1 x DP=2 (each rank 2 micro-batches of 1) equals one process with 4 micro-batches of 1
+    single = sp_config(sp_pair, tmp_path / "single", mode="pkl", steps=2)
+    single.train.micro_batch_size = 1
+    _, one = _run(single)
+    for key in ("total", "ce", "kd/cross", "grad_norm"):
+        assert [h[key] for h in res0["dp2"]] == pytest.approx([h[key] for h in one["history"]], rel=1e-5), key
+        assert [h[key] for h in res1["dp2"]] == pytest.approx([h[key] for h in one["history"]], rel=1e-5), key
     # and the reverse: the TP=2 checkpoint of step 2 continued at TP=1
     _, cont = _run(sp_config(sp_pair, tmp_path / "tp2run", mode="pkl", steps=3))
     assert [h["step"] for h in cont["history"]] == [3]

@@ -233,6 +233,20 @@ class Trainer:
         metrics["total"] = float(losses.total.detach())
         return losses.total, partial(self._loss_func, metrics)
 
+    def _average_over_data_parallel(self, metrics: dict) -> dict:
+        """Mean of each metric over the data-parallel ranks (every rank saw other windows)."""
+        if self.dp_size == 1:
+            return metrics
+        from megatron.core import parallel_state
+
+        keys = sorted(metrics)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
+        out = dict(zip(keys, (values / self.dp_size).tolist()))
+        if "nonfinite" in out:
+            out["nonfinite"] = float(out["nonfinite"] > 0)
+        return out
+
     @staticmethod
     def _loss_func(metrics: dict, output_tensor: torch.Tensor):
         return output_tensor, metrics
@@ -265,7 +279,7 @@ class Trainer:
                 micro_batch_size=self.cfg.train.micro_batch_size,
                 forward_only=False,
             )
-            metrics = _average(outputs)
+            metrics = self._average_over_data_parallel(_average(outputs))
             nonfinite = torch.tensor([metrics.get("nonfinite", 0.0)])
             if torch.distributed.is_initialized():
                 torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
