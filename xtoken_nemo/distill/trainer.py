@@ -253,7 +253,8 @@ class Trainer:
 
     @staticmethod
     def _all_finite(tensors: list[torch.Tensor]) -> bool:
-        bad = torch.tensor([0.0 if all(bool(torch.isfinite(x).all()) for x in tensors) else 1.0])
+        # a sum is finite iff every entry is: one pass, no [tokens, V] boolean temporaries
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(torch.sum(x, dtype=torch.float32))) for x in tensors) else 1.0])
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bad.item() == 0.0

@@ -88,10 +88,17 @@ def _check_local(name: str, logits: torch.Tensor) -> None:
 
 
 def _check_finite_global(name: str, logits: torch.Tensor, group: object | None) -> None:
-    """NaN/inf anywhere in the group is an error on every rank (no rank may wait in a collective)."""
-    bad = torch.tensor([float((~torch.isfinite(logits)).sum())])
+    """NaN/inf anywhere in the group is an error on every rank (no rank may wait in a collective).
+
+    One pass: the sum of a tensor is finite iff every entry is (short of an fp32 overflow of the
+    sum itself, which logits do not reach); the exact count is taken only for the message.
+    """
+    total = torch.sum(logits.detach(), dtype=torch.float32)
+    bad = torch.tensor([0.0 if bool(torch.isfinite(total)) else 1.0])
     comm.all_reduce_(bad, "sum", group)
     if bad.item() > 0:
+        bad = torch.tensor([float((~torch.isfinite(logits.detach())).sum())])
+        comm.all_reduce_(bad, "sum", group)
         raise LossInputError(
             f"{name} contain {int(bad.item())} NaN/inf values (over the tensor-parallel group); check "
             "the model forward (overflow in bf16, a masked position) before the loss"
