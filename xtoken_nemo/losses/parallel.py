@@ -82,6 +82,27 @@ def _shard(local_width: int, vocab_size: int, group: object | None, name: str) -
     return Shard(r * local_width, local_width, vocab_size, padded)
 
 
+def _cross_vocab_shards(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    temperature: float,
+    reduction: str,
+    group: object | None,
+) -> tuple[object | None, Shard, Shard]:
+    """Argument checks shared by the two-vocabulary losses; (group, student shard, teacher shard)."""
+    check_temperature(temperature)
+    check_reduction(reduction)
+    group = comm.resolve_group(group)
+    _check_local("student logits", student_logits)
+    _check_local("teacher logits", teacher_logits)
+    check_same_chunks(student_logits, teacher_logits)
+    s_shard = _shard(student_logits.shape[-1], student_vocab_size, group, "student")
+    t_shard = _shard(teacher_logits.shape[-1], teacher_vocab_size, group, "teacher")
+    return group, s_shard, t_shard
+
+
 def _check_local(name: str, logits: torch.Tensor) -> None:
     """Shape checks only: finiteness is checked over the whole group (one rank must not raise alone)."""
     check_logits(name, logits, finite=False)
@@ -429,14 +450,9 @@ def pkl_loss_parallel(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """P-KL: KL(p_T || W^T p_S). student [N, V_S_pad/tp], teacher [N, V_T_pad/tp], W [V_S, V_T]."""
-    check_temperature(temperature)
-    check_reduction(reduction)
-    group = comm.resolve_group(group)
-    _check_local("student logits", student_logits)
-    _check_local("teacher logits", teacher_logits)
-    check_same_chunks(student_logits, teacher_logits)
-    s_shard = _shard(student_logits.shape[-1], student_vocab_size, group, "student")
-    t_shard = _shard(teacher_logits.shape[-1], teacher_vocab_size, group, "teacher")
+    group, s_shard, t_shard = _cross_vocab_shards(
+        student_logits, teacher_logits, student_vocab_size, teacher_vocab_size, temperature, reduction, group
+    )
     if isinstance(W, ProjectionMatrix):
         check_projection_shape(W.shape, student_vocab_size, teacher_vocab_size)
         proj = LocalProjection(W, s_shard, t_shard.padded)
@@ -573,14 +589,9 @@ def gold_loss_parallel(
     """GOLD (KL on common pairs + ULD on the rest) on vocab-sharded logits; semantics as the reference."""
     from xtoken_nemo.losses.reference import _hybrid_weights
 
-    check_temperature(temperature)
-    check_reduction(reduction)
-    group = comm.resolve_group(group)
-    _check_local("student logits", student_logits)
-    _check_local("teacher logits", teacher_logits)
-    check_same_chunks(student_logits, teacher_logits)
-    s_shard = _shard(student_logits.shape[-1], student_vocab_size, group, "student")
-    t_shard = _shard(teacher_logits.shape[-1], teacher_vocab_size, group, "teacher")
+    group, s_shard, t_shard = _cross_vocab_shards(
+        student_logits, teacher_logits, student_vocab_size, teacher_vocab_size, temperature, reduction, group
+    )
     pairs = check_pairs(common_pairs, student_vocab_size, teacher_vocab_size)
     if uld_topk is not None and (not isinstance(uld_topk, int) or uld_topk <= 0):
         raise LossInputError(f"uld_topk must be a positive int or None, got {uld_topk!r}")
