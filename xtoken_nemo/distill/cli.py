@@ -10,6 +10,10 @@ from pathlib import Path
 def load_run_config(args: argparse.Namespace):
     from xtoken_nemo.distill.config import ConfigError, apply_overrides, config_from_dict
 
+    if getattr(args, "recipe", None):  # a named recipe (xtoken recipes); paths from $XTOKEN_ROOT
+        from xtoken_nemo.recipes import get_recipe, normalize_overrides
+
+        return apply_overrides(get_recipe(args.recipe).config(), normalize_overrides(args.overrides))
     path = Path(args.config)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
@@ -68,7 +72,9 @@ def cmd_init_model(args: argparse.Namespace) -> int:
 
 def add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="distill a student from its teachers (one process, or under torchrun)")
-    p.add_argument("--config", required=True, help="a run config JSON: any subset of the fields --print-config shows")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="a run config JSON: any subset of the fields --print-config shows")
+    source.add_argument("--recipe", help="a named recipe (`xtoken recipes`); its paths come from $XTOKEN_ROOT")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.train_steps=20 teachers.0.alpha=0.8")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,40 @@
+"""Tiny random models on CPU with the real built-in tokenizers: a Llama-3.2-tokenizer student and
+three teachers (Qwen3 tokenizer P-KL, Phi-4-mini tokenizer H-KL, Llama-3.2 tokenizer KL), a few
+steps on synthetic text. `xtoken prepare-cpu-tiny` writes its inputs to $XTOKEN_ROOT/cpu-tiny
+first. Same code path as the paper runs; minutes on a laptop, CI or a one-node SLURM test."""
+
+from xtoken_nemo.distill.config import CheckpointConfig, DataConfig, DistillConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig
+from xtoken_nemo.recipes.common import Recipe
+
+# shapes written by `xtoken prepare-cpu-tiny` (xtoken_nemo.recipes.prepare)
+TINY = dict(num_layers=1, hidden_size=32, num_attention_heads=2)
+SEQ_LENGTH = 64
+TEACHERS = (  # name, tokenizer, family, mode, alpha
+    ("qwen3", "qwen3", "qwen3", "pkl", 0.3),
+    ("phi4mini", "phi4mini", "phi3", "hkl", 0.5),
+    ("llama", "llama3", "llama", "kl", 0.2),
+)
+
+
+def build(root):
+    base = root / "cpu-tiny"
+    teachers = [
+        TeacherConfig(name=name, model=ModelConfig(tokenizer=tok, family=family, checkpoint=str(base / "ckpt" / f"{name}-tiny"), **TINY),
+                      mode=mode, alpha=alpha, projection=str(base / "w" / f"W_llama3_{tok}.safetensors") if mode in ("pkl", "hkl") else None)
+        for name, tok, family, mode, alpha in TEACHERS
+    ]
+    run = root / "runs" / "cpu-tiny"
+    return DistillConfig(
+        name="cpu-tiny",
+        student=ModelConfig(tokenizer="llama3", family="llama", checkpoint=str(base / "ckpt" / "llama3-tiny-student"), **TINY),
+        teachers=teachers,
+        data=DataConfig(paths=[str(base / "data")], seq_length=SEQ_LENGTH),
+        optim=OptimConfig(lr=1e-3, warmup_fraction=0.0),
+        train=TrainConfig(train_steps=4, global_batch_size=2, micro_batch_size=1, tensor_parallel=1, loss_block_size=64),
+        checkpoint=CheckpointConfig(dir=str(run / "checkpoints"), save_interval=2),
+        log_dir=str(run / "tb"),
+    )
+
+
+RECIPE = Recipe("cpu-tiny", "tiny random models on CPU, built-in tokenizers, 3 teachers (pkl/hkl/kl), 4 steps", build,
+                nodes=1, gpus_per_node=0, time_limit="00:20:00")
