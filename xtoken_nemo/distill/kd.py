@@ -23,6 +23,7 @@ from xtoken_nemo.distill.config import TeacherConfig
 from xtoken_nemo.losses import (
     LocalProjection,
     adaptive_alphas,
+    chunk_log_mass_parallel,
     chunk_mass_kl,
     combine_teachers,
     gold_loss_parallel,
@@ -105,7 +106,8 @@ def teacher_kd_loss(
     chunks: torch.Tensor,
     block_size: int,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(mean KD loss over this micro-batch's chunks, number of chunks, merged teacher log-probs)."""
+    """(mean KD loss over this micro-batch's chunks, number of chunks, the teacher's chunk logits
+    [N, V_T_pad/tp] (for confidences))."""
     cfg = spec.config
     B, S, Vs = student_logits.shape
     T = teacher_logits.shape[1]
@@ -113,14 +115,23 @@ def teacher_kd_loss(
     if not s_pos:
         zero = student_logits.sum() * 0.0
         return zero, 0, None
-    s_merged = merge_chunks_parallel(
-        student_logits.reshape(B * S, Vs), s_pos, student_vocab_size, targets=student_labels.reshape(-1), mode=cfg.merge
-    )
-    with torch.no_grad():
-        t_merged = merge_chunks_parallel(
-            teacher_logits.reshape(B * T, -1), t_pos, spec.vocab_size, targets=teacher_labels.reshape(-1), mode=cfg.merge
-        )
-    s, t = s_merged.logits, t_merged.logits.detach()
+    s_flat, t_flat = student_logits.reshape(B * S, Vs), teacher_logits.reshape(B * T, -1)
+    s_targets, t_targets = student_labels.reshape(-1), teacher_labels.reshape(-1)
+    if cfg.merge == "logmean":
+        s_merged = merge_chunks_parallel(s_flat, s_pos, student_vocab_size, targets=s_targets, mode="logmean")
+        with torch.no_grad():
+            t_merged = merge_chunks_parallel(t_flat, t_pos, spec.vocab_size, targets=t_targets, mode="logmean")
+        s, t = s_merged.logits, t_merged.logits.detach()
+    else:
+        # first/chain: the chunk's shape is its first position's distribution. Every loss
+        # softmaxes its input, so the raw first-position logits serve as they are (no extra
+        # [N, V] normalization pass); chain adds the log-mass of the later actual tokens.
+        s = s_flat[torch.tensor([r[0] for r in s_pos])]
+        t = t_flat[torch.tensor([r[0] for r in t_pos])].detach()
+        if cfg.merge == "chain":
+            s_mass = chunk_log_mass_parallel(s_flat, s_pos, student_vocab_size, s_targets)
+            with torch.no_grad():
+                t_mass = chunk_log_mass_parallel(t_flat, t_pos, spec.vocab_size, t_targets)
     kw = dict(temperature=cfg.temperature, block_size=block_size, reduction="none")
     if cfg.mode == "kl":
         per_chunk = kl_loss_parallel(s, t, student_vocab_size, **kw)
@@ -133,7 +144,7 @@ def teacher_kd_loss(
     else:
         per_chunk = uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, **kw)
     if cfg.merge == "chain":
-        per_chunk = chunk_mass_kl(s_merged.log_mass, t_merged.log_mass.detach(), per_chunk, reduction="none")
+        per_chunk = chunk_mass_kl(s_mass, t_mass, per_chunk, reduction="none")
     return per_chunk.mean(), len(s_pos), t
 
 

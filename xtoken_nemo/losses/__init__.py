@@ -8,6 +8,7 @@
 
 from xtoken_nemo.losses.parallel import (
     LocalProjection,
+    chunk_log_mass_parallel,
     gold_loss_parallel,
     hkl_loss_parallel,
     kl_loss_parallel,
@@ -34,6 +35,7 @@ __all__ = [
     "LocalProjection",
     "MergedChunks",
     "adaptive_alphas",
+    "chunk_log_mass_parallel",
     "chunk_mass_kl",
     "combine_teachers",
     "gold_loss",

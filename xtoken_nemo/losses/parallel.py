@@ -657,6 +657,45 @@ def uld_loss_parallel(
 # ==========================================================================================
 # Chunk merge and teacher confidence on sharded logits
 # ==========================================================================================
+def _chain_log_mass(
+    logits: torch.Tensor, pos: torch.Tensor, cid: torch.Tensor, first: torch.Tensor, n: int,
+    targets, shard: Shard, group: object | None,
+) -> torch.Tensor:
+    """[N] sum over each chunk's later positions of log p(actual next token); replicated."""
+    if targets is None:
+        raise LossInputError("chain merge needs the target token ids (the actual next tokens)")
+    targets = torch.as_tensor(targets, dtype=torch.int64)
+    later = pos != first[cid]
+    lp, lc = pos[later], cid[later]
+    # only the later positions' rows are normalized: single-token chunks cost nothing here
+    rows = _vp_log_softmax(_Math.prep(logits[lp], shard, 1.0), group)  # [L, width]
+    tgt = targets[lp] - shard.start
+    own = (tgt >= 0) & (tgt < shard.width)
+    picked = torch.where(own, rows.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), torch.zeros((), dtype=rows.dtype))
+    # each target is owned by one rank: a sum of partials, so that a replicated consumer of
+    # log_mass (every rank computes the same loss from it) back-propagates it once
+    picked = comm.sum_partials(picked, group)
+    return torch.zeros(n, dtype=rows.dtype).index_add(0, lc, picked)
+
+
+def chunk_log_mass_parallel(
+    logits: torch.Tensor,
+    chunks,
+    vocab_size: int,
+    targets: torch.Tensor,
+    group: object | None = None,
+) -> torch.Tensor:
+    """The chain merge's [N] log-mass alone (replicated), without normalizing the first
+    positions: for losses that take the first positions' raw logits as the chunk shape (every
+    loss here softmaxes its input, so that is the same shape)."""
+    group = comm.resolve_group(group)
+    _check_local("per-position logits", logits)
+    shard = _shard(logits.shape[-1], vocab_size, group, "logits")
+    pos, cid = _chunk_index(chunks, logits.shape[0])
+    first = torch.tensor([int(c[0]) for c in chunks], dtype=torch.int64)
+    return _chain_log_mass(logits, pos, cid, first, len(chunks), targets, shard, group)
+
+
 def merge_chunks_parallel(
     logits: torch.Tensor,
     chunks,
@@ -680,25 +719,12 @@ def merge_chunks_parallel(
     pos, cid = _chunk_index(chunks, logits.shape[0])
     n = len(chunks)
     first = torch.tensor([int(c[0]) for c in chunks], dtype=torch.int64)
-    y = _Math.prep(logits, shard, 1.0)
     if mode in ("first", "chain"):
-        first_logp = _vp_log_softmax(y[first], group)
+        first_logp = _vp_log_softmax(_Math.prep(logits[first], shard, 1.0), group)
         if mode == "first":
-            return MergedChunks(first_logp, torch.zeros(n, dtype=y.dtype))
-        if targets is None:
-            raise LossInputError("chain merge needs the target token ids (the actual next tokens)")
-        targets = torch.as_tensor(targets, dtype=torch.int64)
-        later = pos != first[cid]
-        lp, lc = pos[later], cid[later]
-        rows = _vp_log_softmax(y[lp], group)  # [L, n]
-        tgt = targets[lp] - shard.start
-        own = (tgt >= 0) & (tgt < shard.width)
-        picked = torch.where(own, rows.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), torch.zeros((), dtype=rows.dtype))
-        # each target is owned by one rank: a sum of partials, so that a replicated consumer of
-        # log_mass (every rank computes the same loss from it) back-propagates it once
-        picked = comm.sum_partials(picked, group)
-        log_mass = torch.zeros(n, dtype=y.dtype).index_add(0, lc, picked)
-        return MergedChunks(first_logp, log_mass)
+            return MergedChunks(first_logp, torch.zeros(n, dtype=first_logp.dtype))
+        return MergedChunks(first_logp, _chain_log_mass(logits, pos, cid, first, n, targets, shard, group))
+    y = _Math.prep(logits, shard, 1.0)
     counts = torch.bincount(cid, minlength=n).to(y.dtype)
     logp = _vp_log_softmax(y[pos], group)
     mean = torch.zeros(n, y.shape[1], dtype=y.dtype).index_add(0, cid, logp) / counts[:, None]
@@ -748,6 +774,7 @@ def teacher_confidence_parallel(
 
 __all__ = [
     "DEFAULT_BLOCK",
+    "chunk_log_mass_parallel",
     "LocalProjection",
     "Shard",
     "gold_loss_parallel",
