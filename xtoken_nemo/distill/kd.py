@@ -61,25 +61,18 @@ class StepLosses:
     num_chunks: dict[str, int] = field(default_factory=dict)
 
 
-def mask_padded_columns(logits: torch.Tensor, vocab_size: int, group=None) -> torch.Tensor:
-    """[..., V_pad/tp] -> same, with columns >= vocab_size (Megatron's vocab padding) at PAD_LOGIT."""
+def student_ce(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Mean next-token CE over loss_mask, via megatron-core's vocab-parallel cross-entropy, with
+    Megatron's padded vocabulary columns masked (the KD losses mask them themselves)."""
     from megatron.core import parallel_state
-
-    width = logits.shape[-1]
-    rank = parallel_state.get_tensor_model_parallel_rank() if torch.distributed.is_initialized() else 0
-    start = rank * width
-    if start + width <= vocab_size:
-        return logits
-    cols = torch.arange(start, start + width, device=logits.device)
-    return logits.masked_fill(cols >= vocab_size, PAD_LOGIT)
-
-
-def student_ce(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE over loss_mask, via megatron-core's vocab-parallel cross-entropy."""
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-    # it modifies its fp32 input in place: give it its own copy
-    per_token = vocab_parallel_cross_entropy(logits.float().clone(), labels)
+    from xtoken_nemo.models.build import mask_padded_vocab
+
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    # a new tensor either way: vocab_parallel_cross_entropy modifies its fp32 input in place
+    masked = mask_padded_vocab(logits.float(), vocab_size, rank, fill=PAD_LOGIT)
+    per_token = vocab_parallel_cross_entropy(masked if masked is not logits else logits.clone(), labels)
     mask = loss_mask.float()
     return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
@@ -161,13 +154,11 @@ def distillation_loss(
     block_size: int,
 ) -> StepLosses:
     """Total loss of one micro-batch. teacher_outputs[m] = (logits, labels, chunks)."""
-    student_logits = mask_padded_columns(student_logits, student_vocab_size)
-    ce = student_ce(student_logits, labels, loss_mask)
+    ce = student_ce(student_logits, labels, loss_mask, student_vocab_size)
     if not teachers or kd_scaling == "ce_only":
         return StepLosses(total=ce, ce=ce, kd=None)
     losses, counts, confidences = {}, {}, []
     for spec, (t_logits, t_labels, chunks) in zip(teachers, teacher_outputs):
-        t_logits = mask_padded_columns(t_logits, spec.vocab_size)
         loss, n, merged_teacher = teacher_kd_loss(
             spec, student_logits, labels, student_vocab_size, t_logits, t_labels, chunks, block_size
         )
