@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert_parser(sub)
     add_score_parser(sub)
     add_train_parser(sub)
+    from xtoken_nemo.recipes.cli import add_recipes_parser; add_recipes_parser(sub)  # noqa: E702
+    from xtoken_nemo.launcher.cli import add_launch_parser; add_launch_parser(sub)  # noqa: E702
+    from xtoken_nemo.evaluation.cli import add_eval_parser; add_eval_parser(sub)  # noqa: E702
     return parser
 
 

@@ -1,6 +1,7 @@
 """Tiny random models on CPU with the real built-in tokenizers: a Llama-3.2-tokenizer student and
-three teachers (Qwen3 tokenizer P-KL, Phi-4-mini tokenizer H-KL, Llama-3.2 tokenizer KL), a few
-steps on synthetic text. `xtoken prepare-cpu-tiny` writes its inputs to $XTOKEN_ROOT/cpu-tiny
+two teachers (Qwen3 tokenizer with P-KL, Llama-3.2 tokenizer with KL), a few steps on synthetic
+text. (H-KL/GOLD/ULD sort the 200k-wide distributions for their ULD part, about 3 s per step on 2
+CPU cores even at this size, so the CPU recipe leaves them to the GPU recipes and the tests.) `xtoken prepare-cpu-tiny` writes its inputs to $XTOKEN_ROOT/cpu-tiny
 first. Same code path as the paper runs; minutes on a laptop, CI or a one-node SLURM test."""
 
 from xtoken_nemo.distill.config import CheckpointConfig, DataConfig, DistillConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig
@@ -10,9 +11,8 @@ from xtoken_nemo.recipes.common import Recipe
 TINY = dict(num_layers=1, hidden_size=32, num_attention_heads=2)
 SEQ_LENGTH = 64
 TEACHERS = (  # name, tokenizer, family, mode, alpha
-    ("qwen3", "qwen3", "qwen3", "pkl", 0.3),
-    ("phi4mini", "phi4mini", "phi3", "hkl", 0.5),
-    ("llama", "llama3", "llama", "kl", 0.2),
+    ("qwen3", "qwen3", "qwen3", "pkl", 0.7),
+    ("llama", "llama3", "llama", "kl", 0.3),
 )
 
 
@@ -36,5 +36,5 @@ def build(root):
     )
 
 
-RECIPE = Recipe("cpu-tiny", "tiny random models on CPU, built-in tokenizers, 3 teachers (pkl/hkl/kl), 4 steps", build,
+RECIPE = Recipe("cpu-tiny", "tiny random models on CPU, built-in tokenizers, Qwen3-tok P-KL 0.7 + Llama-tok KL 0.3, 4 steps", build,
                 nodes=1, gpus_per_node=0, time_limit="00:20:00")

@@ -1,0 +1,1 @@
+"""Evaluation (lm-eval on exported students) and the paper-layout report."""
