@@ -83,7 +83,7 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0])
+        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=_collective_device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         return bool(flag.item())
@@ -240,7 +240,7 @@ class Trainer:
         from megatron.core import parallel_state
 
         keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=_collective_device())
         torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
         out = dict(zip(keys, (values / self.dp_size).tolist()))
         if "nonfinite" in out:
@@ -254,7 +254,7 @@ class Trainer:
     @staticmethod
     def _all_finite(tensors: list[torch.Tensor]) -> bool:
         # a sum is finite iff every entry is: one pass, no [tokens, V] boolean temporaries
-        bad = torch.tensor([0.0 if all(bool(torch.isfinite(torch.sum(x, dtype=torch.float32))) for x in tensors) else 1.0])
+        bad = torch.tensor([0.0 if all(bool(torch.isfinite(torch.sum(x, dtype=torch.float32))) for x in tensors) else 1.0], device=_collective_device())
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         return bad.item() == 0.0
@@ -281,7 +281,7 @@ class Trainer:
                 forward_only=False,
             )
             metrics = self._average_over_data_parallel(_average(outputs))
-            nonfinite = torch.tensor([metrics.get("nonfinite", 0.0)])
+            nonfinite = torch.tensor([metrics.get("nonfinite", 0.0)], device=_collective_device())
             if torch.distributed.is_initialized():
                 torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
             if nonfinite.item() > 0:
@@ -385,6 +385,11 @@ class Trainer:
         if self.rank == 0 and status == "preempted":
             log.warning("preempted at step %d: checkpoint saved; restart the same command to resume", self.state.step)
         return {"status": status, "step": self.state.step, "skipped_steps": self.state.skipped_steps, "history": history}
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _distributed_optimizer_works() -> bool:

@@ -68,7 +68,7 @@ def reduce_scatter_rows(t: torch.Tensor, group: object | None) -> torch.Tensor:
     ws = world_size(group)
     if ws == 1:
         return t
-    out = torch.empty((t.shape[0] // ws, *t.shape[1:]), dtype=t.dtype)
+    out = t.new_empty((t.shape[0] // ws, *t.shape[1:]))
     with _quiet():
         dist.reduce_scatter_tensor(out, t.contiguous(), group=group)
     return out
@@ -79,7 +79,7 @@ def all_gather_rows(t: torch.Tensor, group: object | None) -> torch.Tensor:
     ws = world_size(group)
     if ws == 1:
         return t
-    out = torch.empty((t.shape[0] * ws, *t.shape[1:]), dtype=t.dtype)
+    out = t.new_empty((t.shape[0] * ws, *t.shape[1:]))
     with _quiet():
         dist.all_gather_into_tensor(out, t.contiguous(), group=group)
     return out

@@ -115,10 +115,10 @@ def _check_finite_global(name: str, logits: torch.Tensor, group: object | None) 
     sum itself, which logits do not reach); the exact count is taken only for the message.
     """
     total = torch.sum(logits.detach(), dtype=torch.float32)
-    bad = torch.tensor([0.0 if bool(torch.isfinite(total)) else 1.0])
+    bad = torch.tensor([0.0 if bool(torch.isfinite(total)) else 1.0], device=logits.device)
     comm.all_reduce_(bad, "sum", group)
     if bad.item() > 0:
-        bad = torch.tensor([float((~torch.isfinite(logits.detach())).sum())])
+        bad = (~torch.isfinite(logits.detach())).sum().float().reshape(1)
         comm.all_reduce_(bad, "sum", group)
         raise LossInputError(
             f"{name} contain {int(bad.item())} NaN/inf values (over the tensor-parallel group); check "
@@ -154,7 +154,7 @@ class _Math:
         if temperature != 1.0:
             y = y / temperature
         if shard.valid < shard.width:
-            padded = torch.arange(shard.width) >= shard.valid
+            padded = torch.arange(shard.width, device=y.device) >= shard.valid
             y = y.masked_fill(padded, MASK_VALUE)
         return y
 
@@ -187,7 +187,7 @@ class _Math:
     @staticmethod
     def pkl_grad_q(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
         """d/dq of sum p_T (log p_T - log max(q, eps)): -p_T / q where q > eps, else 0."""
-        return torch.where(q > eps, -log_pt.exp() / q.clamp_min(eps), torch.zeros((), dtype=q.dtype))
+        return torch.where(q > eps, -log_pt.exp() / q.clamp_min(eps), q.new_zeros(()))
 
     @staticmethod
     def softmax_backward(p: torch.Tensor, g_p: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
@@ -225,9 +225,9 @@ class _VocabParallelKL(torch.autograd.Function):
     def forward(ctx, s_loc, t_loc, shard, group, temperature, block):  # type: ignore[override]
         n = s_loc.shape[0]
         cdt = _compute_dtype(s_loc)
-        lse_s = torch.empty(n, dtype=cdt)
-        lse_t = torch.empty(n, dtype=cdt)
-        local = torch.empty(n, dtype=cdt)
+        lse_s = s_loc.new_empty(n, dtype=cdt)
+        lse_t = s_loc.new_empty(n, dtype=cdt)
+        local = s_loc.new_empty(n, dtype=cdt)
         for a, b in _blocks(n, block):
             ys = _Math.prep(s_loc[a:b], shard, temperature)
             yt = _Math.prep(t_loc[a:b], shard, temperature)
@@ -317,28 +317,31 @@ class LocalProjection:
             coo_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), val[mask], shape[::-1]).coalesce()
             self._csr_t = {torch.float32: coo_t.to_sparse_csr()}
 
-    def rows(self, dtype: torch.dtype) -> torch.Tensor:
-        """[V_S_pad/tp, V_T_pad] CSR."""
-        if dtype not in self._csr:
-            self._csr[dtype] = self._csr[torch.float32].to(dtype)
-        return self._csr[dtype]
+    def rows(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[V_S_pad/tp, V_T_pad] CSR on ``device`` (cached per dtype and device)."""
+        return self._cached(self._csr, dtype, device)
 
-    def rows_t(self, dtype: torch.dtype) -> torch.Tensor:
-        """[V_T_pad, V_S_pad/tp] CSR."""
-        if dtype not in self._csr_t:
-            self._csr_t[dtype] = self._csr_t[torch.float32].to(dtype)
-        return self._csr_t[dtype]
+    def rows_t(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+        """[V_T_pad, V_S_pad/tp] CSR on ``device`` (cached per dtype and device)."""
+        return self._cached(self._csr_t, dtype, device)
+
+    @staticmethod
+    def _cached(cache: dict, dtype: torch.dtype, device) -> torch.Tensor:
+        key = (dtype, str(torch.device(device)))
+        if key not in cache:
+            cache[key] = cache[torch.float32].to(device=device, dtype=dtype)
+        return cache[key]
 
     # CSR x dense runs fastest with a contiguous vocab-major [V, B] operand; elementwise math on a
     # transposed view is several times slower than on a contiguous tensor, so both sides pay one
     # transposing copy instead.
     def partial(self, ps: torch.Tensor) -> torch.Tensor:
         """[B, V_S_pad/tp] local student probabilities -> [V_T_pad, B] partial W_local^T p_S_local."""
-        return torch.sparse.mm(self.rows_t(ps.dtype), ps.t().contiguous())
+        return torch.sparse.mm(self.rows_t(ps.dtype, ps.device), ps.t().contiguous())
 
     def pull_back(self, g_q_t: torch.Tensor) -> torch.Tensor:
         """[V_T_pad, B] gradient w.r.t. the projection -> [B, V_S_pad/tp] gradient w.r.t. p_S_local."""
-        return torch.sparse.mm(self.rows(g_q_t.dtype), g_q_t.contiguous()).t().contiguous()
+        return torch.sparse.mm(self.rows(g_q_t.dtype, g_q_t.device), g_q_t.contiguous()).t().contiguous()
 
 
 def prepare_projection(
@@ -361,7 +364,7 @@ class _VocabParallelPKL(torch.autograd.Function):
     @staticmethod
     def _load(x_blk, shard, temperature, dtype):
         """[B, n] input block -> [n, B] contiguous compute-dtype logits / T, padded rows masked."""
-        y = torch.empty(x_blk.shape[1], x_blk.shape[0], dtype=dtype).copy_(x_blk.t())  # always a fresh copy
+        y = x_blk.new_empty(x_blk.shape[1], x_blk.shape[0], dtype=dtype).copy_(x_blk.t())  # always a fresh copy
         if temperature != 1.0:
             y.div_(temperature)
         if shard.valid < shard.width:
@@ -372,7 +375,7 @@ class _VocabParallelPKL(torch.autograd.Function):
     def _row_max(x_blk, shard, temperature, dtype):
         """[B] max over this rank's real columns, from the row-major input (fast inner reduction)."""
         if shard.valid == 0:
-            return torch.full((x_blk.shape[0],), MASK_VALUE, dtype=dtype)
+            return x_blk.new_full((x_blk.shape[0],), MASK_VALUE, dtype=dtype)
         return x_blk[:, : shard.valid].amax(dim=-1).to(dtype) / temperature
 
     @staticmethod
@@ -387,15 +390,15 @@ class _VocabParallelPKL(torch.autograd.Function):
     @staticmethod
     def _project(ps_t, proj, group):
         """[n_S, B] -> [n_T, B]: this rank's teacher shard of W^T p_S (reduce-scatter of the partial)."""
-        return comm.reduce_scatter_rows(torch.sparse.mm(proj.rows_t(ps_t.dtype), ps_t), group)
+        return comm.reduce_scatter_rows(torch.sparse.mm(proj.rows_t(ps_t.dtype, ps_t.device), ps_t), group)
 
     @staticmethod
     def forward(ctx, s_loc, t_loc, proj, s_shard, t_shard, group, temperature, eps, block):  # type: ignore[override]
         n = s_loc.shape[0]
         cdt = _compute_dtype(s_loc)
-        lse_s = torch.empty(n, dtype=cdt)
-        lse_t = torch.empty(n, dtype=cdt)
-        local = torch.empty(n, dtype=cdt)
+        lse_s = s_loc.new_empty(n, dtype=cdt)
+        lse_t = s_loc.new_empty(n, dtype=cdt)
+        local = s_loc.new_empty(n, dtype=cdt)
         for a, b in _blocks(n, block):
             ys = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt)  # [n_S, B]
             yt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt)  # [n_T, B]
@@ -426,7 +429,7 @@ class _VocabParallelPKL(torch.autograd.Function):
             q = _VocabParallelPKL._project(ps, proj, group)  # recomputed, [n_T, B]
             g_q = _Math.pkl_grad_q_(log_pt, q, eps).mul_(grad[a:b].to(cdt))  # consumes log_pt and q
             del log_pt, q
-            g_ps = torch.sparse.mm(proj.rows(cdt), comm.all_gather_rows(g_q, group))  # [n_S, B]
+            g_ps = torch.sparse.mm(proj.rows(cdt, g_q.device), comm.all_gather_rows(g_q, group))  # [n_S, B]
             del g_q
             dot = (ps * g_ps).sum(0)
             comm.all_reduce_(dot, "sum", group)
@@ -503,7 +506,7 @@ class _HybridLayout:
     t_uncommon: torch.Tensor  # [n_T] bool
 
 
-def _hybrid_layout(pairs: torch.Tensor, s_shard: Shard, t_shard: Shard) -> _HybridLayout:
+def _hybrid_layout(pairs: torch.Tensor, s_shard: Shard, t_shard: Shard, device: torch.device | str = "cpu") -> _HybridLayout:
     teachers, inverse = torch.unique(pairs[:, 1], return_inverse=True)
     s_ids = pairs[:, 0]
     s_own = (s_ids >= s_shard.start) & (s_ids < s_shard.start + s_shard.width)
@@ -516,12 +519,12 @@ def _hybrid_layout(pairs: torch.Tensor, s_shard: Shard, t_shard: Shard) -> _Hybr
     t_unc[teachers[t_own] - t_shard.start] = False
     return _HybridLayout(
         num_common_teacher=int(teachers.numel()),
-        s_local_cols=s_ids[s_own] - s_shard.start,
-        s_slot=inverse[s_own],
-        t_local_cols=teachers[t_own] - t_shard.start,
-        t_slot=torch.nonzero(t_own).squeeze(1),
-        s_uncommon=s_unc,
-        t_uncommon=t_unc,
+        s_local_cols=(s_ids[s_own] - s_shard.start).to(device),
+        s_slot=inverse[s_own].to(device),
+        t_local_cols=(teachers[t_own] - t_shard.start).to(device),
+        t_slot=torch.nonzero(t_own).squeeze(1).to(device),
+        s_uncommon=s_unc.to(device),
+        t_uncommon=t_unc.to(device),
     )
 
 
@@ -560,9 +563,9 @@ def _hybrid_block(
     ps, pt = log_ps.exp(), log_pt.exp()
     b = ps.shape[0]
     # common term: both sides' mass per common teacher token, summed over ranks
-    q_c = torch.zeros(b, layout.num_common_teacher, dtype=ps.dtype).index_add(1, layout.s_slot, ps[:, layout.s_local_cols])
+    q_c = ps.new_zeros(b, layout.num_common_teacher).index_add(1, layout.s_slot, ps[:, layout.s_local_cols])
     q_c = comm.sum_autograd(q_c, group)
-    pt_c = torch.zeros(b, layout.num_common_teacher, dtype=ps.dtype)
+    pt_c = ps.new_zeros(b, layout.num_common_teacher)
     pt_c[:, layout.t_slot] = pt[:, layout.t_local_cols]
     comm.all_reduce_(pt_c, "sum", group)
     common = (torch.xlogy(pt_c, pt_c) - torch.xlogy(pt_c, q_c.clamp_min(eps))).sum(-1)
@@ -597,7 +600,7 @@ def gold_loss_parallel(
         raise LossInputError(f"uld_topk must be a positive int or None, got {uld_topk!r}")
     _check_finite_global("student logits", student_logits.detach(), group)
     _check_finite_global("teacher logits", teacher_logits.detach(), group)
-    layout = _hybrid_layout(pairs, s_shard, t_shard)
+    layout = _hybrid_layout(pairs, s_shard, t_shard, student_logits.device)
     weights = _hybrid_weights(weighting, layout.num_common_teacher, teacher_vocab_size)
     teacher = teacher_logits.detach()
     block = _check_block(block_size)
@@ -671,11 +674,11 @@ def _chain_log_mass(
     rows = _vp_log_softmax(_Math.prep(logits[lp], shard, 1.0), group)  # [L, width]
     tgt = targets[lp] - shard.start
     own = (tgt >= 0) & (tgt < shard.width)
-    picked = torch.where(own, rows.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), torch.zeros((), dtype=rows.dtype))
+    picked = torch.where(own, rows.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), rows.new_zeros(()))
     # each target is owned by one rank: a sum of partials, so that a replicated consumer of
     # log_mass (every rank computes the same loss from it) back-propagates it once
     picked = comm.sum_partials(picked, group)
-    return torch.zeros(n, dtype=rows.dtype).index_add(0, lc, picked)
+    return rows.new_zeros(n).index_add(0, lc.to(rows.device), picked)
 
 
 def chunk_log_mass_parallel(
@@ -722,14 +725,15 @@ def merge_chunks_parallel(
     if mode in ("first", "chain"):
         first_logp = _vp_log_softmax(_Math.prep(logits[first], shard, 1.0), group)
         if mode == "first":
-            return MergedChunks(first_logp, torch.zeros(n, dtype=first_logp.dtype))
+            return MergedChunks(first_logp, first_logp.new_zeros(n))
         return MergedChunks(first_logp, _chain_log_mass(logits, pos, cid, first, n, targets, shard, group))
     y = _Math.prep(logits, shard, 1.0)
+    cid = cid.to(y.device)
     counts = torch.bincount(cid, minlength=n).to(y.dtype)
     logp = _vp_log_softmax(y[pos], group)
-    mean = torch.zeros(n, y.shape[1], dtype=y.dtype).index_add(0, cid, logp) / counts[:, None]
+    mean = y.new_zeros(n, y.shape[1]).index_add(0, cid, logp) / counts[:, None]
     if shard.valid < shard.width:
-        mean = mean.masked_fill(torch.arange(shard.width) >= shard.valid, MASK_VALUE)
+        mean = mean.masked_fill(torch.arange(shard.width, device=mean.device) >= shard.valid, MASK_VALUE)
     lse = _vp_lse(mean, group)
     # lse already back-propagates through an all-reduce; returned as a replicated value whose
     # gradient every rank contributes, it is split into ws equal partials
@@ -761,7 +765,7 @@ def teacher_confidence_parallel(
                 raise LossInputError("confidence 'ce' needs the target token ids of the teacher's chunks")
             tgt = torch.as_tensor(targets, dtype=torch.int64) - shard.start
             own = (tgt >= 0) & (tgt < shard.width)
-            v = torch.where(own, logp.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), torch.zeros(()))
+            v = torch.where(own, logp.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), logp.new_zeros(()))
         elif kind == "entropy":
             v = (logp.exp() * logp).sum(-1)
         else:
