@@ -212,14 +212,15 @@ class Trainer:
                 T = t_tokens.shape[1]
                 t_pos = torch.arange(T, device=device)[None].expand(B, T)
                 t_logits = teacher(t_tokens, t_pos, causal_mask(B, T, device))
-                teacher_outputs.append((t_logits.float(), batch[f"teacher{m}_labels"].to(device), batch[f"teacher{m}_chunks"]))
+                # bf16 on GPU as they come: the losses accumulate in fp32 block by block
+                teacher_outputs.append((t_logits, batch[f"teacher{m}_labels"].to(device), batch[f"teacher{m}_chunks"]))
         finite = self._all_finite([student_logits.detach()] + [o[0] for o in teacher_outputs])
         if not finite:
             zero = student_logits.sum() * 0.0
             return zero, partial(self._loss_func, {"nonfinite": 1.0})
         t = self.cfg.train
         losses = distillation_loss(
-            student_logits.float(), labels.to(device), loss_mask.to(device), self.student_vocab,
+            student_logits, labels.to(device), loss_mask.to(device), self.student_vocab,
             self.teacher_specs, teacher_outputs, t.kd_scaling, t.alpha_mode, t.alpha_temperature, t.loss_block_size,
         )
         metrics = {"ce": float(losses.ce.detach()), "nonfinite": 0.0 if torch.isfinite(losses.total.detach()) else 1.0}
