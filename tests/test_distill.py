@@ -326,3 +326,15 @@ def test_config_validation_and_overrides(sp_pair, tmp_path):
     bad.teachers[0].alpha = 0.9
     with pytest.raises(ConfigError, match="must sum to 1"):
         bad.validate()
+
+
+def test_bf16_mixed_precision_trains_and_checkpoints(sp_pair, tmp_path):
+    """The GPU setting (bf16 weights, fp32 master weights in megatron's optimizer), run on CPU."""
+    cfg = sp_config(sp_pair, tmp_path, mode="pkl", steps=2)
+    cfg.train.precision = "bf16"
+    trainer, out = _run(cfg)
+    assert all(p.dtype == torch.bfloat16 for p in trainer.student.parameters())
+    _, ref = _run(sp_config(sp_pair, tmp_path / "fp32", mode="pkl", steps=2))
+    for got, want in zip(out["history"], ref["history"]):
+        assert got["total"] == pytest.approx(want["total"], rel=1e-2)
+    assert Path(cfg.checkpoint.dir, "latest.txt").read_text().strip() == "2"

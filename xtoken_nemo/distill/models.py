@@ -72,6 +72,10 @@ def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.d
         torch.manual_seed(mc.init_seed)
         model = build_gpt_model(arch, padded, tp=tp, params_dtype=params_dtype)
     mark_tensor_parallel_params(model)
+    if params_dtype != torch.float32:
+        # megatron keeps the norm weights in fp32; its mixed-precision optimizer expects every
+        # parameter in the low precision (what Megatron-LM's Float16Module does)
+        model.to(params_dtype)
     if trainable:
         model.train()
     else:
