@@ -50,6 +50,9 @@ class TeacherConfig:
     projection: str | None = None  # W file (student -> this teacher), needed by pkl/hkl
     merge: str = "chain"
     temperature: float = 1.0
+    # gold/hkl/uld: sort only each side's k largest uncommon probabilities for the ULD term
+    # (None: exact, a full sort of both vocabularies per chunk; k: an approximation, much cheaper on CPU)
+    uld_topk: int | None = None
 
 
 @dataclass
@@ -138,6 +141,8 @@ class DistillConfig:
                 raise ConfigError(f"{where}.mode={tc.mode!r}; choose one of {KD_MODES}")
             if tc.merge not in MERGE_MODES:
                 raise ConfigError(f"{where}.merge={tc.merge!r}; choose one of {MERGE_MODES}")
+            if tc.uld_topk is not None and tc.uld_topk < 1:
+                raise ConfigError(f"{where}.uld_topk={tc.uld_topk} must be a positive int or null (exact)")
             if tc.alpha < 0:
                 raise ConfigError(f"{where}.alpha={tc.alpha} must be >= 0")
             if tc.mode in ("pkl", "hkl") and not tc.projection:

@@ -131,11 +131,11 @@ def teacher_kd_loss(
     elif cfg.mode == "pkl":
         per_chunk = pkl_loss_parallel(s, t, spec.projection, student_vocab_size, spec.vocab_size, **kw)
     elif cfg.mode == "hkl":
-        per_chunk = hkl_loss_parallel(s, t, spec.W, student_vocab_size, spec.vocab_size, **kw)
+        per_chunk = hkl_loss_parallel(s, t, spec.W, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw)
     elif cfg.mode == "gold":
-        per_chunk = gold_loss_parallel(s, t, spec.common_pairs, student_vocab_size, spec.vocab_size, **kw)
+        per_chunk = gold_loss_parallel(s, t, spec.common_pairs, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw)
     else:
-        per_chunk = uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, **kw)
+        per_chunk = uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw)
     if cfg.merge == "chain":
         per_chunk = chunk_mass_kl(s_mass, t_mass, per_chunk, reduction="none")
     return per_chunk.mean(), len(s_pos), t
