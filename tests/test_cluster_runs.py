@@ -148,7 +148,7 @@ def test_slurm_job_completes_and_requeued_job_resumes(slurm, tiny_root):
     assert int(state["Restarts"]) == 2
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
     assert resumed[0] == first and resumed[1] > first, resumed
-    assert "received USR1: forwarding USR1 to the training processes" in log
+    assert "received USR1: asking the training processes to checkpoint and stop" in log
     assert re.search(rf"training stopped at checkpoint {first} of {steps} \(exit 0\): requeueing job {job}", log), log
     assert f"job {job} (restart 1)" in log and f"job {job} (restart 2)" in log
     assert f"cpu-tiny: completed at step {steps}/{steps}" in log and _latest(ckpt) == steps

@@ -8,12 +8,15 @@ RANK / WORLD_SIZE / MASTER_ADDR the way the trainer already reads them. Rendezvo
 (c10d) at the first node of ``$SLURM_JOB_NODELIST``, port derived from the job id.
 
 Preemption: ``#SBATCH --signal=B:USR1@120`` warns the batch shell 120 s before the time limit
-(or a preemption); its trap forwards USR1 to srun, srun to each node's wrapper, the wrapper to
-the torchrun workers (torchrun itself ignores USR1), and the trainer saves a checkpoint at the
-next step boundary and exits 0. The batch shell then runs ``scontrol requeue``; the requeued job
-(same id, ``--open-mode=append`` on the same output file) starts the same command and the
-trainer resumes from ``latest.txt``. A job killed without warning also resumes from the last
-periodic checkpoint when requeued.
+(or a preemption). Its trap runs ``scancel --signal=URG $SLURM_JOB_ID``, which reaches every
+process of the job step; SIGURG is ignored by default, so only each node's wrapper (which traps
+it) acts: it sends USR1 to its torchrun's worker processes alone, and the trainer saves a
+checkpoint at the next step boundary and exits 0. (Forwarding USR1 itself step-wide would also
+kill helper processes such as the spawned manager that megatron's checkpoint writer uses, and
+the save would fail.) The batch shell then runs ``scontrol requeue``; the requeued job (same id,
+``--open-mode=append`` on the same output file) runs the same command and the trainer resumes
+from ``latest.txt``. A job killed without warning (``scancel``, node failure) resumes from the
+last periodic checkpoint when requeued.
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
 export NPROC_PER_NODE=@@NPROC@@ CONFIG
 
-# ---- one torchrun per node; the wrapper forwards USR1/TERM to the workers ---------------------
+# ---- one torchrun per node; on SIGURG the wrapper sends USR1 to its torchrun's workers only ----
 read -r -d '' NODE_SCRIPT <<'XTOKEN_NODE_EOF'
 @@ACTIVATE@@
 (trap '' USR1; exec @@PYTHON@@ -m torch.distributed.run --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID" \\
@@ -76,7 +79,7 @@ read -r -d '' NODE_SCRIPT <<'XTOKEN_NODE_EOF'
     --rdzv-id="$SLURM_JOB_ID" --max-restarts=0 -m xtoken_nemo.cli train --config "$CONFIG" --quiet) &
 TORCHRUN=$!
 forward() { for pid in $(pgrep -P "$TORCHRUN"); do kill -USR1 "$pid" 2>/dev/null; done; }
-trap forward USR1 TERM
+trap forward URG TERM
 wait "$TORCHRUN"; rc=$?
 while kill -0 "$TORCHRUN" 2>/dev/null; do wait "$TORCHRUN"; rc=$?; done
 exit $rc
@@ -84,9 +87,10 @@ XTOKEN_NODE_EOF
 
 PREEMPTED=0
 on_signal() {
-    log "received $1: forwarding USR1 to the training processes (checkpoint, then requeue)"
+    log "received $1: asking the training processes to checkpoint and stop (then requeue)"
     PREEMPTED=1
-    [ -n "${SRUN_PID:-}" ] && kill -USR1 "$SRUN_PID" 2>/dev/null
+    # SIGURG reaches every process of the step but only the node wrappers act on it
+    scancel --signal=URG "$SLURM_JOB_ID" || log "scancel --signal=URG failed"
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
