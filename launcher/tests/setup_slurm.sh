@@ -83,7 +83,7 @@ SchedulerParameters=sched_interval=2,bf_interval=1
 ReturnToService=2
 MpiDefault=none
 JobRequeue=1
-KillWait=30
+KillWait=5
 InactiveLimit=0
 MinJobAge=300
 $node State=UNKNOWN
