@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     from xtoken_nemo.recipes.cli import add_recipes_parser; add_recipes_parser(sub)  # noqa: E702
     from xtoken_nemo.launcher.cli import add_launch_parser; add_launch_parser(sub)  # noqa: E702
     from xtoken_nemo.evaluation.cli import add_eval_parser; add_eval_parser(sub)  # noqa: E702
+    from xtoken_nemo.demo.cli import add_demo_parser
+    add_demo_parser(sub)
     return parser
 
 

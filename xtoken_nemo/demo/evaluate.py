@@ -1,0 +1,204 @@
+"""Evaluation of a trained megatron checkpoint on held-out text and arithmetic prompts.
+
+Per model (student or teacher, each with its own tokenizer):
+
+- ``heldout_ce``: mean next-token cross-entropy (nats per token of the model's tokenizer) over
+  held-out documents, each scored on its own (``[BOS] ids EOS``, the training convention);
+- ``heldout_nats_per_char``: the same total divided by characters: comparable across tokenizers;
+- ``numeral_ce``: mean CE over tokens made only of digits (Llama-3: 1-3 digit numerals);
+- ``numeral_nats_per_digit``: total NLL of those tokens per digit (comparable across tokenizers);
+- ``numeral_exact_match``: greedy decoding (a few tokens, megatron model, no cache) after each
+  held-out ``a + b =`` prompt; correct when the first number generated equals the answer;
+- ``answer_nll``: NLL of the answer's tokens (``" " + str(answer)``) given the prompt: the
+  continuous counterpart of exact match.
+
+Per-item values are returned too, so the report can bootstrap confidence intervals and paired
+differences between runs (same items for every run).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from xtoken_nemo.demo.corpus import ArithmeticItem
+
+_NUMBER = re.compile(r"\s*(\d+)")
+
+
+@dataclass
+class EvalItems:
+    """Per-document and per-prompt values for one model (arrays of equal length across runs)."""
+
+    doc_nll: np.ndarray  # [D] summed NLL per held-out document
+    doc_tokens: np.ndarray  # [D] scored tokens per document
+    doc_chars: np.ndarray  # [D] characters per document
+    doc_num_nll: np.ndarray  # [D] summed NLL of numeral tokens
+    doc_num_tokens: np.ndarray  # [D]
+    doc_num_digits: np.ndarray  # [D]
+    correct: np.ndarray  # [P] 1.0 if the greedy answer is right
+    answer_nll: np.ndarray  # [P]
+    generations: list[str]
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "heldout_ce": float(self.doc_nll.sum() / max(1, self.doc_tokens.sum())),
+            "heldout_nats_per_char": float(self.doc_nll.sum() / max(1, self.doc_chars.sum())),
+            "numeral_ce": float(self.doc_num_nll.sum() / max(1, self.doc_num_tokens.sum())),
+            "numeral_nats_per_digit": float(self.doc_num_nll.sum() / max(1, self.doc_num_digits.sum())),
+            "numeral_exact_match": float(self.correct.mean()) if len(self.correct) else 0.0,
+            "answer_nll": float(self.answer_nll.mean()) if len(self.answer_nll) else 0.0,
+        }
+
+    def to_json(self) -> dict:
+        out = {k: v.tolist() for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        out["generations"] = self.generations
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EvalItems":
+        return cls(**{k: (v if k == "generations" else np.asarray(v, dtype=np.float64)) for k, v in data.items()})
+
+
+def _is_numeral(surface: bytes) -> bool:
+    return bool(surface) and surface.isdigit()
+
+
+class ModelScorer:
+    """A loaded checkpoint (TP=1, gathered logits) with its tokenizer."""
+
+    def __init__(self, checkpoint: str, tokenizer) -> None:
+        from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
+        from xtoken_nemo.models.runtime import ensure_model_parallel
+
+        ensure_model_parallel(1)
+        self.tok = tokenizer
+        self.model, self.arch, _ = load_mcore_checkpoint(checkpoint, params_dtype=torch.float32, parallel_output=False)
+        self.model.eval()
+        self.vocab = tokenizer.vocab_size
+        self.bos = tokenizer.require("bos") if tokenizer.adds_bos_by_default else None
+        self.eos = tokenizer.require("eos")
+
+    @torch.no_grad()
+    def _logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """[b, s] -> [b, s, V] fp32 logits, padded vocabulary columns at -inf."""
+        from xtoken_nemo.models.build import forward_logits, mask_padded_vocab
+
+        return mask_padded_vocab(forward_logits(self.model, ids, self.arch).float(), self.vocab)
+
+    def _pad_batch(self, seqs: list[list[int]]) -> torch.Tensor:
+        width = max(len(s) for s in seqs)
+        out = torch.full((len(seqs), width), self.eos, dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            out[i, : len(s)] = torch.tensor(s)
+        return out
+
+    @torch.no_grad()
+    def token_nll(self, seqs: list[list[int]], batch_size: int = 8) -> list[np.ndarray]:
+        """NLL of every token after the first, per sequence (right padding is harmless: causal)."""
+        out = []
+        for i in range(0, len(seqs), batch_size):
+            chunk = seqs[i : i + batch_size]
+            ids = self._pad_batch(chunk)
+            logits = self._logits(ids)[:, :-1]
+            target = ids[:, 1:]
+            nll = (torch.logsumexp(logits, -1) - logits.gather(-1, target.unsqueeze(-1)).squeeze(-1)).numpy()
+            out.extend(nll[j, : len(s) - 1].astype(np.float64) for j, s in enumerate(chunk))
+        return out
+
+    @torch.no_grad()
+    def greedy(self, prompts: list[list[int]], new_tokens: int, batch_size: int = 32) -> list[list[int]]:
+        """Greedy continuation of each prompt (prompts batched by equal length; no KV cache)."""
+        by_len: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_len.setdefault(len(p), []).append(i)
+        result: list[list[int]] = [[] for _ in prompts]
+        for idx in by_len.values():
+            for j in range(0, len(idx), batch_size):
+                group = idx[j : j + batch_size]
+                ids = torch.tensor([prompts[i] for i in group], dtype=torch.int64)
+                for _ in range(new_tokens):
+                    nxt = self._logits(ids)[:, -1].argmax(-1)
+                    ids = torch.cat([ids, nxt[:, None]], dim=1)
+                for k, i in enumerate(group):
+                    result[i] = ids[k, len(prompts[i]) :].tolist()
+        return result
+
+
+def _wrap(scorer: ModelScorer, ids: list[int]) -> list[int]:
+    return ([scorer.bos] if scorer.bos is not None else []) + list(ids)
+
+
+def evaluate_checkpoint(checkpoint: str, tokenizer, heldout: list[str], items: list[ArithmeticItem], new_tokens: int = 4) -> EvalItems:
+    """Score ``checkpoint`` on held-out documents and greedy-decode the arithmetic prompts."""
+    scorer = ModelScorer(checkpoint, tokenizer)
+    tok = tokenizer
+    docs = [_wrap(scorer, tok.encode(d, add_bos=False).ids) + [scorer.eos] for d in heldout]
+    nlls = scorer.token_nll(docs)
+    n = len(docs)
+    doc_nll, doc_tokens, doc_chars = np.zeros(n), np.zeros(n), np.zeros(n)
+    num_nll, num_tokens, num_digits = np.zeros(n), np.zeros(n), np.zeros(n)
+    for d, (ids, nll, text) in enumerate(zip(docs, nlls, heldout)):
+        doc_nll[d], doc_tokens[d], doc_chars[d] = nll.sum(), len(nll), len(text) + 1  # + the EOS
+        for pos in range(1, len(ids)):
+            surface = tok.surfaces[ids[pos]] if ids[pos] < len(tok.surfaces) else b""
+            if _is_numeral(surface):
+                num_nll[d] += nll[pos - 1]
+                num_tokens[d] += 1
+                num_digits[d] += len(surface)
+
+    prompts = [_wrap(scorer, tok.encode(it.prompt, add_bos=False).ids) for it in items]
+    generated = scorer.greedy(prompts, new_tokens)
+    texts = [tok.decode(g) for g in generated]
+    correct = np.zeros(len(items))
+    for i, (it, text) in enumerate(zip(items, texts)):
+        m = _NUMBER.match(text)
+        correct[i] = float(m is not None and int(m.group(1)) == it.answer)
+    # answer NLL: the prompt followed by " <answer>", scored on the answer's tokens only
+    full = [_wrap(scorer, tok.encode(it.prompt + f" {it.answer}", add_bos=False).ids) for it in items]
+    full_nll = scorer.token_nll(full, batch_size=32)
+    answer_nll = np.array([nll[len(p) - 1 :].sum() for p, nll in zip(prompts, full_nll)])
+    del scorer
+    return EvalItems(doc_nll, doc_tokens, doc_chars, num_nll, num_tokens, num_digits, correct, answer_nll, texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# spread
+# ----------------------------------------------------------------------------------------------
+def _ratio(num: np.ndarray, den: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    return num[idx].sum(-1) / np.maximum(den[idx].sum(-1), 1)
+
+
+def _metric_samples(e: EvalItems, doc_idx: np.ndarray, item_idx: np.ndarray) -> dict[str, np.ndarray]:
+    return {
+        "heldout_ce": _ratio(e.doc_nll, e.doc_tokens, doc_idx),
+        "numeral_ce": _ratio(e.doc_num_nll, e.doc_num_tokens, doc_idx),
+        "numeral_exact_match": e.correct[item_idx].mean(-1),
+        "answer_nll": e.answer_nll[item_idx].mean(-1),
+    }
+
+
+def bootstrap_indices(num_docs: int, num_items: int, samples: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The same resamples for every run: intervals of paired differences are then meaningful."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, num_docs, (samples, num_docs)), rng.integers(0, num_items, (samples, num_items))
+
+
+def bootstrap_ci(e: EvalItems, idx: tuple[np.ndarray, np.ndarray]) -> dict[str, list[float]]:
+    """95% percentile intervals of each metric (documents / prompts resampled)."""
+    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in _metric_samples(e, *idx).items()}
+
+
+def paired_difference(a: EvalItems, b: EvalItems, idx: tuple[np.ndarray, np.ndarray]) -> dict[str, dict]:
+    """metric(a) - metric(b) with a 95% interval over the same resamples."""
+    sa, sb = _metric_samples(a, *idx), _metric_samples(b, *idx)
+    full = (np.arange(len(a.doc_nll))[None], np.arange(len(a.correct))[None])
+    pa, pb = _metric_samples(a, *full), _metric_samples(b, *full)
+    out = {}
+    for k in sa:
+        d = sa[k] - sb[k]
+        out[k] = {"diff": float(pa[k][0] - pb[k][0]), "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]}
+    return out
