@@ -110,7 +110,7 @@ class ModelScorer:
         return out
 
     @torch.no_grad()
-    def greedy(self, prompts: list[list[int]], new_tokens: int, batch_size: int = 32) -> list[list[int]]:
+    def greedy(self, prompts: list[list[int]], new_tokens: int, batch_size: int = 64) -> list[list[int]]:
         """Greedy continuation of each prompt (prompts batched by equal length; no KV cache)."""
         by_len: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):

@@ -209,7 +209,9 @@ def plot_metrics(out: Path, runs, results) -> list[str]:
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
         ax.set_title(metric + (" (%)" if scale == 100 else " (nats/token, lower is better)"))
-        if metric != "numeral_exact_match":
+        if metric == "numeral_exact_match":
+            ax.set_ylim(0, max(5.0, 1.2 * float(ci[:, 1].max())))
+        else:
             lo = min(ci[:, 0].min(), vals.min())
             ax.set_ylim(max(0.0, lo - 0.2 * (vals.max() - lo + 1e-6)), None)
     fig.tight_layout()
