@@ -226,6 +226,11 @@ def test_dynamic_scaling():
     assert math.isclose(Wt.scale_kd_ce(kd, ce, (1.0, 0.0)).item(), 4.0, rel_tol=1e-6)
     zero = Wt.scale_kd_ce(torch.tensor(0.0, requires_grad=True), ce)
     assert math.isfinite(zero.item()) and math.isclose(zero.item(), 2.0, rel_tol=1e-6)
+    # a negative KD value (GOLD's partial-distribution KL can be < 0) keeps a positive scale:
+    # gradient descent still lowers L_KD
+    negative = torch.tensor(-4.0, requires_grad=True)
+    Wt.scale_kd_ce(negative, ce.detach()).backward()
+    assert math.isclose(negative.grad.item(), 0.5)
 
 
 # ----- bad input -----------------------------------------------------------------------------------

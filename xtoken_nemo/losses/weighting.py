@@ -88,17 +88,21 @@ def scale_kd_ce(
 ) -> torch.Tensor:
     """Total loss from L_KD and L_CE.
 
-    ``dynamic``: sg(L_CE / L_KD) * L_KD + L_CE: the KD term has the CE term's magnitude and its
-    gradient is grad(L_KD) * L_CE / L_KD. If L_KD <= min_kd (teacher and student agree) the KD
-    term is dropped for this step (its gradient would be 0 * inf). A name from FIXED_WEIGHTINGS or
-    a (w_KD, w_CE) pair gives a fixed weighting.
+    ``dynamic``: sg(L_CE / |L_KD|) * L_KD + L_CE: the KD term has the CE term's magnitude and its
+    gradient is grad(L_KD) * L_CE / |L_KD| (the paper's sg(L_CE / L_KD) * L_KD for the usual
+    positive L_KD). The absolute value matters for GOLD/H-KL, whose common-set KL over partial
+    distributions (as in TRL) can be negative: a negative scale would turn descent on L_KD into
+    ascent. If |L_KD| <= min_kd (teacher and student agree) the KD term is dropped for this step
+    (its gradient would be 0 * inf). A name from FIXED_WEIGHTINGS or a (w_KD, w_CE) pair gives a
+    fixed weighting.
     """
     check_finite("KD loss", kd_loss.detach())
     check_finite("CE loss", ce_loss.detach())
     if mode == "dynamic":
-        if float(kd_loss.detach()) <= min_kd:
+        magnitude = abs(float(kd_loss.detach()))
+        if magnitude <= min_kd:
             return ce_loss + 0.0 * kd_loss
-        return (ce_loss / kd_loss).detach() * kd_loss + ce_loss
+        return (ce_loss.detach() / magnitude) * kd_loss + ce_loss
     if isinstance(mode, str):
         if mode not in FIXED_WEIGHTINGS:
             raise LossInputError(f"unknown KD/CE scaling {mode!r}; choose 'dynamic', {sorted(FIXED_WEIGHTINGS)} or (w_kd, w_ce)")
