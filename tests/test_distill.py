@@ -123,7 +123,7 @@ def test_every_mode_trains_and_teachers_stay_frozen(sp_pair, tmp_path, mode):
     out = trainer.run()
     hist = out["history"]
     assert out["status"] == "completed" and len(hist) == 6
-    assert all(h["skipped"] == 0 and h[f"kd/cross"] > 0 for h in hist)
+    assert all(h["skipped"] == 0 and h["kd/cross"] > 0 for h in hist)
     # the student learns: the total and the cross-tokenizer KD loss go down over the run
     print(mode, [(round(h["total"], 3), round(h["kd/cross"], 3), round(h["ce"], 3)) for h in hist])
     assert hist[-1]["total"] < hist[0]["total"]
@@ -202,7 +202,6 @@ def _run_until(cfg: DistillConfig, stop_after: int):
 def test_exact_resume_after_preemption_on_real_tokenizers(tmp_path):
     """llama3 student, qwen3 P-KL teacher: interrupted at step 2 by SIGUSR1 and resumed, steps 3-4
     equal those of an uninterrupted run (fp32, CPU)."""
-    import subprocess
 
     from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
     from xtoken_nemo.data.synthetic import documents

@@ -88,7 +88,7 @@ def parallel_cases(c: dict, group=None) -> dict:
 
 
 def reference_cases(c: dict) -> dict:
-    s, t, ts = c["s"][:, :VS], c["t"][:, :VT], c["t_same"][:, :VS]
+    t, ts = c["t"][:, :VT], c["t_same"][:, :VS]
     return {
         "kl": lambda x: R.kl_loss(x, ts, reduction="none"),
         "kl_T2": lambda x: R.kl_loss(x, ts, temperature=2.0, reduction="none"),

@@ -145,7 +145,7 @@ class Alignment:
         """Replace every DP mismatch chunk (a:b tokens) by two gap chunks (a:0 then 0:b)."""
         if not self.num_mismatches:
             return self
-        s_ends, t_ends, spans, prev_s, prev_t = [], [], [], 0, 0
+        s_ends, t_ends, spans, prev_t = [], [], [], 0
         span_list = self.spans.tolist() if self.spans is not None else [(0, 0)] * len(self)
         for s, t, bad, sp in zip(self.student_ends.tolist(), self.teacher_ends.tolist(), self.mismatch.tolist(), span_list):
             if bad:
@@ -156,7 +156,7 @@ class Alignment:
                 s_ends.append(s)
                 t_ends.append(t)
                 spans.append(sp)
-            prev_s, prev_t = s, t
+            prev_t = t
         return Alignment(
             np.array(s_ends, dtype=np.int64),
             np.array(t_ends, dtype=np.int64),

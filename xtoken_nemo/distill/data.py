@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 
 from xtoken_nemo.distill.config import DistillConfig
 
