@@ -22,6 +22,17 @@ from xtoken_nemo.errors import TokenizerError
 ROLES = ("bos", "eos", "pad", "unk", "start_of_turn", "end_of_turn")
 
 
+def char_index_of_bytes(text: str) -> list[int]:
+    """[len(utf8) + 1] the character each UTF-8 byte of ``text`` belongs to; the last entry is
+    len(text) (the end). Turns byte offsets (SentencePiece spans, tiktoken token bytes) into
+    character offsets."""
+    index: list[int] = []
+    for ci, ch in enumerate(text):
+        index.extend([ci] * len(ch.encode("utf-8")))
+    index.append(len(text))
+    return index
+
+
 @dataclass(frozen=True)
 class Encoding:
     """Token ids of one text with their character spans.

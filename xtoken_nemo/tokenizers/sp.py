@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from xtoken_nemo.errors import TokenizerError
-from xtoken_nemo.tokenizers.base import Encoding, Tokenizer
+from xtoken_nemo.tokenizers.base import Encoding, Tokenizer, char_index_of_bytes
 from xtoken_nemo.tokenizers.hf import sentencepiece_piece_bytes
 
 
@@ -64,20 +64,13 @@ class SentencePieceTokenizer(Tokenizer):
     def _encode_text(self, text: str) -> Encoding:
         proto = self._encode_proto(text)
         # SentencePiece spans are byte offsets into the UTF-8 input; we expose character offsets.
-        raw = text.encode("utf-8")
-        char_at = [0] * (len(raw) + 1)
-        pos = 0
-        for ci, ch in enumerate(text):
-            n = len(ch.encode("utf-8"))
-            for k in range(n):
-                char_at[pos + k] = ci
-            pos += n
-        char_at[len(raw)] = len(text)
+        char_at = char_index_of_bytes(text)
+        num_bytes = len(char_at) - 1
         ids, offsets = [], []
         for piece in proto.pieces:
             ids.append(piece.id)
             start = char_at[piece.begin]
-            end = char_at[piece.end] if piece.end <= len(raw) else len(text)
+            end = char_at[piece.end] if piece.end <= num_bytes else len(text)
             if piece.end > piece.begin and end == start:
                 end = start + 1
             offsets.append((start, end))

@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 
 from xtoken_nemo.errors import TokenizerError
-from xtoken_nemo.tokenizers.base import Encoding, Tokenizer
+from xtoken_nemo.tokenizers.base import Encoding, Tokenizer, char_index_of_bytes
 
 # The o200k pre-tokenization regex (public tiktoken data): case-aware words, 1-3 digit numbers,
 # punctuation runs, newlines and whitespace.
@@ -99,14 +99,7 @@ class TiktokenTokenizer(Tokenizer):
 
     def _encode_text(self, text: str) -> Encoding:
         ids = self._enc.encode_ordinary(text)
-        raw = text.encode("utf-8")
-        char_of_byte = [0] * (len(raw) + 1)
-        pos = 0
-        for ci, ch in enumerate(text):
-            n = len(ch.encode("utf-8"))
-            char_of_byte[pos : pos + n] = [ci] * n
-            pos += n
-        char_of_byte[len(raw)] = len(text)
+        char_of_byte = char_index_of_bytes(text)
         offsets, byte_pos = [], 0
         for tid in ids:
             n = len(self._surface_of_rank[tid])
