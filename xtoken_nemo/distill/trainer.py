@@ -147,9 +147,7 @@ class Trainer:
                 if tc.mode == "pkl":
                     spec.projection = prepare_projection(W, s_local, t_local)
             if tc.mode == "gold":
-                matches = exact_matches(self.student_tok, tok)
-                pairs = list(matches.ordinary.items()) + [(s, t) for s, (t, _) in matches.special.items()]
-                spec.common_pairs = torch.tensor(sorted(pairs), dtype=torch.int64)
+                spec.common_pairs = torch.tensor(exact_matches(self.student_tok, tok).pairs(), dtype=torch.int64)
             self.teachers.append(model)
             self.teacher_specs.append(spec)
             self.teacher_archs.append(arch)

@@ -92,9 +92,7 @@ def build_projection_matrix(
     values = torch.zeros((num_rows, slots), dtype=torch.float32)
 
     matches = exact_matches(student, teacher)
-    for sid, tid in matches.ordinary.items():
-        indices[sid, 0], values[sid, 0] = tid, 1.0
-    for sid, (tid, _) in matches.special.items():
+    for sid, tid in matches.pairs():
         indices[sid, 0], values[sid, 0] = tid, 1.0
 
     # Pass 2 candidates: ordinary tokens with no exact match.

@@ -55,6 +55,10 @@ class ExactMatches:
     def common_size(self) -> int:
         return len(self.ordinary) + len(self.special)
 
+    def pairs(self) -> list[tuple[int, int]]:
+        """Every (student id, teacher id) of the strict common set C, ordinary and special, sorted."""
+        return sorted([*self.ordinary.items(), *((s, t) for s, (t, _) in self.special.items())])
+
 
 def exact_matches(student: Tokenizer, teacher: Tokenizer) -> ExactMatches:
     teacher_index = surface_index(teacher)
