@@ -83,10 +83,7 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
     def any_rank(self) -> bool:
-        flag = torch.tensor([1.0 if self.signal is not None else 0.0], device=_collective_device())
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag.item())
+        return _true_on_any_rank(self.signal is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -253,10 +250,8 @@ class Trainer:
     @staticmethod
     def _all_finite(tensors: list[torch.Tensor]) -> bool:
         # a sum is finite iff every entry is: one pass, no [tokens, V] boolean temporaries
-        bad = torch.tensor([0.0 if all(bool(torch.isfinite(torch.sum(x, dtype=torch.float32))) for x in tensors) else 1.0], device=_collective_device())
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
-        return bad.item() == 0.0
+        local_ok = all(bool(torch.isfinite(torch.sum(x, dtype=torch.float32))) for x in tensors)
+        return not _true_on_any_rank(not local_ok)
 
     # ..........................................................................................
     def train_step(self, step: int) -> dict:
@@ -280,10 +275,8 @@ class Trainer:
                 forward_only=False,
             )
             metrics = self._average_over_data_parallel(_average(outputs))
-            nonfinite = torch.tensor([metrics.get("nonfinite", 0.0)], device=_collective_device())
-            if torch.distributed.is_initialized():
-                torch.distributed.all_reduce(nonfinite, op=torch.distributed.ReduceOp.MAX)
-            if nonfinite.item() > 0:
+            # every rank must take the same branch: skip the step everywhere or nowhere
+            if _true_on_any_rank(metrics.get("nonfinite", 0.0) > 0):
                 self.state.consecutive_nonfinite += 1
                 self.state.skipped_steps += 1
                 metrics.update(skipped=1.0, grad_norm=float("nan"))
@@ -389,6 +382,14 @@ class Trainer:
 def _collective_device() -> torch.device:
     """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _true_on_any_rank(flag: bool) -> bool:
+    """A local condition made global (all-reduce MAX over the world), so all ranks agree."""
+    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _distributed_optimizer_works() -> bool:
