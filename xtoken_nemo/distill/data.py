@@ -36,13 +36,12 @@ def build_dataset(cfg: DistillConfig, student_tok, teacher_toks: list):
 class MicroBatches:
     """Micro-batches of one global step for this data-parallel rank."""
 
-    def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int, teacher_pad_ids: list[int]):
+    def __init__(self, dataset, global_batch: int, micro_batch: int, dp_rank: int, dp_size: int):
         self.dataset = dataset
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.per_rank = global_batch // dp_size
         self.num_micro = self.per_rank // micro_batch
-        self.teacher_pad_ids = teacher_pad_ids
 
     def indices(self, step: int) -> list[int]:
         start = step * self.global_batch + self.dp_rank * self.per_rank
@@ -55,6 +54,6 @@ class MicroBatches:
         out = []
         for j in range(self.num_micro):
             samples = [self.dataset[i] for i in idx[j * self.micro_batch : (j + 1) * self.micro_batch]]
-            batch = collate_distill(samples, teacher_pad_id=0)
-            out.append(batch)
+            # teacher padding lies beyond every chunk (masked out of the KD loss): any id serves
+            out.append(collate_distill(samples, teacher_pad_id=0))
         return out

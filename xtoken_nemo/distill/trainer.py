@@ -184,8 +184,7 @@ class Trainer:
         )
         self.dataset = build_dataset(cfg, self.student_tok, self.teacher_toks)
         self.batches = MicroBatches(
-            self.dataset, cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dp_rank, self.dp_size,
-            [tok.pad_id or 0 for tok in self.teacher_toks],
+            self.dataset, cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dp_rank, self.dp_size
         )
         self.state = RunState()
 
