@@ -41,6 +41,13 @@ class ModelConfig:
     init_seed: int = 1234
 
 
+#: ModelConfig fields that describe a random model; ignored when ``checkpoint`` is set
+MODEL_SHAPE_FIELDS = (
+    "family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "max_position_embeddings", "tie_embeddings", "init_seed",
+)
+
+
 @dataclass
 class TeacherConfig:
     name: str = "teacher"
@@ -89,7 +96,10 @@ class TrainConfig:
     alpha_temperature: float = 1.0
     loss_block_size: int = 1024
     max_consecutive_nonfinite: int = 5
-    log_interval: int = 1
+    log_interval: int = 1  # rank 0 writes one progress line (job log) every this many steps
+    # collective timeout: a rank that died or hangs fails the others after this long instead of
+    # torch's default (10 min NCCL / 30 min gloo); long enough for teachers loading from a shared FS
+    dist_timeout_minutes: float = 30.0
 
 
 @dataclass
@@ -97,6 +107,9 @@ class CheckpointConfig:
     dir: str = "runs/default/checkpoints"
     save_interval: int = 1000
     resume: bool = True  # continue from the latest checkpoint in dir when there is one
+    # a latest checkpoint that cannot be read (cut-short file, missing shard): resume from the
+    # newest earlier one that loads, with a loud warning; False stops with the error instead
+    fallback_on_corrupt: bool = True
 
 
 @dataclass
@@ -156,7 +169,15 @@ class DistillConfig:
                 raise ConfigError(f"static teacher alphas must sum to 1, got {total} ({[tc.alpha for tc in self.teachers]})")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """All fields, except the shape fields of a model loaded from a checkpoint: they are not
+        used (the checkpoint's ``xtoken_model.json`` gives the architecture) and showing the
+        random-model defaults (2 layers, hidden 64) would misstate what runs."""
+        out = dataclasses.asdict(self)
+        for model in [out["student"]] + [t["model"] for t in out["teachers"]]:
+            if model.get("checkpoint"):
+                for name in MODEL_SHAPE_FIELDS:
+                    model.pop(name, None)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------
