@@ -9,7 +9,7 @@ from pathlib import Path
 
 def cmd_launch(args: argparse.Namespace) -> int:
     from xtoken_nemo.distill.config import ConfigError
-    from xtoken_nemo.launcher.sbatch import JobOptions
+    from xtoken_nemo.launcher.sbatch import JobOptions, parse_env
     from xtoken_nemo.launcher.submit import prepare, submit
     from xtoken_nemo.recipes import default_root, resolve_sweep
 
@@ -19,6 +19,9 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise ConfigError("--container and --bare-metal exclude each other")
     if not args.container and not args.bare_metal:
         raise ConfigError("choose where training runs: --container IMAGE (pyxis/enroot) or --bare-metal [--venv PATH]")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise ConfigError(f"--cpus-per-task={args.cpus_per_task}: need at least 1")
+    env = parse_env(args.env or [])
     root = Path(args.root).expanduser().resolve() if args.root else default_root()
     venv = None
     if args.bare_metal:
@@ -29,7 +32,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
         opts = JobOptions(
             container=args.container, container_mounts=args.container_mounts or [], container_workdir=args.container_workdir,
             venv=venv, partition=args.partition, account=args.account, time_limit=args.time,
-            signal_seconds=args.signal_seconds, extra_sbatch=args.sbatch or [],
+            signal_seconds=args.signal_seconds, extra_sbatch=args.sbatch or [], env=dict(env), cpus_per_task=args.cpus_per_task,
         )
         jobs.append(prepare(name, root, args.overrides, args.nodes, args.gpus_per_node, opts, args.cpu_procs_per_node))
     for job in jobs:
@@ -60,6 +63,12 @@ def add_launch_parser(sub) -> None:
     p.add_argument("--nodes", type=int, help="default: the recipe's (16 for the paper runs)")
     p.add_argument("--gpus-per-node", type=int, help="default: the recipe's (8; 0 = CPU)")
     p.add_argument("--cpu-procs-per-node", type=int, default=1, help="CPU workers per node when --gpus-per-node 0")
+    p.add_argument("--cpus-per-task", type=int, metavar="N",
+                   help="CPUs of the one task per node, asked for in #SBATCH and srun (default: 12 per GPU, 96 on 8 GPUs; "
+                        "CPU jobs: one per worker)")
+    p.add_argument("--env", action="append", metavar="KEY=VALUE",
+                   help="export into every rank; repeat (defaults PYTHONUNBUFFERED=1, "
+                        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; --env overrides them)")
     p.add_argument("--container", help="pyxis/enroot image: a .sqsh from `enroot import` or a registry reference")
     p.add_argument("--container-mounts", action="append", help="SRC:DST[:ro]; repeat. Mount the root at the same path inside")
     p.add_argument("--container-workdir")

@@ -30,7 +30,7 @@ class PreparedJob:
 
 
 def prepare(recipe_name: str, root: Path, overrides: list[str], nodes: int | None, gpus_per_node: int | None,
-            opts: JobOptions, cpu_procs_per_node: int = 1, check: bool = True) -> PreparedJob:
+            opts: JobOptions, cpu_procs_per_node: int = 1, check: bool = True, note: str | None = None) -> PreparedJob:
     recipe = get_recipe(recipe_name)
     cfg = apply_overrides(recipe.config(root), normalize_overrides(overrides))
     layout = derive_layout(cfg, recipe.nodes if nodes is None else nodes,
@@ -38,7 +38,7 @@ def prepare(recipe_name: str, root: Path, overrides: list[str], nodes: int | Non
     if opts.time_limit is None:
         opts.time_limit = recipe.time_limit
     directory = run_dir(cfg)
-    script = render(recipe.name, cfg, layout, directory, opts, root=root)
+    script = render(recipe.name, cfg, layout, directory, opts, root=root, note=note)
     problems = check_files(cfg) if check else []
     return PreparedJob(recipe.name, layout, script, directory / f"{recipe.name}.sbatch", problems)
 
