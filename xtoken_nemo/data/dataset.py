@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from xtoken_nemo.data.errors import DataError
+from xtoken_nemo.data.integrity import check_preprocessed
 from xtoken_nemo.data.preprocess import FORMAT, FORMAT_VERSION
 
 
@@ -129,6 +130,9 @@ class DistillDataset(torch.utils.data.Dataset):
         self.teacher_entries = [self.manifest["teachers"][m] for m in self.teacher_indices]
         self.teacher_max_length = teacher_max_length
 
+        # every .bin against its .idx and the manifest: a cut file fails here, in one line,
+        # not at the first read of its tail deep in training
+        check_preprocessed(self.path, self.manifest)
         self._student = IndexedDataset(str(self.path / self.manifest["student"]["prefix"]))
         s_len = self._student.sequence_lengths.astype(np.int64)
         self._s_cum = np.concatenate(([0], np.cumsum(s_len)))

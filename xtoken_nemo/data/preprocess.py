@@ -373,6 +373,11 @@ def _merge(cfg, state, plan, shard_dirs, out: Path, key_hash: str) -> dict:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
+    from xtoken_nemo.data.integrity import check_indexed
+
+    for d in shard_dirs:  # a shard cut after it was finished would poison the merged files
+        for prefix, _ in prefixes:
+            check_indexed(d / prefix, f"delete {d} and rerun the same `xtoken preprocess` command (it redoes only that shard)")
     for prefix, dtype in prefixes:
         builder = IndexedDatasetBuilder(str(staging / f"{prefix}.bin"), dtype=dtype)
         for d in shard_dirs:
