@@ -187,15 +187,14 @@ def _run_until(cfg: DistillConfig, stop_after: int):
     from xtoken_nemo.distill.trainer import Trainer
 
     trainer = Trainer(cfg, progress=False)
-    step_fn = trainer.train_step
+    for_step = trainer.batches.for_step
 
-    def step_and_signal(step):
-        metrics = step_fn(step)
+    def batches_and_signal(step):  # the signal arrives while step ``stop_after`` runs
         if step + 1 == stop_after:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return metrics
+        return for_step(step)
 
-    trainer.train_step = step_and_signal
+    trainer.batches.for_step = batches_and_signal
     return trainer.run()
 
 

@@ -25,20 +25,30 @@ def load_run_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_run_config(args)
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    from xtoken_nemo.distill.trainer import Trainer
+    from xtoken_nemo.distill.preemption import PreemptionFlag
 
-    summary = Trainer(cfg, progress=not args.quiet).run()
-    import torch
+    # before torch/megatron are imported and the models load (minutes at the paper's sizes): a
+    # SIGUSR1/SIGTERM from SLURM in that window is remembered and honoured after the first step
+    preemption = PreemptionFlag().install()
+    try:
+        cfg = load_run_config(args)
+        if args.print_config:
+            print(json.dumps(cfg.to_dict(), indent=2))
+            return 0
+        from xtoken_nemo.distill.trainer import Trainer
 
-    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
-        last = summary["history"][-1] if summary["history"] else {}
-        shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and k in ("total", "ce", "kd", "grad_norm", "lr")}
-        print(f"{cfg.name}: {summary['status']} at step {summary['step']}/{cfg.train.train_steps}"
-              f" (skipped {summary['skipped_steps']} non-finite steps); last step {shown}; checkpoints in {cfg.checkpoint.dir}")
+        trainer = Trainer(cfg, progress=not args.quiet, preemption=preemption)
+        try:
+            summary = trainer.run()
+            if trainer.rank == 0:
+                last = summary["history"][-1] if summary["history"] else {}
+                shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and k in ("total", "ce", "kd", "grad_norm", "lr")}
+                print(f"{cfg.name}: {summary['status']} at step {summary['step']}/{cfg.train.train_steps}"
+                      f" (skipped {summary['skipped_steps']} non-finite steps); last step {shown}; checkpoints in {cfg.checkpoint.dir}")
+        finally:
+            trainer.close()
+    finally:
+        preemption.uninstall()
     return 0
 
 
@@ -77,7 +87,7 @@ def add_train_parser(sub) -> None:
     source.add_argument("--recipe", help="a named recipe (`xtoken recipes`); its paths come from $XTOKEN_ROOT")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.train_steps=20 teachers.0.alpha=0.8")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (progress lines are logged either way when stderr is not a terminal)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a run's student as a Hugging Face checkpoint")

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 import torch
 
 from xtoken_nemo.distill.config import TeacherConfig
+from xtoken_nemo.losses.weighting import FIXED_WEIGHTINGS, dynamic_kd_scale
 from xtoken_nemo.losses import (
     LocalProjection,
     adaptive_alphas,
     chunk_log_mass_parallel,
     chunk_mass_kl,
-    combine_teachers,
     gold_loss_parallel,
     hkl_loss_parallel,
     kl_loss_parallel,
@@ -57,7 +57,8 @@ class StepLosses:
     ce: torch.Tensor
     kd: torch.Tensor | None
     per_teacher: dict[str, torch.Tensor] = field(default_factory=dict)
-    alphas: dict[str, float] = field(default_factory=dict)
+    alphas: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-dim tensors, one per teacher
+    kd_scale: torch.Tensor | None = None  # the factor that multiplies L_KD in total (relative to L_CE)
     num_chunks: dict[str, int] = field(default_factory=dict)
 
 
@@ -170,14 +171,21 @@ def distillation_loss(
             confidences.append(teacher_confidence_parallel(merged_teacher, alpha_mode, spec.vocab_size, targets=targets))
     names = [spec.config.name for spec in teachers]
     if alpha_mode == "static" or len(confidences) != len(teachers):
-        alphas = torch.tensor([spec.config.alpha for spec in teachers], dtype=torch.float32)
+        alphas = torch.tensor([spec.config.alpha for spec in teachers], dtype=torch.float32, device=ce.device)
     else:
-        alphas = adaptive_alphas(confidences, alpha_temperature)
-    kd = combine_teachers([losses[n] for n in names], alphas)
-    total = scale_kd_ce(kd, ce, kd_scaling)
+        alphas = adaptive_alphas(confidences, alpha_temperature).to(ce.device)
+    # alphas are valid by construction (static: the config checks they sum to 1; adaptive: a
+    # softmax), so the weighted sum skips combine_teachers' host-side checks: no device sync here
+    kd = (alphas * torch.stack([losses[n].float() for n in names])).sum()
+    if kd_scaling == "dynamic":
+        kd_scale = dynamic_kd_scale(kd, ce)
+        total = kd_scale * kd + ce
+    else:
+        total = scale_kd_ce(kd, ce, kd_scaling)
+        kd_scale = torch.tensor(FIXED_WEIGHTINGS[kd_scaling][0] / FIXED_WEIGHTINGS[kd_scaling][1], device=ce.device)
     return StepLosses(
-        total=total, ce=ce, kd=kd, per_teacher=losses,
-        alphas={n: float(a) for n, a in zip(names, alphas)}, num_chunks=counts,
+        total=total, ce=ce, kd=kd, per_teacher=losses, kd_scale=kd_scale,
+        alphas={n: a for n, a in zip(names, alphas.detach())}, num_chunks=counts,
     )
 
 

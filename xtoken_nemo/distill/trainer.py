@@ -9,11 +9,12 @@ SIGTERM/SIGUSR1 (SLURM preemption); a run restarted on the same directory resume
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import math
 import os
-import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from xtoken_nemo.distill.config import DistillConfig
+from xtoken_nemo.distill.preemption import PreemptionFlag
 from xtoken_nemo.errors import XTokenError
 
 log = logging.getLogger(__name__)
@@ -44,17 +46,48 @@ class RunState:
 # ----------------------------------------------------------------------------------------------
 # set-up
 # ----------------------------------------------------------------------------------------------
-def init_distributed(tp: int, seed: int) -> None:
-    """torch.distributed from torchrun's environment (or a one-process group) + parallel_state."""
+def process_group_options(timeout_minutes: float, cuda: bool, local_rank: int) -> dict:
+    """Keyword arguments of ``init_process_group`` for a torchrun worker.
+
+    An explicit timeout: a rank that died or hangs fails the others after ``timeout_minutes``
+    instead of torch's default (10 min NCCL, 30 min gloo). ``device_id`` binds the NCCL
+    communicator to this rank's GPU at start-up (eager init: a bad GPU or NCCL set-up fails here,
+    not in the first collective, and no rank guesses its device from the current one).
+    """
+    options = {"backend": "nccl" if cuda else "gloo", "timeout": datetime.timedelta(minutes=timeout_minutes)}
+    if cuda:
+        options["device_id"] = torch.device("cuda", local_rank)
+    return options
+
+
+def init_distributed(tp: int, seed: int, timeout_minutes: float = 30.0) -> bool:
+    """torch.distributed from torchrun's environment (or a one-process group) + parallel_state.
+
+    Returns True when this call created the process group (the caller then destroys it).
+    """
     from xtoken_nemo.models.runtime import ensure_model_parallel, install_shims
 
     install_shims()
-    if not torch.distributed.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend)
-    ensure_model_parallel(tp, seed)
+    created = not torch.distributed.is_initialized()
+    if created and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        cuda = torch.cuda.is_available()
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if cuda:
+            torch.cuda.set_device(local_rank)
+        torch.distributed.init_process_group(**process_group_options(timeout_minutes, cuda, local_rank))
+    ensure_model_parallel(tp, seed, timeout_minutes)
+    return created
+
+
+def destroy_distributed() -> None:
+    """Tear down parallel_state and the process group (NCCL warns about leaked communicators and
+    may hang at interpreter exit otherwise)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def _params_dtype(cfg: DistillConfig) -> torch.dtype:
@@ -63,40 +96,26 @@ def _params_dtype(cfg: DistillConfig) -> torch.dtype:
     return torch.float32
 
 
-class PreemptionFlag:
-    """Set by SIGTERM/SIGUSR1; the loop saves a checkpoint and exits at the next step boundary."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-        log.warning("received signal %d: will save a checkpoint and exit after this step", signum)
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def any_rank(self) -> bool:
-        return _true_on_any_rank(self.signal is not None)
-
-
 # ----------------------------------------------------------------------------------------------
 # the run
 # ----------------------------------------------------------------------------------------------
 class Trainer:
-    def __init__(self, cfg: DistillConfig, progress: bool = True) -> None:
+    """``progress``: a tqdm bar on rank 0 when stderr is a terminal (progress lines in the log
+    otherwise). ``preemption``: a flag installed by the caller before the heavy imports (``xtoken
+    train`` does); without one the trainer installs its own first thing, before building models."""
+
+    def __init__(self, cfg: DistillConfig, progress: bool = True, preemption: PreemptionFlag | None = None) -> None:
+        # first thing: a signal that arrives while the models load is remembered, not lost
+        self.preemption = preemption if preemption is not None else PreemptionFlag()
+        self._owns_preemption = not self.preemption.installed
+        if self._owns_preemption:
+            self.preemption.install()
         from megatron.core import parallel_state
 
         self.cfg = cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size=world)
-        init_distributed(cfg.train.tensor_parallel, cfg.train.seed)
+        self.owns_process_group = init_distributed(cfg.train.tensor_parallel, cfg.train.seed, cfg.train.dist_timeout_minutes)
         self.rank = torch.distributed.get_rank()
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -191,6 +210,7 @@ class Trainer:
     # ..........................................................................................
     def _forward_step(self, data_iterator, model):
         from xtoken_nemo.distill.kd import distillation_loss
+        from xtoken_nemo.losses.checks import nonfinite_checks_deferred
         from xtoken_nemo.models.build import causal_mask
 
         batch = next(data_iterator)
@@ -208,59 +228,69 @@ class Trainer:
                 t_logits = teacher(t_tokens, t_pos, causal_mask(B, T, device))
                 # bf16 on GPU as they come: the losses accumulate in fp32 block by block
                 teacher_outputs.append((t_logits, batch[f"teacher{m}_labels"].to(device), batch[f"teacher{m}_chunks"]))
-        finite = self._all_finite([student_logits.detach()] + [o[0] for o in teacher_outputs])
-        if not finite:
-            zero = student_logits.sum() * 0.0
-            return zero, partial(self._loss_func, {"nonfinite": 1.0})
         t = self.cfg.train
-        losses = distillation_loss(
-            student_logits, labels.to(device), loss_mask.to(device), self.student_vocab,
-            self.teacher_specs, teacher_outputs, t.kd_scaling, t.alpha_mode, t.alpha_temperature, t.loss_block_size,
-        )
-        metrics = {"ce": float(losses.ce.detach()), "nonfinite": 0.0 if torch.isfinite(losses.total.detach()) else 1.0}
+        # NaN/inf is not raised here (one rank raising while the others wait in a collective would
+        # hang the job): it is flagged, and train_step skips the step on every rank at once
+        with nonfinite_checks_deferred():
+            losses = distillation_loss(
+                student_logits, labels.to(device), loss_mask.to(device), self.student_vocab,
+                self.teacher_specs, teacher_outputs, t.kd_scaling, t.alpha_mode, t.alpha_temperature, t.loss_block_size,
+            )
+        # a sum is finite iff every entry is: one pass per tensor, no [tokens, V] boolean temporaries
+        finite = torch.isfinite(losses.total.detach())
+        for logits in [student_logits] + [o[0] for o in teacher_outputs]:
+            finite = finite & torch.isfinite(torch.sum(logits.detach(), dtype=torch.float32))
+        # metrics stay device tensors (train_step reduces them once per global step); copies,
+        # because megatron's schedule divides the returned loss by num_microbatches in place
+        metrics = {"ce": losses.ce.detach().clone(), "total": losses.total.detach().clone(), "nonfinite": (~finite).float()}
         if losses.kd is not None:
-            metrics["kd"] = float(losses.kd.detach())
-            metrics["kd_scale"] = float((losses.ce / losses.kd).detach()) if float(losses.kd) > 0 else 0.0
+            metrics["kd"] = losses.kd.detach()
+            metrics["kd_scale"] = losses.kd_scale.detach()
             for name, value in losses.per_teacher.items():
-                metrics[f"kd/{name}"] = float(value.detach())
+                metrics[f"kd/{name}"] = value.detach()
             for name, value in losses.alphas.items():
                 metrics[f"alpha/{name}"] = value
-        metrics["total"] = float(losses.total.detach())
         return losses.total, partial(self._loss_func, metrics)
 
-    def _average_over_data_parallel(self, metrics: dict) -> dict:
-        """Mean of each metric over the data-parallel ranks (every rank saw other windows)."""
-        if self.dp_size == 1:
-            return metrics
-        from megatron.core import parallel_state
+    def _reduce_step_metrics(self, outputs: list[dict], flags: dict[str, bool]) -> tuple[dict, dict]:
+        """Per-micro-batch metric tensors -> step metrics (mean over micro-batches and data-parallel
+        ranks) and global flags (true on any rank), in ONE all-reduce and ONE device-to-host copy
+        per global step. Every rank has the same keys (same config), so the vectors line up.
 
-        keys = sorted(metrics)
-        values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=_collective_device())
-        torch.distributed.all_reduce(values, group=parallel_state.get_data_parallel_group())
-        out = dict(zip(keys, (values / self.dp_size).tolist()))
-        if "nonfinite" in out:
-            out["nonfinite"] = float(out["nonfinite"] > 0)
-        return out
+        Returns (metrics as floats, flags as bools); ``flags`` holds host-side local flags
+        (preemption) and gets the micro-batches' ``nonfinite`` added.
+        """
+        keys = sorted({k for o in outputs for k in o} - {"nonfinite"})
+        device = _collective_device()
+        means = [torch.stack([o[k].float().reshape(()).to(device) for o in outputs]).mean() for k in keys]
+        nonfinite = torch.stack([o["nonfinite"].reshape(()).to(device) for o in outputs]).amax()
+        host_flags = torch.tensor([1.0 if flags[k] else 0.0 for k in sorted(flags)], device=device)
+        vector = torch.cat([torch.stack(means) if means else torch.zeros(0, device=device), nonfinite.reshape(1), host_flags])
+        world = 1
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(vector)  # sum: TP ranks hold equal values, DP ranks differ
+            world = torch.distributed.get_world_size()
+        values = vector.tolist()  # the step's one device-to-host synchronization
+        metrics = {k: v / world for k, v in zip(keys, values)}
+        reduced_flags = {"nonfinite": values[len(keys)] > 0}
+        reduced_flags.update({k: v > 0 for k, v in zip(sorted(flags), values[len(keys) + 1:])})
+        return metrics, reduced_flags
 
     @staticmethod
     def _loss_func(metrics: dict, output_tensor: torch.Tensor):
         return output_tensor, metrics
 
-    @staticmethod
-    def _all_finite(tensors: list[torch.Tensor]) -> bool:
-        # a sum is finite iff every entry is: one pass, no [tokens, V] boolean temporaries
-        local_ok = all(bool(torch.isfinite(torch.sum(x, dtype=torch.float32))) for x in tensors)
-        return not _true_on_any_rank(not local_ok)
-
     # ..........................................................................................
     def train_step(self, step: int) -> dict:
-        """One global step; returns averaged metrics (ce, kd, total, grad_norm, lr, ...)."""
+        """One global step; returns averaged metrics (ce, kd, total, grad_norm, lr, ...) and
+        ``preempted`` (a signal reached some rank before this step's reduction)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 
         micro = self.batches.for_step(step)
         S = self.cfg.data.seq_length
+        lr = self.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
         with cuda_to_cpu():
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
@@ -273,13 +303,18 @@ class Trainer:
                 micro_batch_size=self.cfg.train.micro_batch_size,
                 forward_only=False,
             )
-            metrics = self._average_over_data_parallel(_average(outputs))
-            # every rank must take the same branch: skip the step everywhere or nowhere
-            if _true_on_any_rank(metrics.get("nonfinite", 0.0) > 0):
+            metrics, flags = self._reduce_step_metrics(outputs, {"preempted": self.preemption.raised})
+            # every rank takes the same branch: the flags are global
+            if flags["nonfinite"]:
                 self.state.consecutive_nonfinite += 1
                 self.state.skipped_steps += 1
                 metrics.update(skipped=1.0, grad_norm=float("nan"))
+                self.model.zero_grad_buffer()  # NaN gradients never reach the optimizer
                 self.optimizer.zero_grad()
+                log.warning(
+                    "step %d: NaN/inf in the logits or the loss on some rank; step skipped on every rank (%d in a row, %d in all)",
+                    step + 1, self.state.consecutive_nonfinite, self.state.skipped_steps,
+                )
                 if self.state.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite:
                     raise TrainingError(
                         f"{self.state.consecutive_nonfinite} steps in a row had NaN/inf logits or loss (last at step {step + 1}); "
@@ -294,7 +329,8 @@ class Trainer:
                 self.state.consecutive_nonfinite = 0
                 metrics.update(skipped=0.0, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
         self.scheduler.step(increment=1)
-        metrics["lr"] = self.optimizer.param_groups[0]["lr"]
+        metrics["lr"] = lr
+        metrics["preempted"] = float(flags["preempted"])
         return metrics
 
     # ..........................................................................................
@@ -339,14 +375,20 @@ class Trainer:
         """Train to ``train.train_steps``; returns a summary (losses per step, status)."""
         from tqdm.auto import tqdm
 
+        from xtoken_nemo.distill.progress import ProgressLog
+
         cfg = self.cfg
         self.resume()
         writer = _tensorboard(cfg.log_dir) if self.rank == 0 else None
-        flag = PreemptionFlag()
-        flag.install()
         history, status = [], "completed"
         tokens_per_step = cfg.train.global_batch_size * cfg.data.seq_length
-        bar = tqdm(total=cfg.train.train_steps, initial=self.state.step, desc=cfg.name, unit="step", disable=not self.progress, dynamic_ncols=True)
+        progress_log = ProgressLog(cfg.train.train_steps, tokens_per_step, [tc.name for tc in cfg.teachers])
+        # a bar only on a terminal: in a job's output file it is a stream of redraws
+        show_bar = self.progress and sys.stderr.isatty()
+        bar = tqdm(total=cfg.train.train_steps, initial=self.state.step, desc=cfg.name, unit="step", disable=not show_bar, dynamic_ncols=True)
+        if self.rank == 0:
+            log.info("training %s: step %d -> %d, %s tokens per step, [tp, dp] = [%d, %d]",
+                     cfg.name, self.state.step, cfg.train.train_steps, f"{tokens_per_step:,}", self.tp, self.dp_size)
         try:
             while self.state.step < cfg.train.train_steps:
                 started = time.perf_counter()
@@ -355,14 +397,17 @@ class Trainer:
                 metrics["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
                 metrics["memory_gb"] = _memory_gb()
                 metrics["step"] = self.state.step
+                preempted = metrics.pop("preempted") > 0
                 history.append(metrics)
+                progress_log.step_done()
                 if self.rank == 0:
                     _log_metrics(writer, metrics, self.state.step)
                     bar.set_postfix({k: f"{metrics[k]:.3g}" for k in ("total", "ce", "kd", "lr") if k in metrics})
-                    if self.state.step % cfg.train.log_interval == 0:
-                        log.info("step %d %s", self.state.step, json.dumps({k: round(v, 5) for k, v in metrics.items() if isinstance(v, float)}))
+                    if self.state.step % cfg.train.log_interval == 0 or self.state.step == cfg.train.train_steps:
+                        line = progress_log.line(metrics, self.state.step)
+                        # with a bar on screen the line would only scroll it away
+                        log.log(logging.DEBUG if show_bar else logging.INFO, "%s", line)
                 bar.update(1)
-                preempted = flag.any_rank()
                 if preempted or self.state.step % cfg.checkpoint.save_interval == 0 or self.state.step == cfg.train.train_steps:
                     self.save()
                 if preempted:
@@ -370,25 +415,23 @@ class Trainer:
                     break
         finally:
             bar.close()
-            flag.uninstall()
+            if self._owns_preemption:
+                self.preemption.uninstall()
             if writer is not None:
                 writer.close()
         if self.rank == 0 and status == "preempted":
             log.warning("preempted at step %d: checkpoint saved; restart the same command to resume", self.state.step)
         return {"status": status, "step": self.state.step, "skipped_steps": self.state.skipped_steps, "history": history}
 
+    def close(self) -> None:
+        """Destroy the process group if this trainer created it (``xtoken train`` calls this at exit)."""
+        if self.owns_process_group:
+            destroy_distributed()
+
 
 def _collective_device() -> torch.device:
     """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _true_on_any_rank(flag: bool) -> bool:
-    """A local condition made global (all-reduce MAX over the world), so all ranks agree."""
-    value = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
 
 
 def _distributed_optimizer_works() -> bool:
@@ -401,11 +444,6 @@ def _distributed_optimizer_works() -> bool:
         return True
     log.warning("Apex/Transformer-Engine not installed: using megatron's non-distributed optimizer (optimizer state replicated over data-parallel ranks)")
     return False
-
-
-def _average(outputs: list[dict]) -> dict:
-    keys = {k for o in outputs for k in o}
-    return {k: sum(float(o[k]) for o in outputs if k in o) / max(1, sum(1 for o in outputs if k in o)) for k in keys}
 
 
 def _memory_gb() -> float:

@@ -6,8 +6,10 @@ wrong and what to do, never a silent NaN loss.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -33,7 +35,32 @@ def check_logits(
         check_finite(name, logits)
 
 
+_DEFERRED = contextvars.ContextVar("xtoken_nonfinite_deferred", default=False)
+
+
+@contextlib.contextmanager
+def nonfinite_checks_deferred() -> Iterator[None]:
+    """Inside this block the losses do not check their inputs and results for NaN/inf: the caller
+    (the trainer) checks once per global step over every rank and skips the step everywhere.
+
+    Raising here would be wrong in a multi-rank job: the rank that raises leaves while the others
+    wait in the next collective until the NCCL timeout; and each check costs a device-to-host
+    synchronization (plus an all-reduce for the vocab-parallel ones) per loss call.
+    """
+    token = _DEFERRED.set(True)
+    try:
+        yield
+    finally:
+        _DEFERRED.reset(token)
+
+
+def nonfinite_checks_enabled() -> bool:
+    return not _DEFERRED.get()
+
+
 def check_finite(name: str, t: torch.Tensor) -> None:
+    if _DEFERRED.get():
+        return
     if not bool(torch.isfinite(t).all()):
         bad = int((~torch.isfinite(t)).sum())
         raise LossInputError(

@@ -44,6 +44,7 @@ from xtoken_nemo.losses.checks import (
     check_reduction,
     check_same_chunks,
     check_temperature,
+    nonfinite_checks_enabled,
     reduce_chunks,
 )
 from xtoken_nemo.losses.reference import DEFAULT_EPS, MERGE_MODES, MergedChunks, _chunk_index, hkl_pairs
@@ -114,6 +115,8 @@ def _check_finite_global(name: str, logits: torch.Tensor, group: object | None) 
     One pass: the sum of a tensor is finite iff every entry is (short of an fp32 overflow of the
     sum itself, which logits do not reach); the exact count is taken only for the message.
     """
+    if not nonfinite_checks_enabled():
+        return
     total = torch.sum(logits.detach(), dtype=torch.float32)
     bad = torch.tensor([0.0 if bool(torch.isfinite(total)) else 1.0], device=logits.device)
     comm.all_reduce_(bad, "sum", group)
@@ -133,6 +136,8 @@ def _raise_if_not_finite(per_chunk: torch.Tensor, what: str) -> None:
     loss, non-finite on every rank: all ranks raise together, none waits in a collective. (A -inf
     student logit is a probability of exactly 0 and is accepted here.)
     """
+    if not nonfinite_checks_enabled():
+        return
     if not bool(torch.isfinite(per_chunk).all()):
         raise LossInputError(
             f"{what} contain NaN/inf values (the loss of {int((~torch.isfinite(per_chunk)).sum())} chunks is "

@@ -80,6 +80,13 @@ def combine_teachers(losses: Sequence[torch.Tensor], alphas: Sequence[float] | t
     return sum(float(a[m]) * losses[m] for m in range(len(losses)))
 
 
+def dynamic_kd_scale(kd_loss: torch.Tensor, ce_loss: torch.Tensor, min_kd: float = 1e-12) -> torch.Tensor:
+    """The factor sg(L_CE / |L_KD|) that multiplies L_KD in the dynamic scaling; 0 when
+    |L_KD| <= min_kd. A tensor (no host synchronization: the trainer logs it as is)."""
+    magnitude = kd_loss.detach().abs()
+    return torch.where(magnitude > min_kd, ce_loss.detach() / magnitude.clamp_min(min_kd), torch.zeros_like(magnitude))
+
+
 def scale_kd_ce(
     kd_loss: torch.Tensor,
     ce_loss: torch.Tensor,
@@ -99,10 +106,7 @@ def scale_kd_ce(
     check_finite("KD loss", kd_loss.detach())
     check_finite("CE loss", ce_loss.detach())
     if mode == "dynamic":
-        magnitude = abs(float(kd_loss.detach()))
-        if magnitude <= min_kd:
-            return ce_loss + 0.0 * kd_loss
-        return (ce_loss.detach() / magnitude) * kd_loss + ce_loss
+        return dynamic_kd_scale(kd_loss, ce_loss, min_kd) * kd_loss + ce_loss
     if isinstance(mode, str):
         if mode not in FIXED_WEIGHTINGS:
             raise LossInputError(f"unknown KD/CE scaling {mode!r}; choose 'dynamic', {sorted(FIXED_WEIGHTINGS)} or (w_kd, w_ce)")
