@@ -130,6 +130,11 @@ def test_slurm_job_completes_and_requeued_job_resumes(slurm, tiny_root):
     assert "cpu-tiny: completed at step 4/4" in log and _latest(ckpt) == 4
     assert f"job {job} (restart 0)" in log and "training finished with exit code 0" in log
     assert state["JobName"] == "xtoken-cpu-tiny"
+    # the job log shows progress: one line per step (log_interval 1) from rank 0, no bar redraws
+    step_lines = re.findall(r"INFO xtoken_nemo\.distill\.trainer: (step \d+/4 .*)", log)
+    assert [line.split()[1] for line in step_lines] == ["1/4", "2/4", "3/4", "4/4"], log
+    assert all("tok/s" in line and "ETA" in line and "ce " in line for line in step_lines), step_lines
+    assert "\r" not in log and "it/s]" not in log and "step/s]" not in log
 
     # 2. preemption warning (the USR1 that --signal=B:USR1@120 sends), then an external requeue
     steps = 12
