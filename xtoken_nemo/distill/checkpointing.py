@@ -12,18 +12,34 @@ while saving leaves a ``.partial`` directory that is ignored (and removed by the
 the previous checkpoint stays the one that is loaded.
 
 Only the student is saved: teachers are frozen and come from their own checkpoints.
+
+A checkpoint saved with the local layer spec (CPU) resumes with the TE spec (GPU) and the reverse:
+the ``_extra_state`` entries (TE's fp8 metadata) one spec has and the other lacks are tolerated
+(:func:`xtoken_nemo.models.checkpoint.dist_load`).
+
+:func:`resume_latest` is what a run calls to resume: a latest checkpoint that cannot be read (a
+``.distcp`` cut short, a missing file, ``latest.txt`` naming a missing directory) is either a
+one-line :class:`CheckpointError` or, with ``fallback``, a loud fall-back to the newest earlier
+complete checkpoint. All ranks take the same decision.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
+from xtoken_nemo.errors import XTokenError
+
 log = logging.getLogger(__name__)
+
+
+class CheckpointError(XTokenError):
+    """A training checkpoint cannot be loaded (corrupt, incomplete, or written for another model)."""
 
 LATEST = "latest.txt"
 SHARDING_TYPE = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -160,10 +176,12 @@ def _allocate_optimizer_state(optimizer) -> None:
 
 
 def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer) -> dict:
-    """Load model and optimizer state in place (any TP layout); returns the run state."""
+    """Load model and optimizer state in place (any TP layout, local or TE layer spec either way);
+    returns the run state."""
     from megatron.core import dist_checkpointing
 
     from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
+    from xtoken_nemo.models.checkpoint import dist_load, load_model_state
 
     path = iteration_dir(Path(root), iteration)
     run_state = dict(dist_checkpointing.load_common_state_dict(str(path))["run_state"])
@@ -173,8 +191,8 @@ def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer) -
         _allocate_optimizer_state(optimizer)
         template = _sharded_state(model, optimizer, {}, is_loading=True, with_rng=same_layout)
         template.pop("run_state")  # common (non-sharded) state, read above
-        loaded = dist_checkpointing.load(template, str(path))
-        model.load_state_dict(loaded["model"])
+        loaded = dist_load(template, path, error_cls=CheckpointError)
+        load_model_state(model, loaded["model"], path, error_cls=CheckpointError)
         optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:
         set_rng_state(loaded["rng_state"])
@@ -182,3 +200,145 @@ def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer) -
         log.warning("checkpoint %s was saved with [tp, dp] = %s, loading at %s: weights and optimizer resharded, RNG reseeded", path, saved_layout, _layout())
     log.info("loaded checkpoint %s", path)
     return run_state
+
+
+# ----------------------------------------------------------------------------------------------
+# resuming past a corrupt latest checkpoint
+# ----------------------------------------------------------------------------------------------
+_ITER_DIR = re.compile(r"^iter_(\d+)$")
+
+
+def complete_iterations(root: str | os.PathLike) -> list[int]:
+    """Iterations of the published ``iter_N`` directories under root, newest first (``.partial``
+    directories are saves that never finished and are ignored)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [int(m.group(1)) for p in root.iterdir() if p.is_dir() and (m := _ITER_DIR.match(p.name))]
+    return sorted(found, reverse=True)
+
+
+def _collective_device() -> torch.device:
+    """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _failed_on_any_rank(failed: bool) -> bool:
+    """A local failure made global (all-reduce MAX over the world), so all ranks agree."""
+    value = torch.tensor([1.0 if failed else 0.0], device=_collective_device())
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _cause(exc: BaseException) -> str:
+    """``ExceptionType: first line of its message``; for torch DCP's CheckpointException (which
+    gathers the failures of all ranks) the first failing rank's exception is named."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = failures[min(failures)]  # (exception, traceback summary)
+        inner = first[0] if isinstance(first, tuple) and first else first
+        if isinstance(inner, BaseException):
+            return f"{type(exc).__name__} on rank(s) {sorted(failures)}: {_cause(inner)}"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _agree(path: Path, cause: str | None) -> str | None:
+    """Make one attempt's outcome global; None when it succeeded on every rank."""
+    if not _failed_on_any_rank(cause is not None):
+        return None
+    if cause is not None:
+        log.error("checkpoint %s cannot be loaded%s: %s", path, f" (rank {_rank()})" if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else "", cause)
+        return cause
+    cause = "loading failed on another rank (see that rank's log)"
+    if _rank() == 0:
+        log.error("checkpoint %s cannot be loaded: %s", path, cause)
+    return cause
+
+
+def _try_load(root: Path, iteration: int, model, optimizer) -> tuple[dict | None, str | None]:
+    """(run_state, None) when every rank loaded ``iter_N``; (None, cause) on every rank otherwise.
+
+    Any exception while reading counts (EOFError from a cut-short ``.distcp``, megatron's
+    CheckpointingException, torch DCP's CheckpointException, RuntimeError, unpickling errors, a
+    missing file or directory). Two phases, each ended by an all-reduce of the failure flag so
+    that no rank enters a collective the others skip: (1) the rank-local reads megatron does before
+    its first collective (the directory, ``common.pt``, the DCP ``.metadata``), (2) the load
+    itself, whose collectives all ranks enter (torch DCP gathers read errors from every rank before
+    raising them, so a bad shard fails the load on all ranks alike). A failed load may have
+    overwritten part of the model or optimizer in place: the next attempt (or a fresh start)
+    overwrites all of it.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    unreadable = (Exception, CheckpointException)  # torch DCP's CheckpointException is a BaseException
+    path = iteration_dir(root, iteration)
+    cause = None
+    try:
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path} does not exist")
+        dist_checkpointing.load_common_state_dict(str(path))["run_state"]
+        load_sharded_metadata(str(path))
+    except unreadable as exc:  # any unreadable checkpoint is handled by the caller
+        cause = _cause(exc)
+    cause = _agree(path, cause)
+    if cause is not None:
+        return None, cause
+    run_state = None
+    try:
+        run_state = load_checkpoint(root, iteration, model, optimizer)
+    except unreadable as exc:
+        cause = _cause(exc)
+    cause = _agree(path, cause)
+    return (None, cause) if cause is not None else (run_state, None)
+
+
+def resume_latest(root: str | os.PathLike, model, optimizer, fallback: bool) -> tuple[int, dict] | None:
+    """Load the newest complete checkpoint under ``root`` into model and optimizer (collective).
+
+    Returns ``(iteration, run_state)`` as :func:`load_checkpoint`, or None when there is no
+    checkpoint (no ``latest.txt``). If the iteration in ``latest.txt`` cannot be loaded, one ERROR
+    line names the directory and the cause; then with ``fallback`` the earlier ``iter_N``
+    directories are tried newest first (a WARNING says which and how many steps are recomputed),
+    and if none loads, or without ``fallback``, a one-line :class:`CheckpointError` says what to do.
+    Every rank takes the same decisions (each attempt's failure is all-reduced).
+    """
+    root = Path(root)
+    latest_file = root / LATEST
+    if not latest_file.is_file():
+        return None
+    text = latest_file.read_text().strip()
+    if text.isdigit():
+        latest = int(text)
+        run_state, cause = _try_load(root, latest, model, optimizer)
+        if run_state is not None:
+            return latest, run_state
+        bad = iteration_dir(root, latest)
+    else:
+        latest, bad, cause = None, latest_file, f"{LATEST} is corrupt ({text[:40]!r})"
+        log.error("checkpoint %s cannot be read: %s", latest_file, cause)
+    what = f"delete or move {bad}" if latest is not None else f"fix or delete {latest_file}"
+    if not fallback:
+        raise CheckpointError(
+            f"latest checkpoint {bad} cannot be loaded ({cause}): {what} to resume from the previous "
+            "one, or set checkpoint.fallback_on_corrupt=true to do that automatically"
+        )
+    earlier = [i for i in complete_iterations(root) if latest is None or i < latest]
+    for iteration in earlier:
+        run_state, _ = _try_load(root, iteration, model, optimizer)
+        if run_state is not None:
+            if _rank() == 0:
+                steps = f"{latest - iteration} steps" if latest is not None else "the steps after it"
+                log.warning(
+                    "resuming from %s instead of corrupt %s: %s will be recomputed; %s",
+                    iteration_dir(root, iteration).name, bad.name, steps, what,
+                )
+            return iteration, run_state
+    tried = ", ".join(iteration_dir(root, i).name for i in earlier) or "none"
+    raise CheckpointError(
+        f"latest checkpoint {bad} cannot be loaded ({cause}) and no earlier checkpoint loads either "
+        f"(tried: {tried}): delete {root} to start over, or restore a good checkpoint into it"
+    )

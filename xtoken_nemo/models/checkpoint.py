@@ -7,6 +7,33 @@ Layout of a checkpoint directory::
 
 The dist checkpoint holds full-tensor shard descriptions, so it loads at any TP size that divides
 the heads, query groups, FFN size and padded vocabulary (megatron reshards on load).
+
+Local layer spec <-> Transformer-Engine layer spec (:func:`dist_load`)
+----------------------------------------------------------------------
+``xtoken convert`` and every CPU run build with the local spec; a GPU with TE builds with the TE
+spec. The parameter names agree (megatron maps the local layer norms onto TE's fused
+``linear_qkv.layer_norm_weight``/``linear_fc1.layer_norm_weight``), but TE modules keep fp8
+metadata as torch "extra state": ``make_sharded_tensors_for_checkpoint`` (megatron-core
+``transformer/utils.py``) turns every ``*._extra_state`` entry of a module's state dict into a
+``ShardedObject`` keyed ``<sharded prefix>._extra_state`` (``decoder.layers.<module>._extra_state``
+for the stacked layers), global shape ``[num_layers]``, offset the layer index, replica id
+``(0, tp_rank, dp_rank)`` (saved once, by TP rank 0 / DP rank 0). The local linears produce the same
+keys with a ``None`` payload, but modules that only TE gives extra state (core attention in
+megatron-core before 0.16 and with ``softmax_type="learnable"``, TE norms) and checkpoints written
+by tools that drop extra state leave the TE model asking for ``_extra_state`` keys the checkpoint
+does not have. ``dist_checkpointing.load`` defaults to ``StrictHandling.ASSUME_OK_UNEXPECTED`` (no
+mismatch check; in megatron's words a key requested but absent from the checkpoint is
+"unexpected", one in the checkpoint but not requested is "missing"), so torch's DCP planner fails
+the whole load with ``CheckpointException ... RuntimeError: Missing key in checkpoint state_dict:
+decoder.layers.self_attention.core_attention._extra_state/shard_0_2``. Megatron-LM exposes the
+choice as ``--dist-ckpt-strictness`` (passed as ``strict=`` to ``dist_checkpointing.load``, then
+``model.load_state_dict(..., strict=False)``). We load with ``StrictHandling.RETURN_ALL``: megatron
+drops the requested keys the checkpoint lacks from the request and returns them; a dropped key
+that is not ``_extra_state`` on any rank is an error (all ranks raise together). Keys only the
+checkpoint has (a TE checkpoint's extra state in a local model, the optimizer state of a training
+checkpoint read as a model) are ignored, as before. ``model.load_state_dict`` then runs non-strict
+and accepts missing or unused ``_extra_state`` only (a TE module without its extra state keeps its
+fresh fp8 metadata, as TE does for a ``None`` one).
 """
 
 from __future__ import annotations
@@ -108,18 +135,82 @@ def save_model(model, out_dir: str | Path) -> None:
         dist_checkpointing.save(model.sharded_state_dict(), str(out))
 
 
-def load_into_model(model, ckpt_dir: str | Path) -> None:
-    """Load a dist checkpoint into ``model`` (any TP layout; collective over all ranks)."""
-    from megatron.core import dist_checkpointing
+EXTRA_STATE_SUFFIX = "_extra_state"
 
-    sharded = model.sharded_state_dict()
-    # Checkpoint tensors are loaded into (and keep) the dtype of the model's parameters.
+
+def is_extra_state(key: str) -> bool:
+    """A module's torch extra state (TE's fp8 metadata): present or not depending on the layer spec."""
+    return key.endswith(EXTRA_STATE_SUFFIX)
+
+
+def _any_rank(flag: bool) -> bool:
+    """A local flag made global (all-reduce MAX over the world): every rank takes the same decision."""
+    if not torch.distributed.is_initialized():
+        return flag
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _few(keys) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
+
+
+def dist_load(sharded_state_dict: dict, ckpt_dir: str | Path, error_cls: type[Exception] = ModelError) -> dict:
+    """``dist_checkpointing.load`` that tolerates exactly the ``_extra_state`` keys one layer spec
+    has and the other lacks (see the module docstring); collective over all ranks.
+
+    Returns the loaded state dict (without the dropped ``_extra_state`` entries). Raises
+    ``error_cls`` (one line, on every rank) when a requested key other than ``_extra_state`` is
+    not in the checkpoint.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
     with cuda_to_cpu():
-        state = dist_checkpointing.load(sharded, str(ckpt_dir))
+        state, ckpt_only, absent = dist_checkpointing.load(sharded_state_dict, str(ckpt_dir), strict=StrictHandling.RETURN_ALL)
+    # megatron's names: "unexpected" = requested but not in the checkpoint (per rank),
+    # "missing" = in the checkpoint but requested by no rank (the same on all ranks)
+    bad = sorted(k for k in absent if not is_extra_state(k))
+    if _any_rank(bool(bad)):
+        what = _few(bad) if bad else "keys requested on another rank"
+        raise error_cls(
+            f"checkpoint {ckpt_dir} lacks {what}: it was written for a different model (architecture, "
+            "vocabulary or tied embeddings); rebuild the model from the checkpoint's own record or re-convert"
+        )
+    extra_absent = [k for k in absent if is_extra_state(k)]
+    if extra_absent:
+        log.info("checkpoint %s has no %d _extra_state entries the model asks for (saved with another layer spec): "
+                 "those modules keep their fresh state", ckpt_dir, len(extra_absent))
+    extra_unused = [k for k in ckpt_only if is_extra_state(k)]
+    if extra_unused:
+        log.info("checkpoint %s holds %d _extra_state entries this model does not use (saved with another layer spec)",
+                 ckpt_dir, len(extra_unused))
+    return state
+
+
+def load_model_state(model, state: dict, ckpt_dir: str | Path, error_cls: type[Exception] = ModelError) -> None:
+    """``model.load_state_dict`` accepting missing or unused ``_extra_state`` entries only."""
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    missing = [k for k in missing if not is_extra_state(k)]
+    unexpected = [k for k in unexpected if not is_extra_state(k)]
     if missing:
-        raise ModelError(f"checkpoint {ckpt_dir} lacks parameters {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        raise error_cls(f"checkpoint {ckpt_dir} lacks parameters {_few(missing)}: it was written for a different model")
+    if unexpected:
+        raise error_cls(f"checkpoint {ckpt_dir} has parameters the model lacks: {_few(unexpected)}; it was written for a different model")
+
+
+def load_into_model(model, ckpt_dir: str | Path) -> None:
+    """Load a dist checkpoint into ``model`` (any TP layout, local or TE layer spec either way;
+    collective over all ranks)."""
+    # Checkpoint tensors are loaded into (and keep) the dtype of the model's parameters.
+    sharded = model.sharded_state_dict()
+    state = dist_load(sharded, ckpt_dir)
+    # the result also holds the checkpoint's common (non-sharded) state, e.g. a training
+    # checkpoint's run_state and optimizer parameter groups: keep the model's entries
+    load_model_state(model, {k: v for k, v in state.items() if k in sharded}, ckpt_dir)
 
 
 def load_mcore_checkpoint(
