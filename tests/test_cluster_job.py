@@ -262,3 +262,30 @@ def test_logged_kd_scale_is_the_factor_applied(sp_pair, tmp_path, kd_scaling):  
         assert h["total"] == pytest.approx(w_ce * (h["ce"] + h["kd_scale"] * h["kd"]), rel=1e-5)
     if kd_scaling == "dynamic":
         assert [h["kd_scale"] for h in out["history"]] == pytest.approx([h["ce"] / abs(h["kd"]) for h in out["history"]], rel=1e-5)
+
+
+def test_run_resumes_past_a_corrupt_latest_checkpoint(sp_pair, tmp_path, caplog):  # noqa: F811
+    """The newest checkpoint's .distcp cut short (a node died while the filesystem flushed): the
+    run resumes from the one before with a loud warning, or stops in one line when told to."""
+    import logging
+
+    from xtoken_nemo.distill.checkpointing import CheckpointError
+    from xtoken_nemo.distill.trainer import Trainer
+
+    cfg = sp_config(sp_pair, tmp_path, steps=2, same_tok_teacher=False)
+    cfg.checkpoint.save_interval = 1
+    Trainer(cfg, progress=False).run()
+    shard = max((Path(cfg.checkpoint.dir) / "iter_0000002").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    strict = sp_config(sp_pair, tmp_path, steps=3, same_tok_teacher=False)
+    strict.checkpoint.fallback_on_corrupt = False
+    with pytest.raises(CheckpointError) as info:
+        Trainer(strict, progress=False).run()
+    assert "iter_0000002" in str(info.value) and "\n" not in str(info.value)
+
+    caplog.set_level(logging.WARNING, logger="xtoken_nemo")
+    out = Trainer(sp_config(sp_pair, tmp_path, steps=3, same_tok_teacher=False), progress=False).run()
+    assert [h["step"] for h in out["history"]] == [2, 3]
+    assert any("instead of corrupt iter_0000002" in r.getMessage() for r in caplog.records)
+    assert (Path(cfg.checkpoint.dir) / "latest.txt").read_text().strip() == "3"

@@ -335,15 +335,17 @@ class Trainer:
 
     # ..........................................................................................
     def resume(self) -> bool:
-        from xtoken_nemo.distill.checkpointing import latest_iteration, load_checkpoint
+        """Load the newest checkpoint that loads (an unreadable latest one falls back to the one
+        before it unless ``checkpoint.fallback_on_corrupt`` is off)."""
+        from xtoken_nemo.distill.checkpointing import resume_latest
 
         ckpt = self.cfg.checkpoint
         if not ckpt.resume:
             return False
-        iteration = latest_iteration(ckpt.dir)
-        if iteration is None:
+        found = resume_latest(ckpt.dir, self.student, self.optimizer, fallback=ckpt.fallback_on_corrupt)
+        if found is None:
             return False
-        run_state = load_checkpoint(ckpt.dir, iteration, self.student, self.optimizer)
+        _, run_state = found
         self.state = RunState(**run_state)
         self.scheduler.load_state_dict(self.state.scheduler)
         if self.rank == 0:
