@@ -1,0 +1,351 @@
+"""Part 1 of the GPU check: correctness on CUDA. Every sub-check prints PASS/FAIL with its max
+error and never stops the run (a sub-check that raises is a FAIL with its traceback's tail).
+
+- losses: KL, P-KL (W's sparse CSR product on CUDA; W given as is and as a CPU-prepared
+  LocalProjection, as the trainer does), GOLD, H-KL, ULD, the chunk merges and the chain log-mass,
+  on CUDA in fp32 and bf16, against the plain-PyTorch reference on CPU in fp64 (values and grads)
+- a bf16 training step of a tiny student (real Llama-3.2 tokenizer) with one P-KL teacher (Qwen3
+  tokenizer, head_dim != hidden/heads, untied) and one same-tokenizer KL teacher through ``Trainer``
+- checkpoint save, load (bit-exact weights) and resume (steps 3-4 of a run saved at step 2 equal
+  those of a straight run) on CUDA
+- a random checkpoint written on CPU (a process with ``CUDA_VISIBLE_DEVICES=""``) loaded on CUDA:
+  logits equal the CPU load's
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gpu_check_paper import model_config, shapes, sync
+
+N, VS, VT = 48, 1000, 1300
+VS_PAD, VT_PAD = 1024, 1408
+
+
+def _device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------------------------
+def _case(seed: int = 0) -> dict:
+    from xtoken_nemo.vocab import ProjectionMatrix
+
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(N, VS_PAD, generator=g, dtype=torch.float64) * 2
+    t = torch.randn(N, VT_PAD, generator=g, dtype=torch.float64) * 2
+    t_same = torch.randn(N, VS_PAD, generator=g, dtype=torch.float64) * 2
+    s[:, VS:] = 50.0  # padded columns: garbage that must be masked
+    t[:, VT:] = 50.0
+    t_same[:, VS:] = 50.0
+    idx = torch.full((VS, 4), -1, dtype=torch.int64)
+    val = torch.zeros(VS, 4)
+    for r in range(VS):
+        k = r % 5
+        if k:
+            idx[r, :k] = torch.randperm(VT, generator=g)[:k]
+            v = torch.rand(k, generator=g) + 0.05
+            val[r, :k] = v / v.sum()
+    W = ProjectionMatrix(idx, val, VT)
+    seen, pairs = set(), []
+    for r in range(VS):
+        if r % 5 == 1 and int(idx[r, 0]) not in seen:
+            seen.add(int(idx[r, 0]))
+            pairs.append((r, int(idx[r, 0])))
+    weights = torch.rand(N, generator=g, dtype=torch.float64) + 0.5
+    sizes, chunks, pos = [1, 2, 3], [], 0
+    while pos < N:
+        k = min(sizes[len(chunks) % 3], N - pos)
+        chunks.append(list(range(pos, pos + k)))
+        pos += k
+    targets = torch.randint(0, VS, (N,), generator=g)
+    return {"s": s, "t": t, "t_same": t_same, "W": W, "pairs": torch.tensor(pairs, dtype=torch.int64),
+            "weights": weights, "chunks": chunks, "targets": targets}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    if not torch.isfinite(a).all():
+        return math.inf
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-6))
+
+
+def check_losses(report) -> None:
+    from xtoken_nemo.losses import parallel as P
+    from xtoken_nemo.losses import reference as R
+
+    c = _case()
+    dev = _device()
+    proj = P.prepare_projection(c["W"], VS_PAD, VT_PAD)  # on CPU, as Trainer._build does
+    rounded = {}  # the teacher logits exactly as the device sees them, for the reference
+
+    def t_real():
+        return rounded["t"][:, :VT]
+
+    def ts_real():
+        return rounded["ts"][:, :VS]
+
+    cases = {
+        "kl": (lambda s, t, ts: P.kl_loss_parallel(s, ts, VS, reduction="none", block_size=16),
+               lambda x: R.kl_loss(x, ts_real(), reduction="none")),
+        "pkl": (lambda s, t, ts: P.pkl_loss_parallel(s, t, c["W"], VS, VT, reduction="none", block_size=16),
+                lambda x: R.pkl_loss(x, t_real(), c["W"], reduction="none")),
+        "pkl_prepared_on_cpu": (lambda s, t, ts: P.pkl_loss_parallel(s, t, proj, VS, VT, reduction="none", block_size=16),
+                                lambda x: R.pkl_loss(x, t_real(), c["W"], reduction="none")),
+        "gold": (lambda s, t, ts: P.gold_loss_parallel(s, t, c["pairs"], VS, VT, reduction="none", block_size=16),
+                 lambda x: R.gold_loss(x, t_real(), c["pairs"], reduction="none")),
+        "hkl": (lambda s, t, ts: P.hkl_loss_parallel(s, t, c["W"], VS, VT, reduction="none", block_size=16),
+                lambda x: R.hkl_loss(x, t_real(), c["W"], reduction="none")),
+        "uld": (lambda s, t, ts: P.uld_loss_parallel(s, t, VS, VT, reduction="none", block_size=16),
+                lambda x: R.uld_loss(x, t_real(), reduction="none")),
+    }
+    for dtype, tol_val, tol_grad in ((torch.float32, 1e-4, 1e-4), (torch.bfloat16, 2e-3, 2e-2)):
+        dname = str(dtype).split(".")[-1]
+        # the reference sees exactly the inputs the device sees (rounded to dtype), in fp64
+        s_in, t_in, ts_in = (x.to(dtype) for x in (c["s"], c["t"], c["t_same"]))
+        rounded.update(t=t_in.double(), ts=ts_in.double())
+        for name, (par, ref) in cases.items():
+            try:
+                x = s_in.double().clone().requires_grad_(True)
+                r = ref(x[:, :VS])
+                (r * c["weights"]).sum().backward()
+                s_dev = s_in.to(dev).detach().clone().requires_grad_(True)
+                out = par(s_dev, t_in.to(dev), ts_in.to(dev))
+                (out * c["weights"].to(dev, out.dtype)).sum().backward()
+                on_dev = out.device.type == dev and s_dev.grad.device.type == dev
+                err_v, err_g = _rel(out, r), _rel(s_dev.grad, x.grad)
+                how = ""
+                if dtype == torch.bfloat16 and name in ("gold", "uld"):
+                    # bf16 probabilities tie; the sorted-L1 (ULD) term then gives the gradient to
+                    # either of two tied entries: compare what ties cannot change (per-row sum, norm)
+                    g, gr = s_dev.grad.double().cpu(), x.grad
+                    err_sum = float((g.sum(1) - gr.sum(1)).abs().max() / gr.abs().max().clamp_min(1e-12))
+                    err_g = max(err_sum, _rel(g.norm(dim=1), gr.norm(dim=1)))
+                    how = " (grad per-row sum/norm: bf16 ties in the sort)"
+                report.check(f"losses.{name}.{dname}", on_dev and err_v <= tol_val and err_g <= tol_grad, max(err_v, err_g), max(tol_val, tol_grad),
+                             f"value {err_v:.2g} grad {err_g:.2g} on {out.device.type}{how}")
+            except Exception as exc:  # noqa: BLE001
+                report.error(f"losses.{name}.{dname}", exc)
+        # chunk merges (per-position logits) and the chain log-mass
+        cols = torch.arange(VS_PAD)
+        col_w = torch.where(cols < VS, cols.double().sin(), torch.zeros((), dtype=torch.float64))
+        for mode in R.MERGE_MODES:
+            try:
+                x = s_in.double().clone().requires_grad_(True)
+                m = R.merge_chunks(x[:, :VS], c["chunks"], c["targets"], mode=mode)
+                ((m.logits * col_w[:VS]).sum() + (m.log_mass * c["weights"][: m.log_mass.shape[0]]).sum()).backward()
+                s_dev = s_in.to(dev).detach().clone().requires_grad_(True)
+                mp = P.merge_chunks_parallel(s_dev, c["chunks"], VS, c["targets"].to(dev), mode=mode)
+                obj = (mp.logits.float() * col_w.to(dev, torch.float32)).sum() + (mp.log_mass.float() * c["weights"][: mp.log_mass.shape[0]].to(dev, torch.float32)).sum()
+                obj.backward()
+                err_l = _rel(mp.logits[:, :VS], m.logits)
+                err_m = _rel(mp.log_mass, m.log_mass)
+                err_g = _rel(s_dev.grad, x.grad)
+                err = max(err_l, err_m, err_g)
+                report.check(f"losses.merge_{mode}.{dname}", err <= max(tol_val, tol_grad) * 5, err, max(tol_val, tol_grad) * 5,
+                             f"logits {err_l:.2g} log_mass {err_m:.2g} grad {err_g:.2g}")
+            except Exception as exc:  # noqa: BLE001
+                report.error(f"losses.merge_{mode}.{dname}", exc)
+        try:
+            ref_mass = R.merge_chunks(s_in.double()[:, :VS], c["chunks"], c["targets"], mode="chain").log_mass
+            mass = P.chunk_log_mass_parallel(s_in.to(dev), [range(ch[0], ch[-1] + 1) for ch in c["chunks"]], VS, c["targets"].to(dev))
+            err = _rel(mass, ref_mass)
+            report.check(f"losses.chain_log_mass.{dname}", err <= tol_grad, err, tol_grad)
+        except Exception as exc:  # noqa: BLE001
+            report.error(f"losses.chain_log_mass.{dname}", exc)
+
+
+# ----------------------------------------------------------------------------------------------
+# trainer: one bf16 step, save/load/resume
+# ----------------------------------------------------------------------------------------------
+def _tiny_cfg(prep: dict, run_dir: Path, steps: int):
+    from xtoken_nemo.distill.config import CheckpointConfig, DataConfig, DistillConfig, OptimConfig, TeacherConfig, TrainConfig
+
+    m = shapes(True)["models"]  # tiny shapes, real tokenizers (real vocabularies)
+    return DistillConfig(
+        name="gpu-check-correct",
+        student=model_config(m["student"]),
+        teachers=[
+            TeacherConfig(name="qwen3", model=model_config(m["qwen3"]), mode="pkl", alpha=0.7, projection=prep["W_qwen3"]),
+            TeacherConfig(name="llama3", model=model_config(m["llama3b"]), mode="kl", alpha=0.3),
+        ],
+        data=DataConfig(paths=[prep["data_small"]], seq_length=prep["small_seq"]),
+        optim=OptimConfig(lr=1e-3, warmup_fraction=0.0),  # step 1 must move the weights (lr 0 at a warm-up start)
+        train=TrainConfig(train_steps=steps, global_batch_size=2, micro_batch_size=1,
+                          precision="bf16" if torch.cuda.is_available() else "auto", loss_block_size=32),
+        checkpoint=CheckpointConfig(dir=str(run_dir / "ckpt"), save_interval=10**9, resume=True),
+        log_dir=str(run_dir / "logs"),
+    )
+
+
+def _snapshot(module) -> dict:
+    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
+            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    if a.keys() != b.keys():
+        return math.inf
+    return max((float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0) for k in a)
+
+
+def check_train_step(report, prep: dict, work: Path, keep: dict) -> None:
+    from xtoken_nemo.distill.trainer import Trainer
+
+    cfg = _tiny_cfg(prep, work / "straight", steps=4)
+    trainer = Trainer(cfg, progress=False)
+    dev = _device()
+    p = next(trainer.student.parameters())
+    want = torch.bfloat16 if dev == "cuda" else torch.float32
+    report.check("train.student_on_device", p.device.type == dev and p.dtype == want, detail=f"{p.device} {p.dtype}")
+    before_s, before_t = _snapshot(trainer.student), [_snapshot(t) for t in trainer.teachers]
+    sync()
+    t0 = time.perf_counter()
+    metrics = trainer.train_step(0)
+    trainer.state.step += 1
+    sync()
+    dt = time.perf_counter() - t0
+    keys = ("total", "ce", "kd", "grad_norm", "kd/qwen3", "kd/llama3")
+    vals = {k: metrics.get(k) for k in keys}
+    finite = all(v is not None and math.isfinite(v) for v in vals.values()) and metrics.get("skipped") == 0.0
+    report.check(f"train.{str(want).split('.')[-1]}_step_pkl_plus_kl", finite, detail=f"{dt:.2f} s " + json.dumps({k: None if v is None else round(v, 5) for k, v in vals.items()}))
+    moved = _max_diff(before_s, _snapshot(trainer.student))
+    report.check("train.student_updated", 0 < moved < math.inf, moved, detail="max |delta weight| after one step")
+    frozen = max(_max_diff(b, _snapshot(t)) for b, t in zip(before_t, trainer.teachers))
+    report.check("train.teachers_frozen", frozen == 0.0, frozen, 0.0)
+    if torch.cuda.is_available():
+        report.measure("train.tiny_peak_allocated_gib", round(torch.cuda.max_memory_allocated() / 2**30, 3), "GiB")
+    keep.update(trainer=trainer, first=metrics)  # the straight run of the resume check goes on from here
+
+
+def check_resume(report, prep: dict, work: Path, keep: dict) -> None:
+    """Straight 4 steps vs 2 steps + save + a new Trainer that resumes and runs steps 3-4."""
+    from xtoken_nemo.distill.trainer import Trainer
+
+    def steps(trainer, upto: int) -> list[dict]:
+        out = []
+        while trainer.state.step < upto:
+            metrics = trainer.train_step(trainer.state.step)
+            trainer.state.step += 1
+            out.append(metrics)
+        return out
+
+    if keep.get("trainer") is not None:  # the train check's trainer, one step in
+        straight = [keep["first"]] + steps(keep.pop("trainer"), 4)
+    else:
+        straight = steps(Trainer(_tiny_cfg(prep, work / "straight", 4), progress=False), 4)
+    first = Trainer(_tiny_cfg(prep, work / "resumed", 4), progress=False)
+    steps(first, 2)
+    saved = _snapshot(first.student)
+    path = first.save()
+    report.check("ckpt.save", Path(path).is_dir(), detail=str(path))
+    del first
+    second = Trainer(_tiny_cfg(prep, work / "resumed", 4), progress=False)
+    resumed = second.resume()
+    diff = _max_diff(saved, _snapshot(second.student))
+    report.check("ckpt.load_weights_exact", resumed and second.state.step == 2 and diff == 0.0, diff, 0.0,
+                 f"resumed={resumed} at step {second.state.step}")
+    after = steps(second, 4)
+    worst, bitwise = 0.0, True
+    for key in ("total", "ce", "kd", "grad_norm", "lr"):
+        for a, b in zip(after, straight[2:]):
+            if a.get(key) != b.get(key):
+                bitwise = False
+            if a.get(key) is not None and b.get(key) is not None:
+                worst = max(worst, abs(a[key] - b[key]) / max(abs(b[key]), 1e-12))
+    report.check("ckpt.exact_resume_steps_3_4", len(after) == 2 and worst <= 1e-3, worst, 1e-3,
+                 f"bitwise equal: {bitwise} (total {[round(m['total'], 6) for m in after]} vs {[round(m['total'], 6) for m in straight[2:]]})")
+    report.measure("ckpt.resume_bitwise_equal", bitwise)
+
+
+# ----------------------------------------------------------------------------------------------
+# a checkpoint written on CPU, loaded on CUDA
+# ----------------------------------------------------------------------------------------------
+def _convert_mc():
+    return model_config(shapes(True)["models"]["qwen3"])  # head_dim != hidden/heads, untied
+
+
+def _ids(vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, 24), generator=torch.Generator().manual_seed(5))
+
+
+def cpu_checkpoint_child(work: Path) -> None:
+    """In a process without CUDA: write a random checkpoint and the CPU load's logits."""
+    from xtoken_nemo.distill.models import save_random_checkpoint
+    from xtoken_nemo.models.build import forward_logits
+    from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
+    from xtoken_nemo.models.runtime import ensure_model_parallel
+    from xtoken_nemo.tokenizers import load_tokenizer
+
+    assert not torch.cuda.is_available(), "the CPU checkpoint must be written without CUDA"
+    ensure_model_parallel(1)
+    out = work / "convert"
+    vocab = load_tokenizer("qwen3").vocab_size
+    save_random_checkpoint(_convert_mc(), vocab, str(out / "ckpt"))
+    model, arch, _ = load_mcore_checkpoint(str(out / "ckpt"), params_dtype=torch.float32)
+    with torch.no_grad():
+        logits = forward_logits(model, _ids(vocab), arch)
+    torch.save({"logits": logits[..., :vocab].float(), "vocab": vocab}, out / "cpu_logits.pt")
+    print("[cpu_ckpt] wrote", out, flush=True)
+
+
+def check_cpu_checkpoint_on_cuda(report, work: Path) -> None:
+    from xtoken_nemo.models.build import forward_logits
+    from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
+    from xtoken_nemo.models.runtime import ensure_model_parallel
+
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, str(Path(__file__).with_name("gpu_check.py")), "--child", "cpu_ckpt", "--work", str(work)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    report.measure("convert.cpu_process_s", round(time.perf_counter() - t0, 1), "s")
+    saved = work / "convert" / "cpu_logits.pt"
+    if proc.returncode != 0 or not saved.is_file():
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
+        report.check("convert.cpu_write", False, detail=f"rc {proc.returncode}", tb=tail)
+        return
+    report.check("convert.cpu_write", True, detail="random qwen3-family checkpoint written with CUDA_VISIBLE_DEVICES=''")
+    ref = torch.load(saved)
+    vocab = ref["vocab"]
+    ensure_model_parallel(1)
+    for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 5e-2)):
+        name = str(dtype).split(".")[-1]
+        try:
+            model, arch, _ = load_mcore_checkpoint(str(work / "convert" / "ckpt"), params_dtype=dtype)
+            dev = next(model.parameters()).device.type
+            with torch.no_grad():
+                logits = forward_logits(model, _ids(vocab), arch)[..., :vocab].float().cpu()
+            err = _rel(logits, ref["logits"])
+            report.check(f"convert.load_on_{_device()}.{name}", dev == _device() and err <= tol, err, tol,
+                         f"logits vs the CPU load, relative to max |logit| {float(ref['logits'].abs().max()):.3g}")
+            del model
+        except Exception as exc:  # noqa: BLE001
+            report.error(f"convert.load_on_{_device()}.{name}", exc)
+
+
+def run_correct(args, report, prep: dict, deadline: float) -> None:
+    work = Path(args.work) / "correct"
+    work.mkdir(parents=True, exist_ok=True)
+    keep: dict = {}
+    for name, fn in (("losses", lambda: check_losses(report)),
+                     ("train", lambda: check_train_step(report, prep, work, keep)),
+                     ("ckpt", lambda: check_resume(report, prep, work, keep)),
+                     ("convert", lambda: check_cpu_checkpoint_on_cuda(report, work))):
+        if time.time() > deadline - 10:
+            report.skip(f"correct.{name}", "budget")
+            continue
+        t0 = time.perf_counter()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001
+            report.error(f"{name}.unexpected", exc)
+        report.measure(f"correct.{name}_s", round(time.perf_counter() - t0, 2), "s")

@@ -1,0 +1,440 @@
+"""Part 2 of the GPU check: the paper-shape distillation step through the real ``Trainer``.
+
+Every figure comes from the trainer's own code: ``Trainer.train_step`` runs unchanged; the split
+of the step is measured by *wrapping* objects at run time (CUDA-synchronized timers around the
+student's and teachers' forward, ``xtoken_nemo.distill.kd.student_ce``/``teacher_kd_loss``, the
+DDP's ``finish_grad_sync`` and the optimizer's ``step``; identity autograd taps time the KD loss's
+backward and the student's backward). Clean steps (no wrappers, no extra synchronization) give
+tokens/s; instrumented steps after them give the split.
+
+Shapes (random weights; real tokenizers, so real vocabularies):
+
+- student: Llama-3.2-1B (vocab 128,256, hidden 2048, 16 layers, 32 heads, 8 KV groups, FFN 8192,
+  tied embeddings)
+- Qwen3-4B (151,936; 2560, 36 layers, 32 heads, 8 groups, FFN 9728, head_dim 128, untied) under P-KL
+- Phi-4-mini (200,064; 3072, 32 layers, 24 heads, 8 groups, FFN 8192, partial rotary 0.75) under H-KL
+- Llama-3.2-3B (128,256; 3072, 28 layers, 24 heads, 8 groups, FFN 8192): same-tokenizer KL teacher
+  of the three-teacher recipe
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+H100_USABLE_GIB = 79.0  # an 80 GB H100 shows 81,559 MiB; keep ~0.6 GiB for the CUDA context
+
+PAPER = {
+    "student": dict(tokenizer="llama3", family="llama", num_layers=16, hidden_size=2048, num_attention_heads=32,
+                    num_query_groups=8, ffn_hidden_size=8192, tie_embeddings=True, init_seed=1),
+    "qwen3": dict(tokenizer="qwen3", family="qwen3", num_layers=36, hidden_size=2560, num_attention_heads=32,
+                  num_query_groups=8, ffn_hidden_size=9728, tie_embeddings=False, init_seed=2, head_dim=128),
+    "phi4mini": dict(tokenizer="phi4mini", family="phi3", num_layers=32, hidden_size=3072, num_attention_heads=24,
+                     num_query_groups=8, ffn_hidden_size=8192, tie_embeddings=True, init_seed=3),
+    "llama3b": dict(tokenizer="llama3", family="llama", num_layers=28, hidden_size=3072, num_attention_heads=24,
+                    num_query_groups=8, ffn_hidden_size=8192, tie_embeddings=True, init_seed=4),
+}
+TINY = {
+    "student": dict(PAPER["student"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128),
+    # head_dim 32 != hidden/heads (16), as in Qwen3-4B (128 != 80)
+    "qwen3": dict(PAPER["qwen3"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, head_dim=32),
+    "phi4mini": dict(PAPER["phi4mini"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128),
+    "llama3b": dict(PAPER["llama3b"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128),
+}
+
+
+def shapes(tiny: bool) -> dict:
+    return {"seq": 64 if tiny else 4096, "small_seq": 64 if tiny else 128, "models": TINY if tiny else PAPER}
+
+
+# ----------------------------------------------------------------------------------------------
+# models: ModelConfig has no head_dim (yet); hf_config_for writes hidden/heads. Wrapped, not copied.
+# ----------------------------------------------------------------------------------------------
+_HEAD_DIM: dict[tuple, int] = {}
+
+
+def model_config(shape: dict):
+    """A ModelConfig for ``shape``; ``head_dim`` goes into ModelConfig when it has the field, else
+    through a run-time wrapper of ``xtoken_nemo.distill.models.hf_config_for``."""
+    from xtoken_nemo.distill.config import ModelConfig
+
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    kw = {k: v for k, v in shape.items() if k in fields}
+    head_dim = shape.get("head_dim")
+    if head_dim is not None and "head_dim" not in fields:
+        _install_head_dim_wrapper()
+        _HEAD_DIM[_key(kw)] = head_dim
+    return ModelConfig(**kw)
+
+
+def _key(kw: dict) -> tuple:
+    return (kw.get("family"), kw.get("hidden_size"), kw.get("num_layers"), kw.get("num_attention_heads"), kw.get("init_seed"))
+
+
+def _install_head_dim_wrapper() -> None:
+    import xtoken_nemo.distill.models as models
+
+    if getattr(models.hf_config_for, "_gpu_check_wrapped", False):
+        return
+    original = models.hf_config_for
+
+    def hf_config_for(mc, vocab_size):
+        cfg = original(mc, vocab_size)
+        head_dim = _HEAD_DIM.get(_key(dataclasses.asdict(mc)))
+        if head_dim is not None:
+            cfg["head_dim"] = head_dim
+        return cfg
+
+    hf_config_for._gpu_check_wrapped = True
+    models.hf_config_for = hf_config_for
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.acc: dict[str, float] = {}
+        self.marks: dict[str, list[float]] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.acc[key] = self.acc.get(key, 0.0) + seconds
+
+    def mark(self, key: str) -> None:
+        sync()
+        self.marks.setdefault(key, []).append(time.perf_counter())
+
+
+class _Tap(torch.autograd.Function):
+    """Identity; its backward marks the time when the gradient of its output is complete."""
+
+    @staticmethod
+    def forward(ctx, x, key, clock):
+        ctx.key, ctx.clock = key, clock
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.clock.mark(ctx.key)
+        return grad, None, None
+
+
+def _timed(fn, key: str, clock: Clock, enabled: dict):
+    def wrapper(*a, **k):
+        if not enabled["on"]:
+            return fn(*a, **k)
+        sync()
+        t0 = time.perf_counter()
+        out = fn(*a, **k)
+        sync()
+        clock.add(key, time.perf_counter() - t0)
+        return out
+
+    return wrapper
+
+
+class Instrument:
+    """Wraps a live Trainer's objects (switchable); ``split()`` turns one step's clock into shares."""
+
+    def __init__(self, trainer) -> None:
+        import xtoken_nemo.distill.kd as kd
+
+        self.clock = Clock()
+        self.enabled = {"on": False}
+        self._kd = kd
+        self._orig = {"student_ce": kd.student_ce, "teacher_kd_loss": kd.teacher_kd_loss}
+        clock, enabled = self.clock, self.enabled
+        for teacher in trainer.teachers:
+            teacher.forward = _timed(teacher.forward, "teacher_forward", clock, enabled)
+        kd.student_ce = _timed(kd.student_ce, "ce_forward", clock, enabled)
+        original_kd = kd.teacher_kd_loss
+        counter = {"i": 0}
+
+        def teacher_kd_loss(spec, student_logits, *rest, **kw):
+            if not enabled["on"]:
+                return original_kd(spec, student_logits, *rest, **kw)
+            i = counter["i"]
+            counter["i"] += 1
+            s = _Tap.apply(student_logits, f"kd_in{i}", clock)
+            sync()
+            t0 = time.perf_counter()
+            loss, n, merged = original_kd(spec, s, *rest, **kw)
+            sync()
+            clock.add("kd_forward", time.perf_counter() - t0)
+            if loss.requires_grad:
+                loss = _Tap.apply(loss, f"kd_out{i}", clock)
+            return loss, n, merged
+
+        kd.teacher_kd_loss = teacher_kd_loss
+        self._counter = counter
+        model_forward = trainer.model.forward
+
+        def student_forward(*a, **k):
+            if not enabled["on"]:
+                return model_forward(*a, **k)
+            sync()
+            t0 = time.perf_counter()
+            out = model_forward(*a, **k)
+            sync()
+            clock.add("student_forward", time.perf_counter() - t0)
+            return _Tap.apply(out, "logits_grad", clock)
+
+        trainer.model.forward = student_forward
+        fgs = trainer.model.finish_grad_sync
+
+        def finish_grad_sync(*a, **k):
+            if enabled["on"]:
+                clock.mark("finish_grad_sync")
+            return _timed(fgs, "optimizer", clock, enabled)(*a, **k)
+
+        trainer.model.finish_grad_sync = finish_grad_sync
+        trainer.optimizer.step = _timed(trainer.optimizer.step, "optimizer", clock, enabled)
+
+    def restore_module(self) -> None:
+        self._kd.student_ce = self._orig["student_ce"]
+        self._kd.teacher_kd_loss = self._orig["teacher_kd_loss"]
+
+    def start(self) -> None:
+        self.clock.reset()
+        self._counter["i"] = 0
+        self.enabled["on"] = True
+
+    def stop(self) -> None:
+        self.enabled["on"] = False
+
+    def split(self, total: float) -> dict:
+        acc, marks = self.clock.acc, self.clock.marks
+        kd_bwd = 0.0
+        for key, ins in marks.items():
+            if key.startswith("kd_in"):
+                outs = marks.get("kd_out" + key[5:], [])
+                if ins and outs:
+                    kd_bwd += max(0.0, ins[-1] - outs[-1])
+        student_bwd = 0.0
+        if marks.get("logits_grad") and marks.get("finish_grad_sync"):
+            student_bwd = max(0.0, marks["finish_grad_sync"][-1] - marks["logits_grad"][-1])
+        parts = {
+            "student_forward_s": acc.get("student_forward", 0.0),
+            "student_backward_s": student_bwd,
+            "teacher_forward_s": acc.get("teacher_forward", 0.0),
+            "kd_forward_s": acc.get("kd_forward", 0.0),
+            "kd_backward_s": kd_bwd,
+            "ce_forward_s": acc.get("ce_forward", 0.0),
+            "optimizer_s": acc.get("optimizer", 0.0),
+        }
+        parts["other_s"] = max(0.0, total - sum(parts.values()))
+        parts["total_s"] = total
+        return parts
+
+
+# ----------------------------------------------------------------------------------------------
+# configurations
+# ----------------------------------------------------------------------------------------------
+def distill_config(kind: str, prep: dict, run_dir: Path, tiny: bool, total_steps: int, seq: int | None = None, data: str = "data_paper"):
+    from xtoken_nemo.distill.config import CheckpointConfig, DataConfig, DistillConfig, OptimConfig, TeacherConfig, TrainConfig
+
+    m = shapes(tiny)["models"]
+    seq = seq or prep.get("seq") or shapes(tiny)["seq"]
+    qwen = lambda alpha: TeacherConfig(name="qwen3", model=model_config(m["qwen3"]), mode="pkl", alpha=alpha, projection=prep["W_qwen3"])  # noqa: E731
+    phi = lambda alpha: TeacherConfig(name="phi4mini", model=model_config(m["phi4mini"]), mode="hkl", alpha=alpha, projection=prep["W_phi4mini"])  # noqa: E731
+    llama3b = lambda alpha: TeacherConfig(name="llama3b", model=model_config(m["llama3b"]), mode="kl", alpha=alpha)  # noqa: E731
+    teachers = {
+        "paper_pkl": lambda: [qwen(1.0)],
+        "paper_hkl": lambda: [phi(1.0)],
+        "paper_ce": lambda: [],
+        "three": lambda: [qwen(0.4), phi(0.3), llama3b(0.3)],
+    }[kind]()
+    return DistillConfig(
+        name=f"gpu-check-{kind}",
+        student=model_config(m["student"]),
+        teachers=teachers,
+        data=DataConfig(paths=[prep[data]], seq_length=seq),
+        optim=OptimConfig(lr=1e-5, warmup_fraction=0.0),
+        train=TrainConfig(train_steps=total_steps, global_batch_size=1, micro_batch_size=1,
+                          precision="bf16" if torch.cuda.is_available() else "auto",
+                          kd_scaling="ce_only" if kind == "paper_ce" else "dynamic"),
+        checkpoint=CheckpointConfig(dir=str(run_dir / "ckpt"), save_interval=10**9, resume=False),
+        log_dir=str(run_dir / "logs"),
+    )
+
+
+def _memory(report, prefix: str) -> dict:
+    if torch.cuda.is_available():
+        out = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+    else:
+        import psutil
+
+        out = {"peak_allocated_gib": None, "peak_reserved_gib": None, "cpu_rss_gib": psutil.Process().memory_info().rss / 2**30}
+    for k, v in out.items():
+        report.measure(f"{prefix}.{k}", None if v is None else round(v, 3), "GiB")
+    return out
+
+
+def run_paper(kind: str, args, report, prep: dict, deadline: float) -> None:
+    from xtoken_nemo.distill.trainer import Trainer
+
+    warm, steps = args.warmup, args.steps
+    if kind == "three":
+        steps = min(steps, 2)
+    instr_steps = 0 if kind == "three" else (1 if args.tiny else 2)
+    seq = prep.get("seq") or shapes(args.tiny)["seq"]
+    run_dir = Path(args.work) / kind
+    cfg = distill_config(kind, prep, run_dir, args.tiny, warm + steps + instr_steps + 1)
+    if torch.cuda.is_available():
+        try:
+            torch.cuda.reset_peak_memory_stats()
+        except Exception:  # noqa: BLE001 - a fresh process has no peak to reset
+            pass
+    t0 = time.perf_counter()
+    try:
+        trainer = Trainer(cfg, progress=False)
+    except Exception as exc:  # noqa: BLE001
+        report.error(f"{kind}.build", exc)
+        return
+    report.measure(f"{kind}.build_s", round(time.perf_counter() - t0, 2), "s", "student + teachers + optimizer + data")
+    n_params = sum(p.numel() for p in trainer.student.parameters())
+    report.measure(f"{kind}.student_params_M", round(n_params / 1e6, 1))
+    for spec, teacher in zip(trainer.teacher_specs, trainer.teachers):
+        report.measure(f"{kind}.teacher.{spec.config.name}.params_M", round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1),
+                       note=f"mode {spec.config.mode}, head_dim {trainer.teacher_archs[trainer.teachers.index(teacher)].head_dim}")
+    inst = Instrument(trainer)
+    step = 0
+    clean, instrumented, metrics = [], [], {}
+    try:
+        for phase, count in (("warmup", warm), ("clean", steps), ("instrumented", instr_steps)):
+            for _ in range(count):
+                if time.time() > deadline - 5:
+                    report.skip(f"{kind}.{phase}_step{step}", "budget")
+                    break
+                if phase == "instrumented":
+                    inst.start()
+                sync()
+                t = time.perf_counter()
+                metrics = trainer.train_step(step)
+                sync()
+                dt = time.perf_counter() - t
+                inst.stop()
+                step += 1
+                if phase == "clean":
+                    clean.append(dt)
+                elif phase == "instrumented":
+                    instrumented.append(inst.split(dt))
+                report.say(f"[gpu_check] {kind} {phase} step {step}: {dt:.3f} s  total={metrics.get('total', float('nan')):.4g} "
+                           f"ce={metrics.get('ce', float('nan')):.4g} kd={metrics.get('kd', float('nan')):.4g} grad_norm={metrics.get('grad_norm', float('nan')):.3g}")
+    except Exception as exc:  # noqa: BLE001
+        report.error(f"{kind}.step{step}", exc)
+    finally:
+        inst.restore_module()
+    import math
+
+    finite = bool(metrics) and all(math.isfinite(metrics.get(k, 0.0)) for k in ("total", "ce", "kd"))
+    report.check(f"{kind}.steps_finite", finite and step == warm + steps + instr_steps,
+                 detail=f"{step} steps ran; last total={metrics.get('total')} skipped={metrics.get('skipped')}")
+    mem = _memory(report, kind)
+    tokens = seq * cfg.train.global_batch_size
+    if clean:
+        step_s = statistics.median(clean)
+        tps = tokens / step_s
+        report.measure(f"{kind}.step_s", round(step_s, 4), "s", f"median of {len(clean)} clean steps after {warm} warm-up")
+        report.measure(f"{kind}.tokens_per_s", round(tps, 1), "tokens/s/GPU")
+    else:
+        step_s = tps = None
+    if instrumented:
+        split = {k: statistics.median(s[k] for s in instrumented) for k in instrumented[0]}
+        total = split["total_s"]
+        shares = {
+            "student_fwd_bwd": (split["student_forward_s"] + split["student_backward_s"]) / total,
+            "teacher_forward": split["teacher_forward_s"] / total,
+            "kd_loss_fwd_bwd": (split["kd_forward_s"] + split["kd_backward_s"]) / total,
+            "optimizer": split["optimizer_s"] / total,
+            "ce_forward": split["ce_forward_s"] / total,
+            "other": split["other_s"] / total,
+        }
+        report.measure(f"{kind}.split_s", {k: round(v, 4) for k, v in split.items()}, note="instrumented steps (synchronized timers)")
+        report.measure(f"{kind}.split_share", {k: round(v, 3) for k, v in shares.items()})
+        report.say(f"[gpu_check] {kind} split: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) + f" of {total:.3f} s")
+        if kind in ("paper_pkl", "paper_hkl"):
+            report.aim(f"{kind}.kd_loss_share", round(shares["kd_loss_fwd_bwd"], 4), "<= 0.15 of a one-teacher step", shares["kd_loss_fwd_bwd"] <= 0.15)
+    if kind in ("paper_pkl", "paper_hkl") and tps is not None:
+        report.aim(f"{kind}.tokens_per_s", round(tps, 1), ">= 3700 tokens/s per GPU (2x NeMo-RL's ~1.84k)", tps >= 3700,
+                   note="local megatron spec (no TE): unfused attention" if not _te() else "")
+    if not _te():
+        # megatron's local spec (no TE) runs unfused attention: per student layer it keeps the fp32
+        # softmax output and the bf16 probabilities, [b, heads, s, s], for backward; flash
+        # attention (TE) keeps none of it. An estimate, to read the peak against a TE run.
+        arch = trainer.student_arch
+        est = arch.num_layers * arch.num_attention_heads * seq * seq * cfg.train.micro_batch_size * 6 / 2**30
+        report.measure(f"{kind}.est_unfused_attention_gib", round(est, 2), "GiB",
+                       "student layers x heads x s^2 x 6 B: saved by the local spec's attention, not by TE's")
+    if mem.get("peak_reserved_gib") is not None:
+        fits = mem["peak_reserved_gib"] < H100_USABLE_GIB
+        report.measure(f"{kind}.fits_h100_80gb", fits, note=f"peak reserved {mem['peak_reserved_gib']:.1f} GiB vs ~{H100_USABLE_GIB} GiB usable")
+        if kind == "three":
+            report.aim("three.peak_memory_gib", round(mem["peak_reserved_gib"], 2), f"< {H100_USABLE_GIB} GiB (an 80 GB H100) at micro-batch 1", fits)
+    elif kind == "three":
+        report.aim("three.peak_memory_gib", None, f"< {H100_USABLE_GIB} GiB (an 80 GB H100)", None, note="no CUDA: not measured")
+
+
+def _te() -> bool:
+    from xtoken_nemo.models.build import te_available
+
+    return te_available()
+
+
+# ----------------------------------------------------------------------------------------------
+# P-KL vs KL on [4096, V] logits
+# ----------------------------------------------------------------------------------------------
+def run_pkl_vs_kl(args, report, prep: dict, deadline: float) -> None:
+    from xtoken_nemo.losses import parallel as P
+    from xtoken_nemo.vocab import ProjectionMatrix
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    n = shapes(args.tiny)["seq"]
+    block = 1024  # TrainConfig.loss_block_size's default, what the trainer uses
+    W = ProjectionMatrix.load(prep["W_qwen3"])
+    v_s, v_t = W.shape
+    pad = lambda v: -(-v // 128) * 128  # noqa: E731
+    vs_pad, vt_pad = pad(v_s), pad(v_t)
+    g = torch.Generator(device=dev).manual_seed(0)
+    student = (torch.randn(n, vs_pad, generator=g, device=dev) * 3).to(dtype)
+    teacher_same = (torch.randn(n, vs_pad, generator=g, device=dev) * 3).to(dtype)
+    teacher = (torch.randn(n, vt_pad, generator=g, device=dev) * 3).to(dtype)
+    proj = P.prepare_projection(W, vs_pad, vt_pad)
+    fns = {
+        "kl": lambda s: P.kl_loss_parallel(s, teacher_same, v_s, block_size=block),
+        "pkl": lambda s: P.pkl_loss_parallel(s, teacher, proj, v_s, v_t, block_size=block),
+    }
+    reps = 1 if args.tiny else 3
+    times = {}
+    for name, fn in fns.items():
+        samples = []
+        for i in range(reps + 1):  # the first call warms up (CSR transfer, kernels)
+            if time.time() > deadline - 3:
+                report.skip(f"pkl_vs_kl.{name}.rep{i}", "budget")
+                break
+            s = student.detach().clone().requires_grad_(True)
+            sync()
+            t0 = time.perf_counter()
+            fn(s).backward()
+            sync()
+            if i > 0:
+                samples.append(time.perf_counter() - t0)
+        if samples:
+            times[name] = statistics.median(samples)
+            report.measure(f"pkl_vs_kl.{name}_fwd_bwd_s", round(times[name], 5), "s", f"[{n}, {vs_pad}] {str(dtype).split('.')[-1]} logits, block {block}")
+    if "kl" in times and "pkl" in times:
+        ratio = times["pkl"] / times["kl"]
+        report.aim("pkl_vs_kl.time_ratio", round(ratio, 3), "<= 1.3x plain KL on the same logits", ratio <= 1.3)
