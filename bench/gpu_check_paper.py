@@ -52,45 +52,14 @@ def shapes(tiny: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# models: ModelConfig has no head_dim (yet); hf_config_for writes hidden/heads. Wrapped, not copied.
+# models
 # ----------------------------------------------------------------------------------------------
-_HEAD_DIM: dict[tuple, int] = {}
-
-
 def model_config(shape: dict):
-    """A ModelConfig for ``shape``; ``head_dim`` goes into ModelConfig when it has the field, else
-    through a run-time wrapper of ``xtoken_nemo.distill.models.hf_config_for``."""
+    """A random-model ModelConfig for ``shape`` (its ModelConfig fields; the rest are ours)."""
     from xtoken_nemo.distill.config import ModelConfig
 
     fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    kw = {k: v for k, v in shape.items() if k in fields}
-    head_dim = shape.get("head_dim")
-    if head_dim is not None and "head_dim" not in fields:
-        _install_head_dim_wrapper()
-        _HEAD_DIM[_key(kw)] = head_dim
-    return ModelConfig(**kw)
-
-
-def _key(kw: dict) -> tuple:
-    return (kw.get("family"), kw.get("hidden_size"), kw.get("num_layers"), kw.get("num_attention_heads"), kw.get("init_seed"))
-
-
-def _install_head_dim_wrapper() -> None:
-    import xtoken_nemo.distill.models as models
-
-    if getattr(models.hf_config_for, "_gpu_check_wrapped", False):
-        return
-    original = models.hf_config_for
-
-    def hf_config_for(mc, vocab_size):
-        cfg = original(mc, vocab_size)
-        head_dim = _HEAD_DIM.get(_key(dataclasses.asdict(mc)))
-        if head_dim is not None:
-            cfg["head_dim"] = head_dim
-        return cfg
-
-    hf_config_for._gpu_check_wrapped = True
-    models.hf_config_for = hf_config_for
+    return ModelConfig(**{k: v for k, v in shape.items() if k in fields})
 
 
 # ----------------------------------------------------------------------------------------------

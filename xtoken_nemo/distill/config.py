@@ -35,6 +35,7 @@ class ModelConfig:
     hidden_size: int = 64
     num_attention_heads: int = 4
     num_query_groups: int | None = None
+    head_dim: int | None = None  # None: hidden_size / num_attention_heads (Qwen3-4B has 128, not 80)
     ffn_hidden_size: int | None = None
     max_position_embeddings: int = 4096
     tie_embeddings: bool = True
@@ -43,7 +44,7 @@ class ModelConfig:
 
 #: ModelConfig fields that describe a random model; ignored when ``checkpoint`` is set
 MODEL_SHAPE_FIELDS = (
-    "family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim", "ffn_hidden_size",
     "max_position_embeddings", "tie_embeddings", "init_seed",
 )
 

@@ -32,7 +32,7 @@ def hf_config_for(mc: ModelConfig, vocab_size: int) -> dict:
         "num_hidden_layers": mc.num_layers,
         "num_attention_heads": heads,
         "num_key_value_heads": mc.num_query_groups or heads,
-        "head_dim": mc.hidden_size // heads,
+        "head_dim": mc.head_dim or mc.hidden_size // heads,
         "vocab_size": vocab_size,
         "max_position_embeddings": mc.max_position_embeddings,
         "rms_norm_eps": 1e-5,
