@@ -7,6 +7,8 @@ logits that must be masked; W has rows with 0 to 4 non-zeros.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -102,6 +104,10 @@ def reference_cases(c: dict) -> dict:
     }
 
 
+CHAIN_S = [[0], [1, 2], [3, 4, 5], [6]]  # student positions per chunk
+CHAIN_T = [[0, 1, 2], [3], [4, 5], [6]]  # teacher positions per chunk
+
+
 def merge_objective(logits: torch.Tensor, log_mass: torch.Tensor, weights: torch.Tensor, start: int, ws: int) -> torch.Tensor:
     """A linear functional of a merge's output whose per-rank partials sum to the full one.
 
@@ -134,6 +140,24 @@ def run_cases(c: dict, rank: int, ws: int, group=None) -> dict:
         obj.backward()
         out[f"merge_{mode}"] = (m.logits.detach(), m.log_mass.detach(), s_loc.grad.detach())
     t_targets = torch.tensor([1, 44, 23, 22, 0, 10, 30])
+    # P-KL split into trainable / constant / uncovered, and moving eps (only the constant moves)
+    for name, eps in (("pkl_parts", R.DEFAULT_EPS), ("pkl_parts_eps", R.DEFAULT_EPS * 1e4)):
+        s_loc = _shard_cols(c["s"], rank, ws).requires_grad_(True)
+        parts = P.pkl_loss_parallel_parts(s_loc, t_loc, c["W"], VS, VT, eps=eps, group=group, block_size=BLOCK, reduction="none")
+        (parts.trainable * c["weights"]).sum().backward()
+        out[name] = (torch.stack([parts.trainable, parts.constant, parts.uncovered]).detach(), s_loc.grad.detach())
+    # chain merge + P-KL as the trainer composes them; chunk 0 is a one-token student side against
+    # a three-token teacher side (c_S = 1 exactly: its rest bucket goes to the constant)
+    s_loc = _shard_cols(c["s"], rank, ws).requires_grad_(True)
+    s_mass = P.chunk_log_mass_parallel(s_loc, CHAIN_S, VS, targets, group=group)
+    t_mass = P.chunk_log_mass_parallel(t_loc, CHAIN_T, VT, t_targets, group=group)
+    shape = P.pkl_loss_parallel_parts(
+        s_loc[[k[0] for k in CHAIN_S]], t_loc[[k[0] for k in CHAIN_T]], c["W"], VS, VT, group=group,
+        block_size=BLOCK, reduction="none",
+    )
+    parts = R.chunk_mass_kl_parts(s_mass, t_mass, shape, reduction="none")
+    (parts.trainable * c["weights"][: len(CHAIN_S)]).sum().backward()
+    out["chain_pkl"] = (torch.stack([parts.trainable, parts.constant, parts.uncovered]).detach(), s_loc.grad.detach())
     for kind in ("ce", "entropy", "maxprob"):
         out[f"conf_{kind}"] = P.teacher_confidence_parallel(t_loc, kind, VT, targets=t_targets, group=group)
     # bad input seen by one rank only: every rank must raise the same clear error
@@ -312,3 +336,47 @@ def test_parallel_bad_input(case):
         P.kl_loss_parallel(s, t, VS)
     with pytest.raises(LossInputError, match="empty chunk list"):
         P.merge_chunks_parallel(s, [], VS, mode="first")
+
+
+def _reference_chain_pkl(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    x = case["s"][:, :VS].clone().requires_grad_(True)
+    t = case["t"][:, :VT]
+    s_targets = torch.tensor([3, 7, 36, 0, 20, 19, 5])
+    t_targets = torch.tensor([1, 44, 23, 22, 0, 10, 30])
+    sm = R.merge_chunks(x, CHAIN_S, s_targets, mode="chain")
+    tm = R.merge_chunks(t, CHAIN_T, t_targets, mode="chain")
+    shape = R.pkl_loss_parts(sm.logits, tm.logits, case["W"], reduction="none")
+    parts = R.chunk_mass_kl_parts(sm.log_mass, tm.log_mass, shape, reduction="none")
+    (parts.trainable * case["weights"][: len(CHAIN_S)]).sum().backward()
+    assert sm.log_mass[0] == 0 and tm.log_mass[0] < 0 and parts.constant[0] > 0 and parts.uncovered[0] > 0
+    return torch.stack([parts.trainable, parts.constant, parts.uncovered]).detach(), x.grad
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", ["pkl_parts", "chain_pkl"])
+def test_tp2_loss_parts_equal_tp1_and_reference(case, tp1, tp2, name):
+    """Trainable part, constant and uncovered mass: TP=2 == TP=1 == reference, values and gradients."""
+    if name == "pkl_parts":
+        x = case["s"][:, :VS].clone().requires_grad_(True)
+        parts = R.pkl_loss_parts(x, case["t"][:, :VT], case["W"], reduction="none")
+        (parts.trainable * case["weights"]).sum().backward()
+        ref, ref_grad = torch.stack([parts.trainable, parts.constant, parts.uncovered]).detach(), x.grad
+    else:
+        ref, ref_grad = _reference_chain_pkl(case)
+    assert bool((ref[2] > 0).all()), "every chunk has teacher mass on columns no W row reaches"
+    for res in ([tp1], tp2):
+        for r in res:
+            torch.testing.assert_close(r[name][0], ref, rtol=1e-9, atol=1e-10)
+        grad = torch.cat([r[name][1] for r in res], dim=1)
+        torch.testing.assert_close(grad[:, :VS], ref_grad, rtol=1e-8, atol=1e-10)
+        assert bool((grad[:, VS:] == 0).all())
+
+
+@pytest.mark.distributed
+def test_tp2_eps_moves_only_the_constant(tp1, tp2):
+    for res in (tp1, *tp2):
+        (base, g0), (moved, g1) = res["pkl_parts"], res["pkl_parts_eps"]
+        torch.testing.assert_close(moved[0], base[0], rtol=0, atol=0)  # trainable: bit-identical
+        torch.testing.assert_close(g1, g0, rtol=0, atol=0)
+        torch.testing.assert_close(moved[2], base[2], rtol=0, atol=0)  # uncovered mass: no eps in it
+        torch.testing.assert_close(moved[1] - base[1], -base[2] * math.log(1e4))  # constant: -U log(10^4)

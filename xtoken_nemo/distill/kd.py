@@ -9,8 +9,13 @@ Everything here works on this rank's vocabulary shard; the collectives live in
 
 Chunk merging follows the teacher's ``merge`` mode on both sides. For ``chain`` the merged
 chunk has a log-mass (the probability of the chunk's later actual tokens); the per-chunk loss is
-then ``c_T * L_shape + KL_Bernoulli(c_T || c_S)`` (:func:`chunk_mass_kl`), which is the KL of the
+then ``c_T * L_shape + KL_Bernoulli(c_T || c_S)`` (:func:`chunk_mass_kl_parts`), which is the KL of the
 unnormalized chain-rule vectors. For ``first``/``logmean`` it is the shape loss alone.
+
+Every teacher's loss is split (method.md 3.1, docs/losses.md): the part that trains (KL over the
+outcomes the student can reach) is what enters L_KD and the dynamic scale; the gradient-free
+constant of the unreachable outcomes (P-KL's teacher columns no W row reaches, the rest bucket of
+a chunk whose student side is one token) and the teacher mass on them are only reported.
 """
 
 from __future__ import annotations
@@ -24,13 +29,14 @@ from xtoken_nemo.losses.weighting import FIXED_WEIGHTINGS, dynamic_kd_scale
 from xtoken_nemo.losses import (
     LocalProjection,
     adaptive_alphas,
+    LossParts,
     chunk_log_mass_parallel,
-    chunk_mass_kl,
+    chunk_mass_kl_parts,
     gold_loss_parallel,
     hkl_loss_parallel,
     kl_loss_parallel,
     merge_chunks_parallel,
-    pkl_loss_parallel,
+    pkl_loss_parallel_parts,
     scale_kd_ce,
     teacher_confidence_parallel,
     uld_loss_parallel,
@@ -56,7 +62,9 @@ class StepLosses:
     total: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor | None
-    per_teacher: dict[str, torch.Tensor] = field(default_factory=dict)
+    per_teacher: dict[str, torch.Tensor] = field(default_factory=dict)  # trainable part (in L_KD)
+    per_teacher_const: dict[str, torch.Tensor] = field(default_factory=dict)  # gradient-free constant (reported)
+    per_teacher_uncovered: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher mass out of reach
     alphas: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-dim tensors, one per teacher
     kd_scale: torch.Tensor | None = None  # the factor that multiplies L_KD in total (relative to L_CE)
     num_chunks: dict[str, int] = field(default_factory=dict)
@@ -99,15 +107,24 @@ def teacher_kd_loss(
     teacher_labels: torch.Tensor,
     chunks: torch.Tensor,
     block_size: int,
+    parts: dict | None = None,
 ) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(mean KD loss over this micro-batch's chunks, number of chunks, the teacher's chunk logits
-    [N, V_T_pad/tp] (for confidences))."""
+    """(mean trainable KD loss over this micro-batch's chunks, number of chunks, the teacher's chunk
+    logits [N, V_T_pad/tp] (for confidences)).
+
+    ``parts``, if given, receives ``"constant"`` and ``"uncovered"``: the chunk means of the
+    gradient-free constant and of the teacher mass out of the student's reach (0-dim, detached;
+    :class:`~xtoken_nemo.losses.reference.LossParts`). A dict argument rather than a longer tuple,
+    so that wrappers of this function (bench/gpu_check_paper.py times it) keep working.
+    """
     cfg = spec.config
     B, S, Vs = student_logits.shape
     T = teacher_logits.shape[1]
     s_pos, t_pos = _flat_chunks(chunks, S, T)
     if not s_pos:
         zero = student_logits.sum() * 0.0
+        if parts is not None:
+            parts.update(constant=zero.detach(), uncovered=zero.detach())
         return zero, 0, None
     s_flat, t_flat = student_logits.reshape(B * S, Vs), teacher_logits.reshape(B * T, -1)
     s_targets, t_targets = student_labels.reshape(-1), teacher_labels.reshape(-1)
@@ -128,18 +145,20 @@ def teacher_kd_loss(
                 t_mass = chunk_log_mass_parallel(t_flat, t_pos, spec.vocab_size, t_targets)
     kw = dict(temperature=cfg.temperature, block_size=block_size, reduction="none")
     if cfg.mode == "kl":
-        per_chunk = kl_loss_parallel(s, t, student_vocab_size, **kw)
+        per_chunk = LossParts.of(kl_loss_parallel(s, t, student_vocab_size, **kw))
     elif cfg.mode == "pkl":
-        per_chunk = pkl_loss_parallel(s, t, spec.projection, student_vocab_size, spec.vocab_size, **kw)
+        per_chunk = pkl_loss_parallel_parts(s, t, spec.projection, student_vocab_size, spec.vocab_size, **kw)
     elif cfg.mode == "hkl":
-        per_chunk = hkl_loss_parallel(s, t, spec.W, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw)
+        per_chunk = LossParts.of(hkl_loss_parallel(s, t, spec.W, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw))
     elif cfg.mode == "gold":
-        per_chunk = gold_loss_parallel(s, t, spec.common_pairs, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw)
+        per_chunk = LossParts.of(gold_loss_parallel(s, t, spec.common_pairs, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw))
     else:
-        per_chunk = uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw)
+        per_chunk = LossParts.of(uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw))
     if cfg.merge == "chain":
-        per_chunk = chunk_mass_kl(s_mass, t_mass, per_chunk, reduction="none")
-    return per_chunk.mean(), len(s_pos), t
+        per_chunk = chunk_mass_kl_parts(s_mass, t_mass, per_chunk, reduction="none")
+    if parts is not None:
+        parts.update(constant=per_chunk.constant.detach().mean(), uncovered=per_chunk.uncovered.detach().mean())
+    return per_chunk.trainable.mean(), len(s_pos), t
 
 
 def distillation_loss(
@@ -158,12 +177,14 @@ def distillation_loss(
     ce = student_ce(student_logits, labels, loss_mask, student_vocab_size)
     if not teachers or kd_scaling == "ce_only":
         return StepLosses(total=ce, ce=ce, kd=None)
-    losses, counts, confidences = {}, {}, []
+    losses, consts, uncovered, counts, confidences = {}, {}, {}, {}, []
     for spec, (t_logits, t_labels, chunks) in zip(teachers, teacher_outputs):
+        parts: dict = {}
         loss, n, merged_teacher = teacher_kd_loss(
-            spec, student_logits, labels, student_vocab_size, t_logits, t_labels, chunks, block_size
+            spec, student_logits, labels, student_vocab_size, t_logits, t_labels, chunks, block_size, parts=parts
         )
         losses[spec.config.name], counts[spec.config.name] = loss, n
+        consts[spec.config.name], uncovered[spec.config.name] = parts["constant"], parts["uncovered"]
         if alpha_mode != "static" and merged_teacher is not None:
             # confidence, higher = more sure: mean log-prob of the chunks' first actual tokens
             # ("ce"), negative entropy, or mean max-probability of the merged teacher chunks
@@ -175,7 +196,8 @@ def distillation_loss(
     else:
         alphas = adaptive_alphas(confidences, alpha_temperature).to(ce.device)
     # alphas are valid by construction (static: the config checks they sum to 1; adaptive: a
-    # softmax), so the weighted sum skips combine_teachers' host-side checks: no device sync here
+    # softmax), so the weighted sum skips combine_teachers' host-side checks: no device sync here.
+    # L_KD (and through it the dynamic scale) is made of the trainable parts only.
     kd = (alphas * torch.stack([losses[n].float() for n in names])).sum()
     if kd_scaling == "dynamic":
         kd_scale = dynamic_kd_scale(kd, ce)
@@ -184,7 +206,8 @@ def distillation_loss(
         total = scale_kd_ce(kd, ce, kd_scaling)
         kd_scale = torch.tensor(FIXED_WEIGHTINGS[kd_scaling][0] / FIXED_WEIGHTINGS[kd_scaling][1], device=ce.device)
     return StepLosses(
-        total=total, ce=ce, kd=kd, per_teacher=losses, kd_scale=kd_scale,
+        total=total, ce=ce, kd=kd, per_teacher=losses, per_teacher_const=consts,
+        per_teacher_uncovered=uncovered, kd_scale=kd_scale,
         alphas={n: a for n, a in zip(names, alphas.detach())}, num_chunks=counts,
     )
 

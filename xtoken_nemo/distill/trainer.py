@@ -247,7 +247,11 @@ class Trainer:
             metrics["kd"] = losses.kd.detach()
             metrics["kd_scale"] = losses.kd_scale.detach()
             for name, value in losses.per_teacher.items():
-                metrics[f"kd/{name}"] = value.detach()
+                metrics[f"kd/{name}"] = value.detach()  # the part that trains (in kd and kd_scale)
+            for name, value in losses.per_teacher_const.items():
+                metrics[f"kd_const/{name}"] = value  # gradient-free constant, reported only
+            for name, value in losses.per_teacher_uncovered.items():
+                metrics[f"kd_uncovered/{name}"] = value  # teacher mass the student cannot reach
             for name, value in losses.alphas.items():
                 metrics[f"alpha/{name}"] = value
         return losses.total, partial(self._loss_func, metrics)

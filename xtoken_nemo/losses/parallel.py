@@ -29,6 +29,7 @@ Implementation:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -47,7 +48,16 @@ from xtoken_nemo.losses.checks import (
     nonfinite_checks_enabled,
     reduce_chunks,
 )
-from xtoken_nemo.losses.reference import DEFAULT_EPS, MERGE_MODES, MergedChunks, _chunk_index, hkl_pairs
+from xtoken_nemo.losses.reference import (
+    DEFAULT_EPS,
+    MERGE_MODES,
+    PROB_FLOOR,
+    LossParts,
+    MergedChunks,
+    _chunk_index,
+    hkl_pairs,
+    split_parts,
+)
 from xtoken_nemo.vocab.projection import ProjectionMatrix
 
 DEFAULT_BLOCK = 256
@@ -173,26 +183,31 @@ class _Math:
         return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
 
     @staticmethod
-    def pkl_terms(log_pt: torch.Tensor, q: torch.Tensor, eps: float, dim: int = -1) -> torch.Tensor:
-        """[B, n] -> [B] (or [n, B] -> [B] with dim=0) local part of sum p_T (log p_T - log max(q, eps))."""
-        return (log_pt.exp() * (log_pt - q.clamp_min(eps).log_())).sum(dim)
+    def pkl_terms_(
+        log_pt: torch.Tensor, q: torch.Tensor, reached: torch.Tensor, unreached: torch.Tensor
+    ) -> torch.Tensor:
+        """In-place (overwrites both) [n, B] -> [3, B]: this rank's partial of (KL over the reached
+        columns, sum p_T log p_T over the real unreached ones, teacher mass on those).
+
+        reached/unreached: [n] 0/1 vectors (padded columns in neither). On unreached columns q = 0
+        exactly, so the floor gives p_T (log p_T - log PROB_FLOOR) there; the caller swaps the floor
+        for eps in the reported constant. The masked sums are matrix-vector products: no [n, B]
+        temporary beyond the two inputs.
+        """
+        d = torch.sub(log_pt, q.clamp_min_(PROB_FLOOR).log_(), out=q)
+        pt = log_pt.exp_()
+        uncovered = unreached @ pt
+        terms = d.mul_(pt)
+        out = torch.stack([reached @ terms, unreached @ terms, uncovered])
+        out[1] += math.log(PROB_FLOOR) * uncovered  # back to sum p_T log p_T
+        return out
 
     @staticmethod
-    def pkl_terms_(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
-        """In-place (overwrites both) [n, B] -> [B]: local part of sum p_T (log p_T - log max(q, eps))."""
-        d = torch.sub(log_pt, q.clamp_min_(eps).log_(), out=q)
-        return log_pt.exp_().mul_(d).sum(0)
-
-    @staticmethod
-    def pkl_grad_q_(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
-        """In-place version of :meth:`pkl_grad_q` (overwrites both inputs; returns log_pt's buffer)."""
-        keep = q > eps
-        return log_pt.exp_().div_(q.clamp_min_(eps)).neg_().mul_(keep)
-
-    @staticmethod
-    def pkl_grad_q(log_pt: torch.Tensor, q: torch.Tensor, eps: float) -> torch.Tensor:
-        """d/dq of sum p_T (log p_T - log max(q, eps)): -p_T / q where q > eps, else 0."""
-        return torch.where(q > eps, -log_pt.exp() / q.clamp_min(eps), q.new_zeros(()))
+    def pkl_grad_q_(log_pt: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """In place (overwrites both inputs; returns log_pt's buffer): d/dq of the trainable P-KL,
+        -p_T / q where q > PROB_FLOOR, else 0 (unreached columns have q = 0: no gradient)."""
+        keep = q > PROB_FLOOR
+        return log_pt.exp_().div_(q.clamp_min_(PROB_FLOOR)).neg_().mul_(keep)
 
     @staticmethod
     def softmax_backward(p: torch.Tensor, g_p: torch.Tensor, dot: torch.Tensor) -> torch.Tensor:
@@ -308,6 +323,11 @@ class LocalProjection:
         self.student_shard = student_shard
         self.teacher_padded = teacher_padded
         self.num_teacher_tokens = W.shape[1]
+        # [V_T_pad] teacher columns some row of the FULL W reaches (not only this rank's rows)
+        reached = torch.zeros(teacher_padded, dtype=torch.bool)
+        reached[W.indices[(W.indices >= 0) & (W.values != 0)]] = True
+        self._reached = reached
+        self._masks: dict = {}
         a = student_shard.start
         b = min(student_shard.start + student_shard.width, W.shape[0])
         idx, val = W.indices[a:b], W.values[a:b]
@@ -321,6 +341,18 @@ class LocalProjection:
             self._csr = {torch.float32: coo.to_sparse_csr()}
             coo_t = torch.sparse_coo_tensor(torch.stack([cols, rows]), val[mask], shape[::-1]).coalesce()
             self._csr_t = {torch.float32: coo_t.to_sparse_csr()}
+
+    def column_masks(self, t_shard: Shard, dtype: torch.dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """([n_T], [n_T]) 0/1 vectors of this teacher shard: reached by W / real and not reached."""
+        key = (t_shard.start, t_shard.width, dtype, str(torch.device(device)))
+        if key not in self._masks:
+            reached = self._reached[t_shard.start : t_shard.start + t_shard.width]
+            real = torch.arange(t_shard.width) < t_shard.valid
+            self._masks[key] = (
+                reached.to(device=device, dtype=dtype),
+                ((~reached) & real).to(device=device, dtype=dtype),
+            )
+        return self._masks[key]
 
     def rows(self, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
         """[V_S_pad/tp, V_T_pad] CSR on ``device`` (cached per dtype and device)."""
@@ -398,12 +430,13 @@ class _VocabParallelPKL(torch.autograd.Function):
         return comm.reduce_scatter_rows(torch.sparse.mm(proj.rows_t(ps_t.dtype, ps_t.device), ps_t), group)
 
     @staticmethod
-    def forward(ctx, s_loc, t_loc, proj, s_shard, t_shard, group, temperature, eps, block):  # type: ignore[override]
+    def forward(ctx, s_loc, t_loc, proj, s_shard, t_shard, group, temperature, block):  # type: ignore[override]
         n = s_loc.shape[0]
         cdt = _compute_dtype(s_loc)
         lse_s = s_loc.new_empty(n, dtype=cdt)
         lse_t = s_loc.new_empty(n, dtype=cdt)
-        local = s_loc.new_empty(n, dtype=cdt)
+        local = s_loc.new_empty(3, n, dtype=cdt)  # (reached KL, unreached sum p_T log p_T, unreached mass)
+        reached, unreached = proj.column_masks(t_shard, cdt, s_loc.device)
         for a, b in _blocks(n, block):
             ys = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt)  # [n_S, B]
             yt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt)  # [n_T, B]
@@ -415,24 +448,26 @@ class _VocabParallelPKL(torch.autograd.Function):
             lse_s[a:b], lse_t[a:b] = ls, lt
             q = _VocabParallelPKL._project(ys.sub_(ls).exp_(), proj, group)
             del ys
-            local[a:b] = _Math.pkl_terms_(yt.sub_(lt), q, eps)
+            local[:, a:b] = _Math.pkl_terms_(yt.sub_(lt), q, reached, unreached)
             del yt, q
-        comm.all_reduce_(local, "sum", group)
+        comm.all_reduce_(local, "sum", group)  # one collective for the three
         ctx.save_for_backward(s_loc, t_loc, lse_s, lse_t)
-        ctx.cfg = (proj, s_shard, t_shard, group, temperature, eps, block)
-        return local
+        ctx.cfg = (proj, s_shard, t_shard, group, temperature, block)
+        reach_kl, unreach, uncovered = (x.clone() for x in local)  # three outputs, not views of one
+        ctx.mark_non_differentiable(unreach, uncovered)
+        return reach_kl, unreach, uncovered
 
     @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
+    def backward(ctx, grad, _grad_const, _grad_uncovered):  # type: ignore[override]
         s_loc, t_loc, lse_s, lse_t = ctx.saved_tensors
-        proj, s_shard, t_shard, group, temperature, eps, block = ctx.cfg
+        proj, s_shard, t_shard, group, temperature, block = ctx.cfg
         out = torch.empty_like(s_loc)
         for a, b in _blocks(s_loc.shape[0], block):
             cdt = lse_s.dtype
             ps = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt).sub_(lse_s[a:b]).exp_()
             log_pt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt).sub_(lse_t[a:b])
             q = _VocabParallelPKL._project(ps, proj, group)  # recomputed, [n_T, B]
-            g_q = _Math.pkl_grad_q_(log_pt, q, eps).mul_(grad[a:b].to(cdt))  # consumes log_pt and q
+            g_q = _Math.pkl_grad_q_(log_pt, q).mul_(grad[a:b].to(cdt))  # consumes log_pt and q
             del log_pt, q
             g_ps = torch.sparse.mm(proj.rows(cdt, g_q.device), comm.all_gather_rows(g_q, group))  # [n_S, B]
             del g_q
@@ -442,10 +477,10 @@ class _VocabParallelPKL(torch.autograd.Function):
             if temperature != 1.0:
                 g.div_(temperature)
             out[a:b] = g.t()
-        return out, None, None, None, None, None, None, None, None
+        return out, None, None, None, None, None, None, None
 
 
-def pkl_loss_parallel(
+def pkl_loss_parallel_parts(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     W: ProjectionMatrix | LocalProjection,
@@ -456,8 +491,13 @@ def pkl_loss_parallel(
     group: object | None = None,
     block_size: int = DEFAULT_BLOCK,
     reduction: str = "mean",
-) -> torch.Tensor:
-    """P-KL: KL(p_T || W^T p_S). student [N, V_S_pad/tp], teacher [N, V_T_pad/tp], W [V_S, V_T]."""
+) -> LossParts:
+    """P-KL split into trainable part, constant and uncovered teacher mass (replicated
+    :class:`~xtoken_nemo.losses.reference.LossParts`, as :func:`~xtoken_nemo.losses.reference.pkl_loss_parts`).
+
+    student [N, V_S_pad/tp], teacher [N, V_T_pad/tp], W [V_S, V_T]. The three per-chunk sums share
+    the forward's one final all-reduce; ``eps`` enters only the reported constant.
+    """
     group, s_shard, t_shard = _cross_vocab_shards(
         student_logits, teacher_logits, student_vocab_size, teacher_vocab_size, temperature, reduction, group
     )
@@ -475,12 +515,33 @@ def pkl_loss_parallel(
                 "the LocalProjection was prepared for other shards/vocab sizes than these logits; "
                 "call prepare_projection with this rank's logits"
             )
-    per_chunk = _VocabParallelPKL.apply(
+    reach_kl, unreach, uncovered = _VocabParallelPKL.apply(
         student_logits, teacher_logits.detach(), proj, s_shard, t_shard, group,
-        float(temperature), float(eps), _check_block(block_size),
+        float(temperature), _check_block(block_size),
     )
-    _raise_if_not_finite(per_chunk, "student/teacher logits")
-    return reduce_chunks(per_chunk, reduction)
+    _raise_if_not_finite(reach_kl, "student/teacher logits")
+    parts = split_parts(reach_kl, unreach - uncovered * math.log(eps), uncovered)
+    return parts.reduce(reduction)
+
+
+def pkl_loss_parallel(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    W: ProjectionMatrix | LocalProjection,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    temperature: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    group: object | None = None,
+    block_size: int = DEFAULT_BLOCK,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """P-KL: KL(p_T || W^T p_S), its trainable part (teacher columns no W row reaches left out).
+    student [N, V_S_pad/tp], teacher [N, V_T_pad/tp], W [V_S, V_T]."""
+    return pkl_loss_parallel_parts(
+        student_logits, teacher_logits, W, student_vocab_size, teacher_vocab_size, temperature, eps,
+        group, block_size, reduction,
+    ).trainable
 
 
 # ==========================================================================================
@@ -588,7 +649,7 @@ def gold_loss_parallel(
     teacher_vocab_size: int,
     temperature: float = 1.0,
     weighting: str | tuple[float, float] = "sum",
-    eps: float = DEFAULT_EPS,
+    eps: float = PROB_FLOOR,
     uld_topk: int | None = None,
     group: object | None = None,
     block_size: int = DEFAULT_BLOCK,
@@ -630,7 +691,7 @@ def hkl_loss_parallel(
     temperature: float = 1.0,
     min_weight: float = 0.0,
     weighting: str | tuple[float, float] = "sum",
-    eps: float = DEFAULT_EPS,
+    eps: float = PROB_FLOOR,
     uld_topk: int | None = None,
     group: object | None = None,
     block_size: int = DEFAULT_BLOCK,
@@ -658,7 +719,7 @@ def uld_loss_parallel(
     """ULD on vocab-sharded logits: GOLD with an empty common set and only the ULD term."""
     return gold_loss_parallel(
         student_logits, teacher_logits, torch.zeros(0, 2, dtype=torch.int64), student_vocab_size,
-        teacher_vocab_size, temperature, (0.0, 1.0), DEFAULT_EPS, uld_topk, group, block_size, reduction,
+        teacher_vocab_size, temperature, (0.0, 1.0), PROB_FLOOR, uld_topk, group, block_size, reduction,
     )
 
 
@@ -675,15 +736,25 @@ def _chain_log_mass(
     targets = torch.as_tensor(targets, dtype=torch.int64)
     later = pos != first[cid]
     lp, lc = pos[later], cid[later]
-    # only the later positions' rows are normalized: single-token chunks cost nothing here
-    rows = _vp_log_softmax(_Math.prep(logits[lp], shard, 1.0), group)  # [L, width]
-    tgt = targets[lp] - shard.start
+    # only the later positions' rows are touched: single-token chunks cost nothing here (their
+    # log-mass is exactly 0, which chunk_mass_kl_parts reads as "no rest bucket on this side")
+    y = _Math.prep(logits[lp], shard, 1.0)  # [L, width]
+    tgt = (targets[lp] - shard.start).to(y.device)
     own = (tgt >= 0) & (tgt < shard.width)
-    picked = torch.where(own, rows.gather(1, tgt.clamp(0, shard.width - 1)[:, None]).squeeze(1), rows.new_zeros(()))
+    col = tgt.clamp(0, shard.width - 1)[:, None]
+    # log p_t = d - log1p(expm1(d) + s), d = y_t - m, s = sum over v != t of exp(y_v - m), m the
+    # (detached) global max: exact near p_t = 1, where y_t - lse rounds to 0 (reference.target_log_probs)
+    m = y.detach().max(dim=-1).values
+    comm.all_reduce_(m, "max", group)
+    excluded = torch.zeros_like(y, dtype=torch.bool).scatter_(1, col, own[:, None])
+    s = comm.sum_autograd(torch.exp(y.masked_fill(excluded, MASK_VALUE) - m[:, None]).sum(-1), group)
+    zero = y.new_zeros(())
+    d = torch.where(own, y.gather(1, col).squeeze(1) - m, zero)  # 0 off the owner: finite everywhere
+    picked = torch.where(own, d - torch.log1p(torch.expm1(d) + s), zero)
     # each target is owned by one rank: a sum of partials, so that a replicated consumer of
     # log_mass (every rank computes the same loss from it) back-propagates it once
     picked = comm.sum_partials(picked, group)
-    return rows.new_zeros(n).index_add(0, lc.to(rows.device), picked)
+    return y.new_zeros(n).index_add(0, lc.to(y.device), picked)
 
 
 def chunk_log_mass_parallel(
@@ -791,6 +862,7 @@ __all__ = [
     "kl_loss_parallel",
     "merge_chunks_parallel",
     "pkl_loss_parallel",
+    "pkl_loss_parallel_parts",
     "prepare_projection",
     "teacher_confidence_parallel",
     "uld_loss_parallel",

@@ -9,8 +9,18 @@ Conventions and choices (see also ../../shared/method.md sections 2-4):
 - ``temperature`` divides both sides' logits; losses are *not* multiplied by T^2 (leave that to
   the caller's weight).
 - KL direction is always forward, KL(p_T || p_S) (teacher mass-covering), as in the paper.
-- ``log`` of a probability that may be structurally zero (a teacher column no W row maps to, an
-  underflowed sum) is taken of ``max(q, eps)``. Terms with ``p_T == 0`` contribute exactly 0 (xlogy).
+- Loss values mean something (method.md 3.1): a term whose student side is *structurally* zero
+  (a teacher column no W row reaches, the "rest" bucket of a chain-merged chunk whose student side
+  has no later token) is infinite in exact math and has no gradient. Such terms are not in the
+  loss: :class:`LossParts` splits every KD loss into ``trainable`` (the KL over the outcomes the
+  student can reach, shifted by a teacher-only constant so that it is >= 0 and 0 at the best fit
+  the student can reach), ``constant`` (the gradient-free rest, with ``eps`` / ``MASS_CLAMP``
+  standing in for log 0, reported only) and ``uncovered`` (the teacher mass the student cannot
+  reach). The loss functions return the trainable part; ``*_parts`` return all three. See
+  docs/losses.md.
+- ``log`` of a probability that is reachable but may underflow is taken of ``max(q, PROB_FLOOR)``
+  (1e-30: far below any probability that moves a loss). Terms with ``p_T == 0`` contribute exactly
+  0 (xlogy).
 
 GOLD semantics (following TRL's ``GOLDTrainer``/``ULDLoss`` hybrid mode, see :func:`gold_loss`):
 
@@ -35,6 +45,7 @@ Chunk merging (chain / logmean / first): see :func:`merge_chunks`.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -55,7 +66,66 @@ from xtoken_nemo.losses.checks import (
 from xtoken_nemo.vocab.projection import ProjectionMatrix
 
 DEFAULT_EPS = 1e-8
-"""Floor under a probability before its log (P-KL's projected student, GOLD's common student mass)."""
+"""Stands in for P-KL's structural zeros (q = 0 on teacher columns no W row reaches) in the
+*reported* constant only (``LossParts.constant``); no trainable value or gradient depends on it."""
+
+PROB_FLOOR = 1e-30
+"""Underflow guard under a reachable probability before its log (P-KL's reached columns, GOLD's and
+H-KL's common student mass). Changes a value only where q < 1e-30 (an fp32 softmax that underflowed)."""
+
+MASS_CLAMP = 1e-12
+"""Stands in for 1 - c_S = 0 (a chain-merged chunk whose student side is one token) in the
+*reported* constant of :func:`chunk_mass_kl_parts` only."""
+
+
+@dataclass
+class LossParts:
+    """A KD loss split into the part that trains and the gradient-free constant (per chunk [N] or
+    reduced to 0-dim).
+
+    trainable: the KL over the outcomes the student can reach (teacher columns some W row reaches;
+               a chunk's rest bucket when the student side has later tokens), minus M log M with M
+               the teacher's mass on those outcomes: = M * KL(teacher renormalized to them || student),
+               >= 0 and 0 at the best fit the student can reach. Carries the gradient; independent
+               of every floor/clamp (up to PROB_FLOOR underflow guards).
+    constant:  the rest of the (clamped) KL, no gradient: the terms of the outcomes the student
+               gives probability exactly 0, with ``log eps`` / ``log MASS_CLAMP`` in place of log 0,
+               plus M log M. Depends on eps/MASS_CLAMP by construction: reported, never trained on.
+    uncovered: 1 - M, the teacher mass on outcomes the student cannot reach (no floor involved).
+    """
+
+    trainable: torch.Tensor
+    constant: torch.Tensor
+    uncovered: torch.Tensor
+
+    @property
+    def total(self) -> torch.Tensor:
+        """trainable + constant: the clamped KL as computed before the split (for comparison)."""
+        return self.trainable + self.constant
+
+    def reduce(self, reduction: str) -> "LossParts":
+        return LossParts(*(reduce_chunks(x, reduction) for x in (self.trainable, self.constant, self.uncovered)))
+
+    @staticmethod
+    def of(loss: torch.Tensor) -> "LossParts":
+        """A loss with every outcome reachable (KL, GOLD, H-KL, ULD): no constant."""
+        zero = torch.zeros_like(loss.detach())
+        return LossParts(loss, zero, zero)
+
+
+def split_parts(reach_kl: torch.Tensor, unreach_const: torch.Tensor, uncovered: torch.Tensor) -> LossParts:
+    """[N] KL over the reachable outcomes, the clamped terms of the unreachable ones, and the teacher
+    mass on those -> :class:`LossParts` (moves M log M, M = 1 - uncovered, to the constant)."""
+    m = (1.0 - uncovered).detach()
+    shift = torch.xlogy(m, m)
+    return LossParts(reach_kl - shift, unreach_const + shift, uncovered)
+
+
+def _unsplit(parts: LossParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`split_parts`."""
+    m = (1.0 - parts.uncovered).detach()
+    shift = torch.xlogy(m, m)
+    return parts.trainable + shift, parts.constant - shift, parts.uncovered
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
@@ -117,12 +187,13 @@ def uld_loss(
 # GOLD and H-KL (common-set KL + ULD on the rest)
 # ------------------------------------------------------------------------------------------
 def common_kl(
-    log_ps: torch.Tensor, log_pt: torch.Tensor, pairs: torch.Tensor, eps: float = DEFAULT_EPS
+    log_ps: torch.Tensor, log_pt: torch.Tensor, pairs: torch.Tensor, eps: float = PROB_FLOOR
 ) -> torch.Tensor:
     """[N] sum over common teacher tokens t of p_T[t] * (log p_T[t] - log q_C[t]).
 
     q_C[t] = sum of p_S[s] over the pairs (s, t); the full-vocabulary distributions are used as
-    they are (no renormalization over C).
+    they are (no renormalization over C). Every common teacher token has a student partner, so
+    q_C > 0 in exact math: ``eps`` is only an underflow guard (default PROB_FLOOR).
     """
     teachers, inverse = torch.unique(pairs[:, 1], return_inverse=True)
     ps_pairs = log_ps[:, pairs[:, 0]].exp()  # [N, P]
@@ -148,7 +219,7 @@ def gold_loss(
     common_pairs: torch.Tensor,
     temperature: float = 1.0,
     weighting: str | tuple[float, float] = "sum",
-    eps: float = DEFAULT_EPS,
+    eps: float = PROB_FLOOR,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """GOLD: KL on the common pairs + ULD on the uncommon rest (module docstring for the semantics).
@@ -199,7 +270,7 @@ def hkl_loss(
     temperature: float = 1.0,
     min_weight: float = 0.0,
     weighting: str | tuple[float, float] = "sum",
-    eps: float = DEFAULT_EPS,
+    eps: float = PROB_FLOOR,
     reduction: str = "mean",
 ) -> torch.Tensor:
     """H-KL: GOLD whose common set is W's argmax pairs (which contain the exact matches)."""
@@ -226,18 +297,30 @@ def project(p_s: torch.Tensor, W: ProjectionMatrix | torch.Tensor) -> torch.Tens
     return p_s @ W.to(p_s.dtype)
 
 
-def pkl_loss(
+def reached_columns(W: ProjectionMatrix | torch.Tensor) -> torch.Tensor:
+    """[V_T] bool: the teacher columns some W row reaches with a non-zero weight (structural: the
+    projected student q = W^T p_S is exactly 0 on every other column, whatever p_S)."""
+    if isinstance(W, ProjectionMatrix):
+        reached = torch.zeros(W.shape[1], dtype=torch.bool)
+        reached[W.indices[(W.indices >= 0) & (W.values != 0)]] = True
+        return reached
+    return (W != 0).any(dim=0)
+
+
+def pkl_loss_parts(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     W: ProjectionMatrix | torch.Tensor,
     temperature: float = 1.0,
     eps: float = DEFAULT_EPS,
     reduction: str = "mean",
-) -> torch.Tensor:
-    """P-KL: KL(p_T || W^T p_S) per chunk. student [N, V_S], teacher [N, V_T], W [V_S, V_T].
+) -> LossParts:
+    """P-KL split into the part that trains and the constant (:class:`LossParts`).
 
-    W^T p_S is used as it is: student mass on zero rows of W is lost (not renormalized), and a
-    teacher column no W row reaches gets q = eps (a constant term, no gradient).
+    student [N, V_S], teacher [N, V_T], W [V_S, V_T]. q = W^T p_S is used as it is (student mass on
+    zero rows of W is lost, not renormalized: method.md 3.3). On the reached columns R:
+    trainable = sum_R p_T (log p_T - log q) - M log M, M = sum_R p_T. On the other columns q = 0:
+    uncovered = sum_{not R} p_T and constant = sum_{not R} p_T (log p_T - log eps) + M log M.
     """
     check_temperature(temperature)
     check_reduction(reduction)
@@ -252,8 +335,30 @@ def pkl_loss(
     p_s = log_probs(student_logits, temperature).exp()
     p_t = log_probs(teacher_logits, temperature).exp()
     q = project(p_s, W)
-    per_chunk = (torch.xlogy(p_t, p_t) - torch.xlogy(p_t, q.clamp_min(eps))).sum(-1)
-    return reduce_chunks(per_chunk, reduction)
+    reached = reached_columns(W).to(p_t.device)
+    pt_log_pt = torch.xlogy(p_t, p_t)
+    zero = p_t.new_zeros(())
+    reach_kl = torch.where(reached, pt_log_pt - torch.xlogy(p_t, q.clamp_min(PROB_FLOOR)), zero).sum(-1)
+    uncovered = torch.where(reached, zero, p_t).sum(-1)
+    unreach_const = torch.where(reached, zero, pt_log_pt).sum(-1) - uncovered * math.log(eps)
+    return split_parts(reach_kl, unreach_const, uncovered).reduce(reduction)
+
+
+def pkl_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    W: ProjectionMatrix | torch.Tensor,
+    temperature: float = 1.0,
+    eps: float = DEFAULT_EPS,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """P-KL: KL(p_T || W^T p_S) per chunk, its trainable part (:func:`pkl_loss_parts`).
+
+    student [N, V_S], teacher [N, V_T], W [V_S, V_T]. Teacher columns no W row reaches (q = 0)
+    are left out (their term is an infinite teacher-only constant); ``eps`` only enters the
+    constant that ``pkl_loss_parts`` reports.
+    """
+    return pkl_loss_parts(student_logits, teacher_logits, W, temperature, eps, reduction).trainable
 
 
 # ------------------------------------------------------------------------------------------
@@ -296,6 +401,23 @@ def _chunk_index(chunks: Sequence[Sequence[int]], num_positions: int) -> tuple[t
     return torch.tensor(pos, dtype=torch.int64), torch.tensor(cid, dtype=torch.int64)
 
 
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[L, V] logits, [L] ids -> [L] log-softmax at the targets, accurate near 0.
+
+    log p_t = d - log1p(expm1(d) + s), d = z_t - m, s = sum_{v != t} exp(z_v - m), m = max z: when
+    t is the argmax (p_t near 1) this is -log1p(s), exact to the last bit, where z_t - lse loses
+    everything below the lse's rounding (in fp32 any p_t > 1 - 6e-8 becomes exactly 1). The chain
+    merge needs it: log(1 - c) of a chunk's log-mass c must be exactly -inf only when the chunk has
+    no later token (:func:`chunk_mass_kl_parts`).
+    """
+    y = logits.to(_compute_dtype(logits))
+    targets = torch.as_tensor(targets, dtype=torch.int64, device=y.device)[:, None]
+    m = y.detach().max(dim=-1).values
+    d = y.gather(1, targets).squeeze(1) - m
+    s = torch.exp(y.scatter(1, targets, float("-inf")) - m[:, None]).sum(-1)
+    return d - torch.log1p(torch.expm1(d) + s)
+
+
 def merge_chunks(
     logits: torch.Tensor,
     chunks: Sequence[Sequence[int]],
@@ -335,7 +457,7 @@ def merge_chunks(
         if targets.shape[0] != logits.shape[0]:
             raise LossInputError(f"targets have {targets.shape[0]} positions, logits {logits.shape[0]}")
         later = pos != first[cid]
-        tgt_logp = logp[pos[later], targets[pos[later]]]
+        tgt_logp = target_log_probs(logits[pos[later]], targets[pos[later]])
         log_mass = torch.zeros(n, dtype=logp.dtype).index_add(0, cid[later], tgt_logp)
         return MergedChunks(logp[first], log_mass)
     # logmean
@@ -345,24 +467,60 @@ def merge_chunks(
     return MergedChunks(mean - lse[:, None], lse)
 
 
-def chunk_mass_kl(
+def chunk_mass_kl_parts(
     student_log_mass: torch.Tensor,
     teacher_log_mass: torch.Tensor,
-    shape_loss_per_chunk: torch.Tensor | None = None,
+    shape_loss: LossParts | torch.Tensor | None = None,
     reduction: str = "mean",
-) -> torch.Tensor:
-    """Bring a merge's log-mass into a KL-type loss: ``c_T * L_shape + KL_Bern(c_T || c_S)`` per chunk.
+) -> LossParts:
+    """Bring a chain merge's log-mass into a KL-type loss, split into trainable and constant.
 
-    With c = exp(log_mass), this is the KL between the unnormalized merged vectors completed by a
-    "rest" bucket of mass 1 - c. Without ``shape_loss_per_chunk`` only the Bernoulli term is returned.
+    Per chunk, with c = exp(log_mass), the KL of the unnormalized merged vectors completed by a
+    "rest" bucket of mass 1 - c is ``c_T * L_shape + KL_Bernoulli(c_T || c_S)``. When the student
+    side has no later token, log c_S = 0 exactly: the student's rest bucket is structurally empty,
+    its term (1 - c_T) log((1 - c_T) / 0) is an infinite constant with no gradient, and it goes to
+    ``constant`` (with ``MASS_CLAMP`` standing in for 0, as the old clamp did). Where log c_S < 0
+    the term is computed exactly (no clamp) and trains. The shape loss's own unreachable teacher
+    columns (P-KL) stay out of reach in the chunk: the c_T log(c_T / c_S) term covers only the
+    teacher mass on reachable columns. ``shape_loss`` [N] (a tensor: every column reachable, or the
+    per-chunk :class:`LossParts` of P-KL); None: the Bernoulli term alone.
     """
     check_reduction(reduction)
     log_ct = teacher_log_mass.to(_compute_dtype(teacher_log_mass))
     log_cs = student_log_mass.to(log_ct.dtype)
+    if shape_loss is None:
+        shape_loss = LossParts.of(torch.zeros_like(log_ct))
+    elif isinstance(shape_loss, torch.Tensor):
+        shape_loss = LossParts.of(shape_loss)
+    l_r, c_u, u = (x.to(log_ct.dtype) for x in _unsplit(shape_loss))
+    m_shape = 1.0 - u  # teacher mass on the shape's reachable columns
     c_t = log_ct.exp()
-    # log(1 - c) computed stably from log c (log c <= 0)
-    log1m_ct = torch.log(-torch.expm1(log_ct.clamp_max(-1e-12)))
-    log1m_cs = torch.log(-torch.expm1(log_cs.clamp_max(-1e-12)))
-    bern = c_t * (log_ct - log_cs) + (1 - c_t) * (log1m_ct - log1m_cs)
-    out = bern if shape_loss_per_chunk is None else c_t * shape_loss_per_chunk + bern
-    return reduce_chunks(out, reduction)
+    one_m_ct = -torch.expm1(log_ct)  # 1 - c_T, exactly 0 when c_T = 1
+    rest_reached = log_cs.detach() < 0  # the student side has a later token: its rest bucket has mass
+    log1m_cs = torch.log(-torch.expm1(torch.where(rest_reached, log_cs, log_cs.new_full((), -1.0))))
+    ent_rest = torch.xlogy(one_m_ct, one_m_ct)  # (1 - c_T) log(1 - c_T), 0 when c_T = 1
+    zero = log_ct.new_zeros(())
+    reach_kl = (
+        c_t * l_r
+        + c_t * m_shape * (log_ct - log_cs)
+        + torch.where(rest_reached, ent_rest - one_m_ct * log1m_cs, zero)
+    )
+    uncovered = c_t * u + torch.where(rest_reached, zero, one_m_ct)
+    unreach_const = (
+        c_t * c_u
+        + c_t * u * log_ct
+        + torch.where(rest_reached, zero, ent_rest - one_m_ct * math.log(MASS_CLAMP))
+    )
+    return split_parts(reach_kl, unreach_const, uncovered).reduce(reduction)
+
+
+def chunk_mass_kl(
+    student_log_mass: torch.Tensor,
+    teacher_log_mass: torch.Tensor,
+    shape_loss_per_chunk: LossParts | torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """The trainable part of :func:`chunk_mass_kl_parts`: ``c_T * L_shape + KL_Bern(c_T || c_S)``
+    per chunk over the outcomes the student can reach (exactly that when log c_S < 0 and the
+    shape loss has no unreachable column)."""
+    return chunk_mass_kl_parts(student_log_mass, teacher_log_mass, shape_loss_per_chunk, reduction).trainable
