@@ -12,7 +12,6 @@ import re
 import subprocess
 from pathlib import Path
 
-import pytest
 
 from xtoken_nemo.cli import main
 from xtoken_nemo.distill.config import MODEL_SHAPE_FIELDS, ModelConfig, config_from_dict
