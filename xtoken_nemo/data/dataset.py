@@ -23,8 +23,8 @@ Per teacher, for the same window:
 - a teacher with the student's tokenizer (``identity`` in the manifest) gets the student's own
   tokens, labels and the one-token chunks ``(i, i+1, i, i+1)``: plain token-level KD.
 
-:class:`BlendedDistillDataset` mixes several such datasets by weight with Megatron's blending
-rule (each next sample goes to the dataset furthest below its target share), deterministically.
+:class:`BlendedDistillDataset` mixes several such datasets by weight, deterministically, with an
+index built in numpy (:func:`blending_indices`: seconds for 10^8 windows).
 """
 
 from __future__ import annotations
@@ -248,12 +248,90 @@ class DistillDataset(torch.utils.data.Dataset):
         return sample
 
 
+def _blend_key(k, w: float):
+    """Sort key of dataset sample ``k`` (a number or a float64 array) for weight ``w``."""
+    return (k + 0.5) / w
+
+
+def _count_below(w: float, x: float) -> int:
+    """Number of samples ``k >= 0`` whose key ``(k + 0.5) / w`` (as float64) is ``< x``."""
+    k = max(0, int(np.floor(x * w - 0.5)) - 1)
+    while _blend_key(np.float64(k), w) < x:
+        k += 1
+    while k > 0 and not _blend_key(np.float64(k - 1), w) < x:
+        k -= 1
+    return k
+
+
+def blending_indices(weights, size: int, block: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+    """Which dataset, and which of its samples, each of ``size`` blended samples is.
+
+    weights: [n] non-negative (normalized here); returns ``dataset_index`` [size] int16 and
+    ``dataset_sample_index`` [size] int64 (the k-th sample taken from a dataset has index k).
+
+    The order is the Sainte-Lague/Webster divisor sequence: the k-th sample of dataset d has the
+    key ``(k + 1/2) / w_d`` and samples are taken in key order, ties to the lower dataset index.
+    After every prefix of t samples each dataset holds about ``w_d * t`` of them (measured with
+    3-10 random weights: within 0.73-1.12 samples; the previous rule 0.69-0.91). It equals the
+    previous rule (a Python loop: sample i to ``argmax(w * (i + 1) - counts)``,
+    :func:`blending_indices_loop`) for two datasets and for equal weights; with three or more
+    unequal weights 7-35% of positions differ (a sequential greedy has no exact vectorized form:
+    its choice depends on the step, not on each dataset's own count as a divisor rule does).
+    Vectorized: each block of ``block`` key units (about ``block`` samples) is one stable argsort
+    of n pre-sorted runs; memory beyond the outputs is O(block). Deterministic (IEEE float64 keys,
+    stable sort), independent of ``block``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or len(w) == 0 or (w < 0).any() or w.sum() <= 0:
+        raise DataError(f"blend weights must be a non-empty list of non-negative numbers, not all zero; got {list(np.ravel(w))}")
+    if len(w) > np.iinfo(np.int16).max:
+        raise DataError(f"a blend of {len(w)} datasets is more than {np.iinfo(np.int16).max}: merge some directories")
+    w = w / w.sum()
+    size = int(size)
+    d_index = np.empty(size, dtype=np.int16)
+    s_index = np.empty(size, dtype=np.int64)
+    active = [d for d in range(len(w)) if w[d] > 0]
+    lo = dict.fromkeys(active, 0)
+    pos, x = 0, 0.0
+    while pos < size:
+        x += float(block)  # whole numbers: exact in float64
+        hi = {d: _count_below(float(w[d]), x) for d in active}
+        ks = [np.arange(lo[d], hi[d], dtype=np.int64) for d in active]
+        keys = np.concatenate([_blend_key(k.astype(np.float64), float(w[d])) for k, d in zip(ks, active)])
+        order = np.argsort(keys, kind="stable")[: size - pos]  # ties: concatenation (dataset) order
+        owner = np.concatenate([np.full(len(k), d, dtype=np.int16) for k, d in zip(ks, active)])
+        m = len(order)
+        d_index[pos : pos + m] = owner[order]
+        s_index[pos : pos + m] = np.concatenate(ks)[order]
+        pos += m
+        lo = hi
+    return d_index, s_index
+
+
+def blending_indices_loop(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The previous rule, kept as the benchmark and test reference (about 10^6 samples/s: do
+    not use it at ClimbMix scale): sample i goes to the dataset whose count is furthest below
+    ``w * (i + 1)`` (first on ties)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    counts = np.zeros(len(w), dtype=np.int64)
+    d_index = np.empty(size, dtype=np.int16)
+    s_index = np.empty(size, dtype=np.int64)
+    for i in range(size):
+        err = w * (i + 1) - counts
+        d = int(np.argmax(err))
+        d_index[i] = d
+        s_index[i] = counts[d]
+        counts[d] += 1
+    return d_index, s_index
+
+
 class BlendedDistillDataset(torch.utils.data.Dataset):
     """Weighted blend of :class:`DistillDataset` s (e.g. the shards of NemotronClimbMix).
 
-    Megatron's rule (``megatron.core.datasets.helpers.build_blending_indices``): sample ``i``
-    goes to the dataset whose count is furthest below ``weight * (i + 1)``; within a dataset
-    samples are taken in order and wrap around (another epoch) when exhausted. ``size`` defaults
+    The order is :func:`blending_indices` (each dataset stays within about one sample of its
+    share at every prefix, like Megatron's ``build_blending_indices``); within a dataset samples
+    are taken in order and wrap around (another epoch) when exhausted. ``size`` defaults
     to the number of samples that exhaust no dataset. Deterministic; all datasets must have the
     same student, teachers and seq_length.
     """
@@ -278,20 +356,7 @@ class BlendedDistillDataset(torch.utils.data.Dataset):
         if size is None:
             size = int(min(len(ds) / wt for ds, wt in zip(datasets, self.weights) if wt > 0))
         self.size = int(size)
-        self.dataset_index, self.dataset_sample_index = self._blending_indices(self.weights, self.size)
-
-    @staticmethod
-    def _blending_indices(weights: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-        counts = np.zeros(len(weights), dtype=np.int64)
-        d_index = np.empty(size, dtype=np.int16)
-        s_index = np.empty(size, dtype=np.int64)
-        for i in range(size):
-            err = weights * (i + 1) - counts
-            d = int(np.argmax(err))
-            d_index[i] = d
-            s_index[i] = counts[d]
-            counts[d] += 1
-        return d_index, s_index
+        self.dataset_index, self.dataset_sample_index = blending_indices(self.weights, self.size)
 
     def __len__(self) -> int:
         return self.size
@@ -304,16 +369,28 @@ class BlendedDistillDataset(torch.utils.data.Dataset):
         return sample
 
 
-def collate_distill(samples: list[dict], teacher_pad_id: int = 0) -> dict:
+def padded_length(length: int, multiple: int) -> int:
+    """``length`` rounded up to a multiple of ``multiple`` (at least one multiple)."""
+    if multiple < 1:
+        raise DataError(f"teacher pad multiple must be >= 1, got {multiple}")
+    return -(-max(length, 1) // multiple) * multiple
+
+
+def collate_distill(samples: list[dict], teacher_pad_id: int = 0, teacher_pad_multiple: int = 1) -> dict:
     """Batch samples: student tensors stacked; teacher tokens/labels right-padded with
-    ``teacher_pad_id`` plus ``teacher{m}_mask`` [B, T]; chunks padded with -1 to [B, K, 4] plus
-    ``teacher{m}_num_chunks`` [B]."""
+    ``teacher_pad_id`` to T = the longest window rounded up to a multiple of
+    ``teacher_pad_multiple`` (few distinct shapes for the attention kernels and the caching
+    allocator), plus ``teacher{m}_mask`` [B, T] (True on real tokens); chunks padded with -1 to
+    [B, K, 4] plus ``teacher{m}_num_chunks`` [B]. Chunks index real positions only, so the
+    padding (causal attention: it never affects real positions) is out of every loss."""
     out: dict = {}
     keys = samples[0].keys()
     for key in keys:
         values = [s[key] for s in samples]
         if key.startswith("teacher") and key.endswith(("_tokens", "_labels")):
             T = max(v.shape[0] for v in values)
+            if teacher_pad_multiple > 1:
+                T = padded_length(T, teacher_pad_multiple)
             batch = torch.full((len(values), T), teacher_pad_id, dtype=values[0].dtype)
             for b, v in enumerate(values):
                 batch[b, : v.shape[0]] = v

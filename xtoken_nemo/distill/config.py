@@ -69,6 +69,15 @@ class DataConfig:
     weights: list[float] | None = None  # blend weights, one per path
     seq_length: int = 4096
     shuffle: bool = True
+    # DataLoader worker processes reading and collating the step's windows ahead of the training
+    # thread (Megatron's --num-workers); 0: read in the training process, as before. None: 2 on
+    # CUDA, 0 on CPU (tiny runs: a worker costs more than it saves)
+    num_workers: int | None = None
+    prefetch_factor: int = 4  # micro-batches each worker keeps ready (workers > 0)
+    pin_memory: bool | None = None  # page-locked batches for async host-to-device copies; None: on CUDA
+    # teacher token/label tensors of a micro-batch padded (masked) to a multiple of this: few
+    # distinct shapes for attention kernels and the caching allocator; 1: the longest window
+    teacher_pad_multiple: int = 128
 
 
 @dataclass
