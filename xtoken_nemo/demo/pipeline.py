@@ -235,7 +235,9 @@ class Demo:
             name=name,
             student=model,
             teachers=teachers,
-            data=DataConfig(paths=[str(data)], seq_length=self.cfg.seq_length),
+            # no teacher padding: the demo's models hold 4 x seq_length positions, and a CPU has
+            # no kernels that want few shapes
+            data=DataConfig(paths=[str(data)], seq_length=self.cfg.seq_length, teacher_pad_multiple=1),
             optim=OptimConfig(lr=size.lr, min_lr=size.lr / 10, warmup_fraction=0.1, weight_decay=0.0),
             train=TrainConfig(
                 train_steps=size.steps, global_batch_size=size.batch, micro_batch_size=size.batch, seed=self.cfg.seed,

@@ -120,6 +120,14 @@ class CheckpointConfig:
     # a latest checkpoint that cannot be read (cut-short file, missing shard): resume from the
     # newest earlier one that loads, with a loud warning; False stops with the error instead
     fallback_on_corrupt: bool = True
+    # with data parallelism each DP rank writes and reads only its part of the replicated state
+    # (megatron's FullyParallelSave/LoadStrategyWrapper over the DP group; no-op at DP = 1)
+    fully_parallel: bool = True
+    # write in a background process and publish the checkpoint when every rank is done; the step
+    # loop goes on meanwhile (saves on a stop signal stay synchronous)
+    async_save: bool = False
+    # keep only the newest N complete iter_N directories (None keeps all)
+    keep_last: int | None = None
 
 
 @dataclass

@@ -113,7 +113,8 @@ class MicroBatches:
     @classmethod
     def from_config(cls, cfg: DistillConfig, dataset, dp_rank: int, dp_size: int) -> "MicroBatches":
         """From ``cfg.train`` (batch sizes) and ``cfg.data`` (loader, padding); ``None`` fields
-        resolve by device: 2 workers and pinned memory on CUDA, in-process on CPU."""
+        resolve by device: 2 workers, pinned memory and teacher padding to 128 on CUDA; in-process
+        and unpadded on CPU."""
         on_cuda = torch.cuda.is_available()
         d = cfg.data
         return cls(
@@ -121,7 +122,7 @@ class MicroBatches:
             num_workers=_resolve(d.num_workers, 2 if on_cuda else 0),
             prefetch_factor=d.prefetch_factor,
             pin_memory=_resolve(d.pin_memory, on_cuda),
-            teacher_pad_multiple=d.teacher_pad_multiple,
+            teacher_pad_multiple=_resolve(d.teacher_pad_multiple, 128 if on_cuda else 1),
         )
 
     def indices(self, step: int) -> list[int]:
