@@ -17,6 +17,38 @@ A checkpoint saved with the local layer spec (CPU) resumes with the TE spec (GPU
 the ``_extra_state`` entries (TE's fp8 metadata) one spec has and the other lacks are tolerated
 (:func:`xtoken_nemo.models.checkpoint.dist_load`).
 
+Fully parallel save and load over data parallelism (``checkpoint.fully_parallel``, default on)
+----------------------------------------------------------------------------------------------
+The optimizer is saved in megatron's ``fully_reshardable`` format (model-space tensors, loadable
+at any TP layout). Its tensors carry the replica ids of the model parameters: every data-parallel
+rank holds the same full tensors (the non-distributed optimizer replicates them; the distributed
+optimizer all-gathers them for this format) and without help only DP rank 0 writes them and
+every rank reads all of them back. With DP > 1 the save goes through megatron's
+``FullyParallelSaveStrategyWrapper`` over the data-parallel group (each DP rank writes a disjoint
+~1/DP of the replicated tensors, chosen by size from metadata only: no data moves) and the load
+through ``FullyParallelLoadStrategyWrapper`` (each rank reads ~1/DP and the ranks exchange the
+rest), as Megatron-LM does with ``--ckpt-fully-parallel-save/-load``. The files are the same
+torch_dist format either way: a checkpoint written one way loads the other way and at any layout.
+
+Async save (``checkpoint.async_save``, default off)
+---------------------------------------------------
+``save_checkpoint(..., async_save=True)`` hands the writing to a forked process
+(``dist_checkpointing.save(..., async_sharded_save=True)`` returns megatron's ``AsyncRequest``,
+scheduled on an ``AsyncCallsQueue``) and returns; the publication (``write_extra``, the rename of
+``.partial``, ``latest.txt``, retention) runs as the request's finalization, on all ranks, when
+:func:`finalize_pending_save` finds every rank's writer done. A save that has not been finalized
+is a ``.partial`` directory like any interrupted save. One save is in flight at a time: the next
+:func:`save_checkpoint` first waits for the previous one. The training loop must call
+``finalize_pending_save(blocking=True)`` before it exits, and should save synchronously when it
+was told to stop (the job is about to be killed).
+
+Retention (``checkpoint.keep_last``)
+------------------------------------
+After a save is published, rank 0 deletes the complete ``iter_N`` directories beyond the newest
+``keep_last`` (counting only iterations up to the one ``latest.txt`` names, which is never
+deleted; a directory newer than it, left by a run that fell back past a corrupt checkpoint, is not
+touched). ``.partial`` directories follow the rules above.
+
 :func:`resume_latest` is what a run calls to resume: a latest checkpoint that cannot be read (a
 ``.distcp`` cut short, a missing file, ``latest.txt`` naming a missing directory) is either a
 one-line :class:`CheckpointError` or, with ``fallback``, a loud fall-back to the newest earlier
@@ -129,16 +161,66 @@ def _sharded_state(model, optimizer, common: dict, is_loading: bool, with_rng: b
     return state
 
 
-def save_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, run_state: dict, write_extra=None) -> Path:
+def save_strategy(parallel: bool | None = True):
+    """megatron's default save strategy (torch_dist), wrapped in ``FullyParallelSaveStrategyWrapper``
+    over the data-parallel group when ``parallel`` and DP > 1 (each DP rank then writes its own
+    part of the replicated tensors)."""
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_save_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelSaveStrategyWrapper,
+    )
+
+    from xtoken_nemo.models.checkpoint import parallel_io_group
+
+    strategy = get_default_save_sharded_strategy()
+    group = parallel_io_group(parallel)
+    return strategy if group is None else FullyParallelSaveStrategyWrapper(strategy, group)
+
+
+_async_queue = None  # megatron AsyncCallsQueue, created by the first async save
+
+
+def pending_saves() -> int:
+    """How many async saves have been scheduled and not yet finalized (published)."""
+    return 0 if _async_queue is None else _async_queue.get_num_unfinalized_calls()
+
+
+def finalize_pending_save(blocking: bool = True) -> int:
+    """Finalize (publish) the async saves whose writers are done on every rank; with ``blocking``,
+    wait for all of them. Returns how many were published. Collective: all ranks call it (it does
+    nothing, and no collective, when no async save is pending). A failed write raises here, on all
+    ranks, and leaves its ``.partial`` directory unpublished."""
+    if not pending_saves():
+        return 0
+    from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
+
+    with cuda_to_cpu():  # megatron's completion all-reduces use torch.cuda.current_device()
+        return len(_async_queue.maybe_finalize_async_calls(blocking=blocking))
+
+
+def save_checkpoint(
+    root: str | os.PathLike, iteration: int, model, optimizer, run_state: dict, write_extra=None, *,
+    parallel: bool = True, async_save: bool = False, keep_last: int | None = None,
+) -> Path:
     """Save atomically; returns the final directory. All ranks must call it.
 
     ``write_extra(dir)`` runs on rank 0 before the directory is published (e.g. the model's
     architecture record, which makes ``iter_N/`` loadable by ``xtoken score``/``export``).
+    ``parallel``: each data-parallel rank writes its own part (``FullyParallelSaveStrategyWrapper``,
+    a no-op at DP = 1). ``async_save``: return once the state is handed to a writer process; the
+    directory is published by :func:`finalize_pending_save` (see the module docstring).
+    ``keep_last``: keep only the newest N complete checkpoints (None keeps all).
     """
+    global _async_queue
     from megatron.core import dist_checkpointing
 
     from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 
+    if keep_last is not None and keep_last < 1:
+        raise CheckpointError(f"checkpoint.keep_last={keep_last}: keep at least 1 checkpoint, or null to keep all")
+    finalize_pending_save(blocking=True)  # one save in flight at a time
     root = Path(root)
     final = iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
@@ -150,20 +232,56 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, r
             shutil.rmtree(final)
         partial.mkdir()
     _barrier()
+
+    def publish() -> None:
+        if _rank() == 0 and write_extra is not None:
+            write_extra(partial)
+        _barrier()
+        if _rank() == 0:
+            os.replace(partial, final)
+            tmp = root / (LATEST + ".tmp")
+            tmp.write_text(f"{iteration}\n")
+            os.replace(tmp, root / LATEST)
+            if keep_last is not None:
+                remove_old_checkpoints(root, keep_last)
+        _barrier()
+        log.info("saved checkpoint %s", final)
+
     with cuda_to_cpu():
         state = _sharded_state(model, optimizer, run_state, is_loading=False)
-        dist_checkpointing.save(state, str(partial))
-    if _rank() == 0 and write_extra is not None:
-        write_extra(partial)
-    _barrier()
-    if _rank() == 0:
-        os.replace(partial, final)
-        tmp = root / (LATEST + ".tmp")
-        tmp.write_text(f"{iteration}\n")
-        os.replace(tmp, root / LATEST)
-    _barrier()
-    log.info("saved checkpoint %s", final)
+        request = dist_checkpointing.save(state, str(partial), sharded_strategy=save_strategy(parallel), async_sharded_save=async_save)
+        if request is None:
+            publish()
+            return final
+        request.add_finalize_fn(publish)
+        if _async_queue is None:
+            from megatron.core.dist_checkpointing.strategies.async_utils import (
+                AsyncCallsQueue,
+            )
+
+            _async_queue = AsyncCallsQueue()
+        _async_queue.schedule_async_request(request)
+    log.info("scheduled async save of %s", final)
     return final
+
+
+def remove_old_checkpoints(root: str | os.PathLike, keep_last: int) -> list[Path]:
+    """Delete the complete ``iter_N`` directories older than the newest ``keep_last`` ones (rank 0
+    only, after ``latest.txt`` names the new save). Iterations above the one ``latest.txt`` names
+    are neither counted nor deleted, and that one is always kept. Returns the deleted directories."""
+    root = Path(root)
+    latest = latest_iteration(root)
+    if latest is None or keep_last < 1:
+        return []
+    timeline = [i for i in complete_iterations(root) if i <= latest]  # newest first; latest is [0]
+    removed = []
+    for iteration in timeline[keep_last:]:
+        path = iteration_dir(root, iteration)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.info("checkpoint.keep_last=%d: removed %s", keep_last, ", ".join(p.name for p in removed))
+    return removed
 
 
 def _allocate_optimizer_state(optimizer) -> None:
@@ -175,9 +293,10 @@ def _allocate_optimizer_state(optimizer) -> None:
             sub._init_optimizer_states_with_dummy_values()
 
 
-def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer) -> dict:
+def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, parallel: bool = True) -> dict:
     """Load model and optimizer state in place (any TP layout, local or TE layer spec either way);
-    returns the run state."""
+    returns the run state. ``parallel``: each data-parallel rank reads ~1/DP of the checkpoint and
+    the ranks exchange the rest (``FullyParallelLoadStrategyWrapper``; a no-op at DP = 1)."""
     from megatron.core import dist_checkpointing
 
     from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
@@ -191,7 +310,7 @@ def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer) -
         _allocate_optimizer_state(optimizer)
         template = _sharded_state(model, optimizer, {}, is_loading=True, with_rng=same_layout)
         template.pop("run_state")  # common (non-sharded) state, read above
-        loaded = dist_load(template, path, error_cls=CheckpointError)
+        loaded = dist_load(template, path, error_cls=CheckpointError, parallel=parallel)
         load_model_state(model, loaded["model"], path, error_cls=CheckpointError)
         optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:
@@ -257,7 +376,7 @@ def _agree(path: Path, cause: str | None) -> str | None:
     return cause
 
 
-def _try_load(root: Path, iteration: int, model, optimizer) -> tuple[dict | None, str | None]:
+def _try_load(root: Path, iteration: int, model, optimizer, parallel: bool = True) -> tuple[dict | None, str | None]:
     """(run_state, None) when every rank loaded ``iter_N``; (None, cause) on every rank otherwise.
 
     Any exception while reading counts (EOFError from a cut-short ``.distcp``, megatron's
@@ -289,14 +408,14 @@ def _try_load(root: Path, iteration: int, model, optimizer) -> tuple[dict | None
         return None, cause
     run_state = None
     try:
-        run_state = load_checkpoint(root, iteration, model, optimizer)
+        run_state = load_checkpoint(root, iteration, model, optimizer, parallel=parallel)
     except unreadable as exc:
         cause = _cause(exc)
     cause = _agree(path, cause)
     return (None, cause) if cause is not None else (run_state, None)
 
 
-def resume_latest(root: str | os.PathLike, model, optimizer, fallback: bool) -> tuple[int, dict] | None:
+def resume_latest(root: str | os.PathLike, model, optimizer, fallback: bool, parallel: bool = True) -> tuple[int, dict] | None:
     """Load the newest complete checkpoint under ``root`` into model and optimizer (collective).
 
     Returns ``(iteration, run_state)`` as :func:`load_checkpoint`, or None when there is no
@@ -304,7 +423,8 @@ def resume_latest(root: str | os.PathLike, model, optimizer, fallback: bool) -> 
     line names the directory and the cause; then with ``fallback`` the earlier ``iter_N``
     directories are tried newest first (a WARNING says which and how many steps are recomputed),
     and if none loads, or without ``fallback``, a one-line :class:`CheckpointError` says what to do.
-    Every rank takes the same decisions (each attempt's failure is all-reduced).
+    Every rank takes the same decisions (each attempt's failure is all-reduced). ``parallel``: see
+    :func:`load_checkpoint`.
     """
     root = Path(root)
     latest_file = root / LATEST
@@ -313,7 +433,7 @@ def resume_latest(root: str | os.PathLike, model, optimizer, fallback: bool) -> 
     text = latest_file.read_text().strip()
     if text.isdigit():
         latest = int(text)
-        run_state, cause = _try_load(root, latest, model, optimizer)
+        run_state, cause = _try_load(root, latest, model, optimizer, parallel)
         if run_state is not None:
             return latest, run_state
         bad = iteration_dir(root, latest)
@@ -328,7 +448,7 @@ def resume_latest(root: str | os.PathLike, model, optimizer, fallback: bool) -> 
         )
     earlier = [i for i in complete_iterations(root) if latest is None or i < latest]
     for iteration in earlier:
-        run_state, _ = _try_load(root, iteration, model, optimizer)
+        run_state, _ = _try_load(root, iteration, model, optimizer, parallel)
         if run_state is not None:
             if _rank() == 0:
                 steps = f"{latest - iteration} steps" if latest is not None else "the steps after it"

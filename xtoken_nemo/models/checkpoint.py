@@ -34,6 +34,16 @@ checkpoint has (a TE checkpoint's extra state in a local model, the optimizer st
 checkpoint read as a model) are ignored, as before. ``model.load_state_dict`` then runs non-strict
 and accepts missing or unused ``_extra_state`` only (a TE module without its extra state keeps its
 fresh fp8 metadata, as TE does for a ``None`` one).
+
+Fully parallel loading over data parallelism (:func:`parallel_io_group`)
+-------------------------------------------------------------------------
+Every data-parallel rank asks for the same full tensors (all of a TP=1 model). Without help each
+rank reads all of them from the shared filesystem: DP copies of the same bytes. With DP > 1
+:func:`dist_load` wraps megatron's default load strategy in ``FullyParallelLoadStrategyWrapper``
+over the data-parallel group (what Megatron-LM's ``--ckpt-fully-parallel-load`` does): each rank
+reads about 1/DP of the shards and the ranks exchange the rest over the network (broadcast, NCCL
+on GPU, gloo on CPU). The result is the same state dict; the ``_extra_state`` tolerance above is
+unchanged (megatron drops the absent keys from the request before the strategy runs).
 """
 
 from __future__ import annotations
@@ -158,9 +168,46 @@ def _few(keys) -> str:
     return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
 
 
-def dist_load(sharded_state_dict: dict, ckpt_dir: str | Path, error_cls: type[Exception] = ModelError) -> dict:
+def parallel_io_group(parallel: bool | None = None):
+    """The process group a load (or save) is spread over: megatron's data-parallel group (with
+    context parallelism) when ``parallel`` is true or None (auto) and that group has more than one
+    rank; None otherwise (no parallel_state, DP = 1, or ``parallel=False``)."""
+    if parallel is False or not torch.distributed.is_initialized():
+        return None
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    return group if torch.distributed.get_world_size(group) > 1 else None
+
+
+def load_strategy(ckpt_dir: str | Path, parallel: bool | None = None):
+    """megatron's default load strategy for ``ckpt_dir`` (torch_dist), wrapped in
+    ``FullyParallelLoadStrategyWrapper`` over the data-parallel group when :func:`parallel_io_group`
+    gives one; None (megatron's default) otherwise."""
+    group = parallel_io_group(parallel)
+    if group is None:
+        return None
+    from megatron.core.dist_checkpointing.serialization import (
+        get_default_load_sharded_strategy,
+    )
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import (
+        FullyParallelLoadStrategyWrapper,
+    )
+
+    return FullyParallelLoadStrategyWrapper(get_default_load_sharded_strategy(str(ckpt_dir)), group)
+
+
+def dist_load(
+    sharded_state_dict: dict, ckpt_dir: str | Path, error_cls: type[Exception] = ModelError, parallel: bool | None = None,
+) -> dict:
     """``dist_checkpointing.load`` that tolerates exactly the ``_extra_state`` keys one layer spec
     has and the other lacks (see the module docstring); collective over all ranks.
+
+    ``parallel`` (None: on when the data-parallel size is > 1) spreads the reads over the
+    data-parallel ranks (``FullyParallelLoadStrategyWrapper``, see the module docstring): each rank
+    reads ~1/DP of the checkpoint instead of all of it; the result is the same.
 
     Returns the loaded state dict (without the dropped ``_extra_state`` entries). Raises
     ``error_cls`` (one line, on every rank) when a requested key other than ``_extra_state`` is
@@ -170,7 +217,9 @@ def dist_load(sharded_state_dict: dict, ckpt_dir: str | Path, error_cls: type[Ex
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     with cuda_to_cpu():
-        state, ckpt_only, absent = dist_checkpointing.load(sharded_state_dict, str(ckpt_dir), strict=StrictHandling.RETURN_ALL)
+        state, ckpt_only, absent = dist_checkpointing.load(
+            sharded_state_dict, str(ckpt_dir), sharded_strategy=load_strategy(ckpt_dir, parallel), strict=StrictHandling.RETURN_ALL,
+        )
     # megatron's names: "unexpected" = requested but not in the checkpoint (per rank),
     # "missing" = in the checkpoint but requested by no rank (the same on all ranks)
     bad = sorted(k for k in absent if not is_extra_state(k))
@@ -202,12 +251,12 @@ def load_model_state(model, state: dict, ckpt_dir: str | Path, error_cls: type[E
         raise error_cls(f"checkpoint {ckpt_dir} has parameters the model lacks: {_few(unexpected)}; it was written for a different model")
 
 
-def load_into_model(model, ckpt_dir: str | Path) -> None:
+def load_into_model(model, ckpt_dir: str | Path, parallel: bool | None = None) -> None:
     """Load a dist checkpoint into ``model`` (any TP layout, local or TE layer spec either way;
-    collective over all ranks)."""
+    collective over all ranks). ``parallel``: see :func:`dist_load` (None: on when DP > 1)."""
     # Checkpoint tensors are loaded into (and keep) the dtype of the model's parameters.
     sharded = model.sharded_state_dict()
-    state = dist_load(sharded, ckpt_dir)
+    state = dist_load(sharded, ckpt_dir, parallel=parallel)
     # the result also holds the checkpoint's common (non-sharded) state, e.g. a training
     # checkpoint's run_state and optimizer parameter groups: keep the model's entries
     load_model_state(model, {k: v for k, v in state.items() if k in sharded}, ckpt_dir)
@@ -219,12 +268,14 @@ def load_mcore_checkpoint(
     use_te: bool | None = None,
     parallel_output: bool = True,
     tp: int | None = None,
+    parallel: bool | None = None,
 ):
     """Rebuild the GPTModel of a converted checkpoint on the current TP layout and load it.
 
     ``params_dtype`` None keeps the checkpoint's dtype. parallel_state must be initialized
     (:func:`xtoken_nemo.models.runtime.ensure_model_parallel` in a single process).
-    Returns ``(model, arch, metadata)``.
+    ``parallel``: spread the reads over the data-parallel ranks (None: when DP > 1; see
+    :func:`dist_load`). Returns ``(model, arch, metadata)``.
     """
     from megatron.core import parallel_state
 
@@ -240,6 +291,6 @@ def load_mcore_checkpoint(
         arch, meta["padded_vocab_size"], tp=tp, params_dtype=dtype, use_te=use_te,
         parallel_output=parallel_output, perform_initialization=False,
     )
-    load_into_model(model, ckpt_dir)
+    load_into_model(model, ckpt_dir, parallel=parallel)
     log.info("loaded %s checkpoint %s (tp=%d, dtype=%s)", arch.family, ckpt_dir, tp, dtype_name(dtype))
     return model, arch, meta
