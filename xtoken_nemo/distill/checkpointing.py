@@ -34,9 +34,9 @@ Async save (``checkpoint.async_save``, default off)
 ---------------------------------------------------
 ``save_checkpoint(..., async_save=True)`` hands the writing to a forked process
 (``dist_checkpointing.save(..., async_sharded_save=True)`` returns megatron's ``AsyncRequest``,
-scheduled on an ``AsyncCallsQueue``) and returns; the publication (``write_extra``, the rename of
-``.partial``, ``latest.txt``, retention) runs as the request's finalization, on all ranks, when
-:func:`finalize_pending_save` finds every rank's writer done. A save that has not been finalized
+scheduled on an ``AsyncCallsQueue``) and returns (``write_extra`` has run, into ``.partial``); the
+publication (the rename of ``.partial``, ``latest.txt``, retention) runs as the request's
+finalization, on all ranks, when :func:`finalize_pending_save` finds every rank's writer done. A save that has not been finalized
 is a ``.partial`` directory like any interrupted save. One save is in flight at a time: the next
 :func:`save_checkpoint` first waits for the previous one. The training loop must call
 ``finalize_pending_save(blocking=True)`` before it exits, and should save synchronously when it
@@ -234,8 +234,6 @@ def save_checkpoint(
     _barrier()
 
     def publish() -> None:
-        if _rank() == 0 and write_extra is not None:
-            write_extra(partial)
         _barrier()
         if _rank() == 0:
             os.replace(partial, final)
@@ -250,6 +248,8 @@ def save_checkpoint(
     with cuda_to_cpu():
         state = _sharded_state(model, optimizer, run_state, is_loading=False)
         request = dist_checkpointing.save(state, str(partial), sharded_strategy=save_strategy(parallel), async_sharded_save=async_save)
+        if _rank() == 0 and write_extra is not None:  # now, with the state of this save (also when async)
+            write_extra(partial)
         if request is None:
             publish()
             return final
