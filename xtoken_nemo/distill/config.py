@@ -17,6 +17,7 @@ KD_MODES = ("kl", "pkl", "hkl", "gold", "uld")
 MERGE_MODES = ("chain", "logmean", "first")
 SCALINGS = ("dynamic", "kd_heavy", "balanced", "ce_heavy", "ce_only")
 ALPHA_MODES = ("static", "ce", "entropy", "maxprob")
+KD_SCALE_SOURCES = ("previous_step", "micro_batch")
 
 
 class ConfigError(XTokenError):
@@ -104,6 +105,11 @@ class TrainConfig:
     kd_scaling: str = "dynamic"
     alpha_mode: str = "static"
     alpha_temperature: float = 1.0
+    # where the dynamic scale sg(L_CE / |L_KD|) and adaptive alphas come from (docs/losses.md):
+    # previous_step = the previous global step's, over its whole global batch (all micro-batches,
+    # all DP ranks; the first step, or a step of one micro-batch in all, uses its own);
+    # micro_batch = each micro-batch's own (the paper's form; a noisier estimate of the batch's)
+    kd_scale_source: str = "previous_step"
     loss_block_size: int = 1024
     max_consecutive_nonfinite: int = 5
     log_interval: int = 1  # rank 0 writes one progress line (job log) every this many steps
@@ -154,7 +160,7 @@ class DistillConfig:
             )
         if t.train_steps < 1:
             raise ConfigError("train.train_steps must be at least 1")
-        for name, value, allowed in (("train.kd_scaling", t.kd_scaling, SCALINGS), ("train.alpha_mode", t.alpha_mode, ALPHA_MODES), ("train.precision", t.precision, ("auto", "fp32", "bf16"))):
+        for name, value, allowed in (("train.kd_scaling", t.kd_scaling, SCALINGS), ("train.alpha_mode", t.alpha_mode, ALPHA_MODES), ("train.kd_scale_source", t.kd_scale_source, KD_SCALE_SOURCES), ("train.precision", t.precision, ("auto", "fp32", "bf16"))):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}; choose one of {allowed}")
         if not self.data.paths:

@@ -67,6 +67,8 @@ class StepLosses:
     per_teacher_uncovered: dict[str, torch.Tensor] = field(default_factory=dict)  # teacher mass out of reach
     alphas: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-dim tensors, one per teacher
     kd_scale: torch.Tensor | None = None  # the factor that multiplies L_KD in total (relative to L_CE)
+    kd_abs: torch.Tensor | None = None  # |L_KD| (detached): the denominator of the batch's dynamic ratio
+    confidences: dict[str, torch.Tensor] = field(default_factory=dict)  # adaptive alphas' scores (0-dim, detached)
     num_chunks: dict[str, int] = field(default_factory=dict)
 
 
@@ -172,8 +174,18 @@ def distillation_loss(
     alpha_mode: str,
     alpha_temperature: float,
     block_size: int,
+    kd_scale: float | None = None,
+    alphas: list[float] | None = None,
 ) -> StepLosses:
-    """Total loss of one micro-batch. teacher_outputs[m] = (logits, labels, chunks)."""
+    """Total loss of one micro-batch. teacher_outputs[m] = (logits, labels, chunks).
+
+    ``kd_scale`` (dynamic scaling only) and ``alphas`` (adaptive alphas only), when given, are
+    used instead of this micro-batch's own ratio ``sg(L_CE / |L_KD|)`` and its own softmax of
+    teacher confidences: the trainer passes the previous global step's values
+    (``train.kd_scale_source="previous_step"``, docs/losses.md). Python floats: applying them
+    needs no host-to-device copy. The confidences are computed (and returned) either way, so the
+    trainer can form the next step's alphas.
+    """
     ce = student_ce(student_logits, labels, loss_mask, student_vocab_size)
     if not teachers or kd_scaling == "ce_only":
         return StepLosses(total=ce, ce=ce, kd=None)
@@ -191,24 +203,33 @@ def distillation_loss(
             targets = _chunk_first_targets(t_labels, chunks) if alpha_mode == "ce" else None
             confidences.append(teacher_confidence_parallel(merged_teacher, alpha_mode, spec.vocab_size, targets=targets))
     names = [spec.config.name for spec in teachers]
-    if alpha_mode == "static" or len(confidences) != len(teachers):
-        alphas = torch.tensor([spec.config.alpha for spec in teachers], dtype=torch.float32, device=ce.device)
+    adaptive = alpha_mode != "static" and len(confidences) == len(teachers)
+    if adaptive and alphas is None:
+        alpha_vec = adaptive_alphas(confidences, alpha_temperature).to(ce.device)
     else:
-        alphas = adaptive_alphas(confidences, alpha_temperature).to(ce.device)
+        given = alphas if adaptive else [spec.config.alpha for spec in teachers]
+        # fill kernels, not a host-to-device copy (which would wait for the device on GPU)
+        alpha_vec = torch.stack([ce.new_full((), float(a), dtype=torch.float32) for a in given])
     # alphas are valid by construction (static: the config checks they sum to 1; adaptive: a
     # softmax), so the weighted sum skips combine_teachers' host-side checks: no device sync here.
     # L_KD (and through it the dynamic scale) is made of the trainable parts only.
-    kd = (alphas * torch.stack([losses[n].float() for n in names])).sum()
-    if kd_scaling == "dynamic":
-        kd_scale = dynamic_kd_scale(kd, ce)
-        total = kd_scale * kd + ce
+    kd = (alpha_vec * torch.stack([losses[n].float() for n in names])).sum()
+    if kd_scaling == "dynamic" and kd_scale is not None:
+        # a constant factor (the previous step's global ratio): stop-gradient by construction
+        total = float(kd_scale) * kd + ce
+        applied = ce.detach().new_full((), float(kd_scale), dtype=torch.float32)
+    elif kd_scaling == "dynamic":
+        applied = dynamic_kd_scale(kd, ce)
+        total = applied * kd + ce
     else:
         total = scale_kd_ce(kd, ce, kd_scaling)
-        kd_scale = torch.tensor(FIXED_WEIGHTINGS[kd_scaling][0] / FIXED_WEIGHTINGS[kd_scaling][1], device=ce.device)
+        w_kd, w_ce = FIXED_WEIGHTINGS[kd_scaling]
+        applied = ce.detach().new_full((), w_kd / w_ce, dtype=torch.float32)
     return StepLosses(
         total=total, ce=ce, kd=kd, per_teacher=losses, per_teacher_const=consts,
-        per_teacher_uncovered=uncovered, kd_scale=kd_scale,
-        alphas={n: a for n, a in zip(names, alphas.detach())}, num_chunks=counts,
+        per_teacher_uncovered=uncovered, kd_scale=applied, kd_abs=kd.detach().abs(),
+        alphas={n: a for n, a in zip(names, alpha_vec.detach())}, num_chunks=counts,
+        confidences=dict(zip(names, (c.detach().float().reshape(()) for c in confidences))) if adaptive else {},
     )
 
 

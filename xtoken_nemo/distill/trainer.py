@@ -28,6 +28,9 @@ from xtoken_nemo.errors import XTokenError
 
 log = logging.getLogger(__name__)
 
+#: |L_KD| at or below this drops the KD term (as :func:`xtoken_nemo.losses.weighting.dynamic_kd_scale`)
+DYNAMIC_MIN_KD = 1e-12
+
 
 class TrainingError(XTokenError):
     """The run cannot continue (too many non-finite steps, inconsistent resume, ...)."""
@@ -41,6 +44,10 @@ class RunState:
     consecutive_nonfinite: int = 0
     skipped_steps: int = 0
     scheduler: dict = field(default_factory=dict)
+    # train.kd_scale_source="previous_step": the last completed step's global-batch statistics,
+    # applied by the next step (None: no step yet; that step uses its micro-batches' own)
+    kd_scale: float | None = None  # sum L_CE / sum |L_KD| over the step's micro-batches and DP ranks
+    alphas: list[float] | None = None  # softmax over teachers of the step's mean confidences / temperature
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,10 +209,9 @@ class Trainer:
             wd_incr_style="constant",
         )
         self.dataset = build_dataset(cfg, self.student_tok, self.teacher_toks)
-        self.batches = MicroBatches(
-            self.dataset, cfg.train.global_batch_size, cfg.train.micro_batch_size, self.dp_rank, self.dp_size
-        )
+        self.batches = MicroBatches.from_config(cfg, self.dataset, self.dp_rank, self.dp_size)
         self.state = RunState()
+        self._step_kd_scale, self._step_alphas = None, None  # set by train_step
 
     # ..........................................................................................
     def _forward_step(self, data_iterator, model):
@@ -235,6 +241,7 @@ class Trainer:
             losses = distillation_loss(
                 student_logits, labels.to(device), loss_mask.to(device), self.student_vocab,
                 self.teacher_specs, teacher_outputs, t.kd_scaling, t.alpha_mode, t.alpha_temperature, t.loss_block_size,
+                kd_scale=self._step_kd_scale, alphas=self._step_alphas,
             )
         # a sum is finite iff every entry is: one pass per tensor, no [tokens, V] boolean temporaries
         finite = torch.isfinite(losses.total.detach())
@@ -245,7 +252,14 @@ class Trainer:
         metrics = {"ce": losses.ce.detach().clone(), "total": losses.total.detach().clone(), "nonfinite": (~finite).float()}
         if losses.kd is not None:
             metrics["kd"] = losses.kd.detach()
-            metrics["kd_scale"] = losses.kd_scale.detach()
+            metrics["kd_scale"] = losses.kd_scale.detach()  # the factor applied
+            metrics["_kd_abs"] = losses.kd_abs  # internal: the step's global ratio (not logged)
+            if t.alpha_mode != "static":  # internal: the step's mean confidences (next step's alphas)
+                for name in (spec.config.name for spec in self.teacher_specs):
+                    present = name in losses.confidences
+                    zero = losses.ce.detach().new_zeros((), dtype=torch.float32)
+                    metrics[f"_conf/{name}"] = losses.confidences[name] if present else zero
+                    metrics[f"_conf_n/{name}"] = zero + (1.0 if present else 0.0)
             for name, value in losses.per_teacher.items():
                 metrics[f"kd/{name}"] = value.detach()  # the part that trains (in kd and kd_scale)
             for name, value in losses.per_teacher_const.items():
@@ -280,6 +294,45 @@ class Trainer:
         reduced_flags.update({k: v > 0 for k, v in zip(sorted(flags), values[len(keys) + 1:])})
         return metrics, reduced_flags
 
+    # ..........................................................................................
+    # the dynamic KD/CE scale and adaptive alphas from the previous step's global batch
+    def _batch_stats_for_step(self, num_micro: int) -> tuple[float | None, list[float] | None]:
+        """(kd_scale, alphas) this step applies on every micro-batch, or None for "each
+        micro-batch's own" (``train.kd_scale_source="micro_batch"``, the first step, or a step of
+        one micro-batch in all: its own ratio is then the global one). Host floats kept in
+        :class:`RunState`, so every rank applies the same values and a resumed run the same as
+        an uninterrupted one."""
+        t = self.cfg.train
+        if t.kd_scale_source != "previous_step" or num_micro * self.dp_size == 1:
+            return None, None
+        kd_scale = self.state.kd_scale if t.kd_scaling == "dynamic" else None
+        alphas = self.state.alphas if t.alpha_mode != "static" else None
+        return kd_scale, alphas
+
+    def _update_batch_stats(self, metrics: dict, update: bool) -> None:
+        """Pop the internal keys of the reduced metrics; store the step's global ratio
+        ``mean L_CE / mean |L_KD|`` (every rank has the same micro-batch count, so this is sum /
+        sum over the global batch) and the softmax of its mean confidences in the run state; log
+        the ratio as ``kd_ratio`` (what the next step applies). Host arithmetic only."""
+        kd_abs = metrics.pop("_kd_abs", None)
+        conf = {k.split("/", 1)[1]: metrics.pop(k) for k in [k for k in metrics if k.startswith("_conf/")]}
+        counts = {k.split("/", 1)[1]: metrics.pop(k) for k in [k for k in metrics if k.startswith("_conf_n/")]}
+        if kd_abs is None:
+            return
+        ratio = metrics["ce"] / kd_abs if kd_abs > DYNAMIC_MIN_KD else 0.0  # as dynamic_kd_scale
+        metrics["kd_ratio"] = ratio
+        if not update or not math.isfinite(ratio):
+            return
+        if self.cfg.train.kd_scaling == "dynamic":
+            self.state.kd_scale = ratio
+        names = [spec.config.name for spec in self.teacher_specs]
+        if conf and all(counts.get(n, 0.0) > 0 for n in names):
+            means = [conf[n] / counts[n] / self.cfg.train.alpha_temperature for n in names]
+            if all(math.isfinite(m) for m in means):
+                top = max(means)
+                weights = [math.exp(m - top) for m in means]
+                self.state.alphas = [w / sum(weights) for w in weights]
+
     @staticmethod
     def _loss_func(metrics: dict, output_tensor: torch.Tensor):
         return output_tensor, metrics
@@ -294,6 +347,7 @@ class Trainer:
 
         micro = self.batches.for_step(step)
         S = self.cfg.data.seq_length
+        self._step_kd_scale, self._step_alphas = self._batch_stats_for_step(len(micro))
         lr = self.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
         with cuda_to_cpu():
             self.model.zero_grad_buffer()
@@ -332,6 +386,8 @@ class Trainer:
                     raise TrainingError(f"optimizer step {step + 1} failed (grad norm {grad_norm})")
                 self.state.consecutive_nonfinite = 0
                 metrics.update(skipped=0.0, grad_norm=float(grad_norm) if grad_norm is not None else float("nan"))
+            # after a skipped (non-finite) step the last finite step's statistics stay
+            self._update_batch_stats(metrics, update=not flags["nonfinite"])
         self.scheduler.step(increment=1)
         metrics["lr"] = lr
         metrics["preempted"] = float(flags["preempted"])
