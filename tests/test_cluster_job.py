@@ -289,3 +289,21 @@ def test_run_resumes_past_a_corrupt_latest_checkpoint(sp_pair, tmp_path, caplog)
     assert [h["step"] for h in out["history"]] == [2, 3]
     assert any("instead of corrupt iter_0000002" in r.getMessage() for r in caplog.records)
     assert (Path(cfg.checkpoint.dir) / "latest.txt").read_text().strip() == "3"
+
+
+def test_run_with_async_saves_keeps_the_last_two(sp_pair, tmp_path):  # noqa: F811
+    """checkpoint.async_save and keep_last through the trainer: every save is published, the last
+    one synchronously, and only the newest two remain."""
+    from xtoken_nemo.distill.trainer import Trainer
+
+    cfg = sp_config(sp_pair, tmp_path, steps=4, same_tok_teacher=False)
+    cfg.checkpoint.save_interval = 1
+    cfg.checkpoint.async_save = True
+    cfg.checkpoint.keep_last = 2
+    out = Trainer(cfg, progress=False).run()
+    assert out["status"] == "completed"
+    root = Path(cfg.checkpoint.dir)
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("iter_")) == ["iter_0000003", "iter_0000004"]
+    assert (root / "latest.txt").read_text().strip() == "4"
+    resumed = Trainer(sp_config(sp_pair, tmp_path, steps=5, same_tok_teacher=False), progress=False).run()
+    assert [h["step"] for h in resumed["history"]] == [5]

@@ -77,8 +77,9 @@ class DataConfig:
     prefetch_factor: int = 4  # micro-batches each worker keeps ready (workers > 0)
     pin_memory: bool | None = None  # page-locked batches for async host-to-device copies; None: on CUDA
     # teacher token/label tensors of a micro-batch padded (masked) to a multiple of this: few
-    # distinct shapes for attention kernels and the caching allocator; 1: the longest window
-    teacher_pad_multiple: int = 128
+    # distinct shapes for attention kernels and the caching allocator; 1: the longest window.
+    # None: 128 on CUDA, 1 on CPU (no kernels to feed; tiny runs would pay 4-8x teacher compute)
+    teacher_pad_multiple: int | None = None
 
 
 @dataclass
@@ -167,6 +168,8 @@ class DistillConfig:
             raise ConfigError("data.paths is empty: give the directories written by `xtoken preprocess`")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
             raise ConfigError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} data.paths")
+        if self.checkpoint.keep_last is not None and self.checkpoint.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last must be >= 1, or null to keep every checkpoint")
         if not 0 <= self.optim.warmup_fraction < 1:
             raise ConfigError("optim.warmup_fraction must be in [0, 1)")
         names = [tc.name for tc in self.teachers]

@@ -402,7 +402,7 @@ class Trainer:
         ckpt = self.cfg.checkpoint
         if not ckpt.resume:
             return False
-        found = resume_latest(ckpt.dir, self.student, self.optimizer, fallback=ckpt.fallback_on_corrupt)
+        found = resume_latest(ckpt.dir, self.student, self.optimizer, fallback=ckpt.fallback_on_corrupt, parallel=ckpt.fully_parallel)
         if found is None:
             return False
         _, run_state = found
@@ -412,13 +412,17 @@ class Trainer:
             log.warning("resumed from %s at step %d", ckpt.dir, self.state.step)
         return True
 
-    def save(self) -> Path:
+    def save(self, final: bool = False) -> Path:
+        """Checkpoint the current step (``final``: the last save of this process, never async:
+        the job is about to end or be requeued)."""
         from xtoken_nemo.distill.checkpointing import save_checkpoint
 
+        ckpt = self.cfg.checkpoint
         self.state.scheduler = self.scheduler.state_dict()
         return save_checkpoint(
-            self.cfg.checkpoint.dir, self.state.step, self.student, self.optimizer, self.state.__dict__.copy(),
+            ckpt.dir, self.state.step, self.student, self.optimizer, self.state.__dict__.copy(),
             write_extra=self._write_model_record,
+            parallel=ckpt.fully_parallel, async_save=ckpt.async_save and not final, keep_last=ckpt.keep_last,
         )
 
     def _write_model_record(self, directory: Path) -> None:
@@ -437,6 +441,7 @@ class Trainer:
         """Train to ``train.train_steps``; returns a summary (losses per step, status)."""
         from tqdm.auto import tqdm
 
+        from xtoken_nemo.distill.checkpointing import finalize_pending_save
         from xtoken_nemo.distill.progress import ProgressLog
 
         cfg = self.cfg
@@ -470,13 +475,18 @@ class Trainer:
                         # with a bar on screen the line would only scroll it away
                         log.log(logging.DEBUG if show_bar else logging.INFO, "%s", line)
                 bar.update(1)
-                if preempted or self.state.step % cfg.checkpoint.save_interval == 0 or self.state.step == cfg.train.train_steps:
-                    self.save()
+                last = preempted or self.state.step == cfg.train.train_steps
+                if last or self.state.step % cfg.checkpoint.save_interval == 0:
+                    self.save(final=last)
+                elif cfg.checkpoint.async_save:
+                    finalize_pending_save(blocking=False)  # publish an async save whose writers are done
                 if preempted:
                     status = "preempted"
                     break
+            finalize_pending_save(blocking=True)
         finally:
             bar.close()
+            self.batches.close()
             if self._owns_preemption:
                 self.preemption.uninstall()
             if writer is not None:
