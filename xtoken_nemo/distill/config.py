@@ -138,6 +138,61 @@ class CheckpointConfig:
 
 
 @dataclass
+class ParallelConfig:
+    """Communication overlap, fused kernels and sequence parallelism (docs/performance.md).
+
+    The defaults are what Megatron-LM runs at 16 x 8 H100s for a ~1B model: gradient
+    reduce-scatter overlapped with the backward pass and parameter all-gather with the next
+    forward, in buckets of ``max(40M, 1M x DP)`` parameters, the fused kernels on, sequence
+    parallelism at TP > 1. They are requests, resolved when the run is built: anything this
+    machine cannot run (no CUDA, no Transformer-Engine/Apex kernel, DP = 1, no distributed
+    optimizer) is turned off there, with one log line naming it and why. On CPU that leaves only
+    ``overlap_grad_reduce`` (at DP > 1: gloo runs megatron's asynchronous bucket collectives).
+    """
+
+    overlap_grad_reduce: bool = True  # --overlap-grad-reduce: per-bucket reduce(-scatter) during backward
+    overlap_param_gather: bool = True  # --overlap-param-gather: per-bucket all-gather during the next forward (distributed optimizer only)
+    bucket_size: int | None = None  # --ddp-bucket-size, in parameters; None: megatron's max(40M, 1M x DP) (one bucket without overlap)
+    average_in_collective: bool = False  # --ddp-average-in-collective: AVG in the collective instead of pre-scaling by 1/DP
+    sequence_parallel: bool = True  # --sequence-parallel, applied only at TP > 1 with the TE layer spec
+    bias_activation_fusion: bool = True  # --bias-swiglu-fusion (Megatron-LM default on)
+    bias_dropout_fusion: bool = True  # --bias-dropout-fusion (default on)
+    apply_rope_fusion: bool = True  # --rope-fusion (default on; always off for LongRoPE)
+    gradient_accumulation_fusion: bool = True  # --gradient-accumulation-fusion (default on)
+    persist_layer_norm: bool = True  # --persist-layer-norm (default on)
+
+    def kernel_options(self):
+        """The model-side part as :class:`xtoken_nemo.models.config.KernelOptions`."""
+        from xtoken_nemo.models.config import KernelOptions
+
+        return KernelOptions(**{name: getattr(self, name) for name in KernelOptions.__dataclass_fields__})
+
+    def ddp_options(self, dp_size: int, distributed_optimizer: bool) -> tuple[dict, dict[str, str]]:
+        """(keyword arguments for megatron's ``DistributedDataParallelConfig`` besides
+        ``grad_reduce_in_fp32``/``use_distributed_optimizer``, {option turned off: why}).
+
+        ``check_for_nan_in_grad`` stays off: megatron's check is fatal, while the trainer skips a
+        step with NaN/inf on every rank (train.max_consecutive_nonfinite)."""
+        why: dict[str, str] = {}
+        grad = self.overlap_grad_reduce
+        if grad and dp_size == 1:
+            grad, why["overlap_grad_reduce"] = False, "data-parallel size 1 (no gradient collective)"
+        param = self.overlap_param_gather
+        if param and not distributed_optimizer:
+            param, why["overlap_param_gather"] = False, "needs the distributed optimizer (Apex or Transformer-Engine Adam)"
+        elif param and dp_size == 1:
+            param, why["overlap_param_gather"] = False, "data-parallel size 1 (no parameter all-gather)"
+        options = dict(
+            overlap_grad_reduce=grad,
+            overlap_param_gather=param,
+            bucket_size=self.bucket_size,
+            average_in_collective=self.average_in_collective,
+            check_for_nan_in_grad=False,
+        )
+        return options, why
+
+
+@dataclass
 class DistillConfig:
     name: str = "run"
     student: ModelConfig = field(default_factory=ModelConfig)
@@ -146,6 +201,7 @@ class DistillConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log_dir: str = "runs/default/logs"
 
     def validate(self, world_size: int = 1) -> None:
@@ -170,6 +226,8 @@ class DistillConfig:
             raise ConfigError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} data.paths")
         if self.checkpoint.keep_last is not None and self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be >= 1, or null to keep every checkpoint")
+        if self.parallel.bucket_size is not None and self.parallel.bucket_size < 1:
+            raise ConfigError("parallel.bucket_size must be a positive number of parameters, or null for megatron's default")
         if not 0 <= self.optim.warmup_fraction < 1:
             raise ConfigError("optim.warmup_fraction must be in [0, 1)")
         names = [tc.name for tc in self.teachers]
@@ -290,6 +348,7 @@ def config_from_dict(data: dict) -> DistillConfig:
         teachers.append(TeacherConfig(**t))
     sections = {
         "student": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
+        "parallel": ParallelConfig,
     }
     kwargs = {k: v for k, v in top.items() if k not in sections and k != "teachers"}
     for key, cls in sections.items():

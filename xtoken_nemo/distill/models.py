@@ -45,22 +45,30 @@ def hf_config_for(mc: ModelConfig, vocab_size: int) -> dict:
     return cfg
 
 
-def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.dtype, trainable: bool):
+def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.dtype, trainable: bool, kernels=None):
     """(GPTModel on this rank's TP shard, ModelArch, padded vocab size).
 
     From ``mc.checkpoint`` the weights are the same at every TP size. A random model (no
     checkpoint) is seeded by ``mc.init_seed`` but megatron's initialization depends on the TP
     layout: for runs that must agree across layouts, write the random model once with
-    :func:`save_random_checkpoint` (``xtoken init-model``) and load it.
+    :func:`save_random_checkpoint` (``xtoken init-model``) and load it. ``kernels``: the run's
+    :class:`~xtoken_nemo.models.config.KernelOptions` (None: unfused).
     """
     from xtoken_nemo.models.build import build_gpt_model
     from xtoken_nemo.models.config import arch_from_hf_config
 
     if mc.checkpoint:
-        from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
+        from xtoken_nemo.models.checkpoint import arch_from_metadata, load_into_model, read_metadata
+        from xtoken_nemo.models.config import check_tp
 
-        model, arch, meta = load_mcore_checkpoint(mc.checkpoint, params_dtype=params_dtype, tp=tp)
+        # load_mcore_checkpoint's steps, with the run's kernel options passed to the builder
+        meta = read_metadata(mc.checkpoint)
+        arch = arch_from_metadata(meta)
         padded = int(meta["padded_vocab_size"])
+        check_tp(arch, tp, padded)
+        model = build_gpt_model(arch, padded, tp=tp, params_dtype=params_dtype, perform_initialization=False, kernels=kernels)
+        load_into_model(model, mc.checkpoint)
+        log.info("loaded %s checkpoint %s (tp=%d)", arch.family, mc.checkpoint, tp)
         if arch.vocab_size < vocab_size:
             raise ConfigError(
                 f"model checkpoint {mc.checkpoint} has vocab_size {arch.vocab_size} but tokenizer "
@@ -70,7 +78,7 @@ def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.d
         arch = arch_from_hf_config(hf_config_for(mc, vocab_size))
         padded = arch.padded_vocab_size(tp)
         torch.manual_seed(mc.init_seed)
-        model = build_gpt_model(arch, padded, tp=tp, params_dtype=params_dtype)
+        model = build_gpt_model(arch, padded, tp=tp, params_dtype=params_dtype, kernels=kernels)
     mark_tensor_parallel_params(model)
     if params_dtype != torch.float32:
         # megatron keeps the norm weights in fp32; its mixed-precision optimizer expects every

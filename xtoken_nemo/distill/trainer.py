@@ -156,12 +156,13 @@ class Trainer:
                     f"{self.student_tok.name}: use pkl/hkl/gold/uld for a cross-tokenizer teacher"
                 )
 
-        student, self.student_arch, s_padded = build_model(cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True)
+        kernels = cfg.parallel.kernel_options()  # resolved per model against this machine (one log line)
+        student, self.student_arch, s_padded = build_model(cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True, kernels=kernels)
         self.student_vocab = self.student_tok.vocab_size
         self.student_padded = s_padded
         self.teachers, self.teacher_specs, self.teacher_archs = [], [], []
         for tc, tok in zip(cfg.teachers, self.teacher_toks):
-            model, arch, t_padded = build_model(tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False)
+            model, arch, t_padded = build_model(tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False, kernels=kernels)
             spec = TeacherLossSpec(config=tc, vocab_size=tok.vocab_size)
             s_local, t_local = s_padded // self.tp, t_padded // self.tp
             if tc.mode in ("pkl", "hkl"):
@@ -176,8 +177,11 @@ class Trainer:
             self.teacher_archs.append(arch)
 
         use_dist_opt = cfg.optim.use_distributed_optimizer and _distributed_optimizer_works()
+        ddp_options, ddp_off = cfg.parallel.ddp_options(self.dp_size, use_dist_opt)
+        if ddp_off and self.rank == 0:
+            log.info("communication options turned off: %s", "; ".join(f"{k}: {v}" for k, v in ddp_off.items()))
         with cuda_to_cpu():
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt)
+            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt, **ddp_options)
             self.model = DistributedDataParallel(student.config, ddp_config, student)
             opt_config = OptimizerConfig(
                 optimizer="adam",
@@ -191,8 +195,10 @@ class Trainer:
                 bf16=self.dtype == torch.bfloat16,
                 params_dtype=self.dtype,
                 use_distributed_optimizer=use_dist_opt,
+                overlap_param_gather=ddp_config.overlap_param_gather,
             )
             self.optimizer = get_megatron_optimizer(opt_config, [self.model])
+        _hook_grad_sync_into_schedule(student, self.model, ddp_config)
         self.student = student
         steps = cfg.train.train_steps
         self.scheduler = OptimizerParamScheduler(
@@ -210,6 +216,14 @@ class Trainer:
         )
         self.dataset = build_dataset(cfg, self.student_tok, self.teacher_toks)
         self.batches = MicroBatches.from_config(cfg, self.dataset, self.dp_rank, self.dp_size)
+        if student.config.sequence_parallel:
+            # the embedding output is scattered along the sequence over the TP ranks
+            for what, length in (("data.seq_length", cfg.data.seq_length), ("data.teacher_pad_multiple", self.batches.teacher_pad_multiple)):
+                if length % self.tp:
+                    raise TrainingError(
+                        f"sequence parallelism at TP={self.tp} needs sequence lengths divisible by {self.tp}: "
+                        f"{what}={length}; change it or set parallel.sequence_parallel=false"
+                    )
         self.state = RunState()
         self._step_kd_scale, self._step_alphas = None, None  # set by train_step
 
@@ -380,7 +394,8 @@ class Trainer:
                         "train.max_consecutive_nonfinite"
                     )
             else:
-                self.model.finish_grad_sync()
+                # gradients were reduced by finalize_model_grads inside the schedule (every rank,
+                # every step, skipped or not: the collectives never depend on the values)
                 ok, grad_norm, _ = self.optimizer.step()
                 if not ok:
                     raise TrainingError(f"optimizer step {step + 1} failed (grad norm {grad_norm})")
@@ -504,6 +519,38 @@ class Trainer:
 def _collective_device() -> torch.device:
     """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _hook_grad_sync_into_schedule(student, ddp_model, ddp_config) -> None:
+    """Wire the DDP wrapper into megatron's schedule the way Megatron-LM's training.py does.
+
+    - ``no_sync_func`` (with ``overlap_grad_reduce``): all micro-batches but the last accumulate
+      without communication; in the last backward each bucket's reduce(-scatter) starts as soon
+      as its gradients are complete, overlapping the rest of the backward;
+    - ``finalize_model_grads_func``: after the last backward, on every rank, wait for those
+      collectives (or run them, without overlap), then all-reduce over TP the gradients of
+      weights replicated across TP ranks but computed on a part of the data: the norms under
+      sequence parallelism and the per-head q/k norms (Qwen3 QK-norm at TP > 1);
+    - with ``overlap_param_gather`` the optimizer step leaves the parameter all-gather to the next
+      forward's pre-hooks, so the model weights are current on every rank only after that
+      forward: a checkpoint's model state forces the all-gather first (Megatron-LM's
+      ``force_param_sync`` before a save).
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    config = student.config
+    if ddp_config.overlap_grad_reduce:
+        config.no_sync_func = ddp_model.no_sync
+        config.grad_sync_func = ddp_model.start_grad_sync  # pipeline schedules only; set as Megatron-LM does
+    config.finalize_model_grads_func = finalize_model_grads
+    if ddp_config.overlap_param_gather:
+        sharded_state_dict = student.sharded_state_dict
+
+        def synced_sharded_state_dict(*args, **kwargs):
+            ddp_model.start_param_sync(force_sync=True)
+            return sharded_state_dict(*args, **kwargs)
+
+        student.sharded_state_dict = synced_sharded_state_dict
 
 
 def _distributed_optimizer_works() -> bool:

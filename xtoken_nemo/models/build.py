@@ -4,18 +4,22 @@ Layer spec: the Transformer-Engine spec when CUDA is available and ``transformer
 the local (pure megatron-core) spec otherwise; TE is only imported inside :func:`layer_spec`.
 Both specs produce the same dist-checkpoint keys (the local spec maps its layernorm names onto
 TE's fused ones), so a checkpoint written on CPU loads on GPU and back.
+
+Fused kernels and sequence parallelism are requested with a
+:class:`~xtoken_nemo.models.config.KernelOptions` and resolved here against what this process can
+run (:func:`resolve_kernel_options`, docs/performance.md); without one, everything is unfused.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
-from xtoken_nemo.models.config import ModelArch, check_tp
+from xtoken_nemo.models.config import KernelOptions, ModelArch, check_tp
 from xtoken_nemo.models.errors import ModelError
 from xtoken_nemo.models.rope import hf_rotary_embedding_class, rope_attention_factor, set_rope_mscale
 
@@ -33,13 +37,139 @@ def te_available() -> bool:
     return True
 
 
-def transformer_config(arch: ModelArch, tp: int = 1, params_dtype: torch.dtype = torch.float32, **overrides: Any):
-    """The megatron-core ``TransformerConfig`` of ``arch`` (dropout 0; overrides win)."""
+# ----------------------------------------------------------------------------------------------
+# fused kernels: what megatron-core 0.16.1 needs for each flag, probed here (tests monkeypatch these)
+# ----------------------------------------------------------------------------------------------
+def torch_compile_available() -> bool:
+    """megatron.core.fusions' bias-SwiGLU and bias-dropout-add kernels are ``torch.compile``d
+    (megatron.core.jit.jit_fuser): on CUDA they need Triton and the C compiler Triton builds its
+    launcher with, nothing from TE or Apex."""
+    import os
+    import shutil
+
+    if not torch.cuda.is_available():
+        return False
+    if not (os.environ.get("CC") or any(shutil.which(cc) for cc in ("cc", "gcc", "clang"))):
+        return False
+    try:
+        from torch.utils._triton import has_triton
+
+        return bool(has_triton())
+    except Exception:
+        return False
+
+
+def te_rope_fusion_available() -> bool:
+    """``apply_rope_fusion`` calls Transformer-Engine's fused rotary kernel (megatron's
+    rope_utils.fused_apply_rotary_pos_emb, None without TE >= 1.4); TransformerConfig refuses the
+    flag without it."""
+    if not te_available():
+        return False
+    try:
+        from megatron.core.models.common.embeddings import rope_utils
+
+        return rope_utils.fused_apply_rotary_pos_emb is not None
+    except Exception:
+        return False
+
+
+def grad_accum_fusion_available() -> bool:
+    """``gradient_accumulation_fusion``: TE linears accumulate weight gradients into ``main_grad``
+    themselves, but the GPT output layer is megatron's ColumnParallelLinear in both layer specs and
+    raises without Apex's ``fused_weight_gradient_mlp_cuda`` extension."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class ResolvedKernels:
+    """The TransformerConfig flags to use, and each requested flag that was turned off with why."""
+
+    flags: dict[str, bool]
+    turned_off: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line: ``name (why), ...`` grouped by reason."""
+        by_reason: dict[str, list[str]] = {}
+        for name, why in self.turned_off.items():
+            by_reason.setdefault(why, []).append(name)
+        return "; ".join(f"{', '.join(names)}: {why}" for why, names in by_reason.items())
+
+
+_LOGGED: set[str] = set()
+
+
+def resolve_kernel_options(requested: KernelOptions | None, arch: ModelArch, tp: int, use_te: bool) -> ResolvedKernels:
+    """The kernel flags of a model built with layer spec ``use_te`` at TP ``tp``.
+
+    Rules (megatron-core 0.16.1): nothing without CUDA; bias-activation and bias-dropout-add
+    fusions need ``torch.compile`` (Triton); rope fusion needs TE's kernel and an attention factor
+    of 1 (not LongRoPE); gradient-accumulation fusion needs Apex's ``fused_weight_gradient_mlp_cuda``;
+    persistent layer norm and sequence parallelism need the TE layer spec (the local spec's torch
+    RMSNorm asserts both off); sequence parallelism only means something at TP > 1.
+    ``requested`` None: all off (the unfused model), nothing logged.
+    """
+    from xtoken_nemo.models.rope import rope_attention_factor
+
+    if requested is None:
+        requested = KernelOptions.off()
+    wanted = {name: bool(getattr(requested, name)) for name in KernelOptions.__dataclass_fields__}
+    if tp == 1:
+        wanted["sequence_parallel"] = False  # not applicable: no tensor parallelism
+    cuda = torch.cuda.is_available()
+    why: dict[str, str] = {}
+    for name, on in wanted.items():
+        if not on:
+            continue
+        if not cuda:
+            why[name] = "no CUDA"
+        elif name in ("bias_activation_fusion", "bias_dropout_fusion") and not torch_compile_available():
+            why[name] = "torch.compile unavailable (needs Triton and a C compiler)"
+        elif name == "apply_rope_fusion" and rope_attention_factor(arch) != 1.0:
+            why[name] = "LongRoPE attention factor (the fused rope kernel has no mscale)"
+        elif name == "apply_rope_fusion" and not (use_te and te_rope_fusion_available()):
+            why[name] = "needs Transformer-Engine's fused rope kernel"
+        elif name == "gradient_accumulation_fusion" and not grad_accum_fusion_available():
+            why[name] = "needs Apex's fused_weight_gradient_mlp_cuda"
+        elif name in ("persist_layer_norm", "sequence_parallel") and not use_te:
+            why[name] = "local layer spec (torch RMSNorm supports neither): needs Transformer-Engine"
+    flags = {name: on and name not in why for name, on in wanted.items()}
+    resolved = ResolvedKernels(flags=flags, turned_off=why)
+    if why:
+        line = f"kernel options turned off: {resolved.summary()}"
+        if line not in _LOGGED:  # once per process, not once per model (student + teachers)
+            _LOGGED.add(line)
+            log.info(line)
+    return resolved
+
+
+def transformer_config(
+    arch: ModelArch,
+    tp: int = 1,
+    params_dtype: torch.dtype = torch.float32,
+    kernels: KernelOptions | None = None,
+    use_te: bool | None = None,
+    **overrides: Any,
+):
+    """The megatron-core ``TransformerConfig`` of ``arch`` (dropout 0; overrides win).
+
+    ``kernels``: the fused kernels and sequence parallelism asked for, resolved by
+    :func:`resolve_kernel_options` for layer spec ``use_te`` (None: TE when it imports on CUDA);
+    None: all unfused, as the conversion and parity tools build their models.
+    """
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
     check_tp(arch, tp)
     on_cpu = not torch.cuda.is_available()
+    if use_te is None:
+        use_te = te_available()
+    resolved = resolve_kernel_options(kernels, arch, tp, use_te)
     kwargs: dict[str, Any] = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -62,12 +192,10 @@ def transformer_config(arch: ModelArch, tp: int = 1, params_dtype: torch.dtype =
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=on_cpu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
+        # Megatron-LM's compiled softmax kernels (scaled_masked_softmax_cuda) ship with neither the
+        # megatron-core wheel nor TE; the TE spec uses TE's fused attention instead
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **resolved.flags,
     )
     kwargs.update(overrides)
     mscale = rope_attention_factor(arch)
@@ -127,13 +255,15 @@ def build_gpt_model(
     use_te: bool | None = None,
     parallel_output: bool = True,
     perform_initialization: bool = True,
+    kernels: KernelOptions | None = None,
     **config_overrides: Any,
 ):
     """A megatron-core GPTModel for ``arch`` on this rank's TP shard (parallel_state must be up).
 
     ``padded_vocab_size`` defaults to Megatron padding for the current TP size. The rotary module
     is :class:`~xtoken_nemo.models.rope.HFRotaryEmbedding` (HF-exact frequencies, LongRoPE).
-    Returns the model on CUDA when available, else on CPU, in eval mode.
+    ``kernels``: fused kernels / sequence parallelism asked for (resolved against this machine;
+    None: unfused). Returns the model on CUDA when available, else on CPU, in eval mode.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -146,7 +276,11 @@ def build_gpt_model(
     if padded_vocab_size is None:
         padded_vocab_size = arch.padded_vocab_size(tp)
     check_tp(arch, tp, padded_vocab_size)
-    config = transformer_config(arch, tp, params_dtype, perform_initialization=perform_initialization, **config_overrides)
+    if use_te is None:
+        use_te = te_available()
+    config = transformer_config(
+        arch, tp, params_dtype, kernels=kernels, use_te=use_te, perform_initialization=perform_initialization, **config_overrides
+    )
     args = gpt_model_args(arch, padded_vocab_size)
     model = GPTModel(config, layer_spec(arch, use_te), parallel_output=parallel_output, **args.as_kwargs())
     model.rotary_pos_emb = hf_rotary_embedding_class()(arch, cp_group=model.rotary_pos_emb.cp_group)

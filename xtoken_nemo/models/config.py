@@ -289,3 +289,26 @@ def check_tp(arch: ModelArch, tp: int, padded_vocab_size: int | None = None) -> 
             f"padded_vocab_size={padded_vocab_size} of this checkpoint is not divisible by tensor-parallel size {tp}; "
             f"re-convert with `xtoken convert hf-to-mcore --tp {tp}` (pads the vocabulary to a multiple of 128 x tp)"
         )
+
+
+@dataclass(frozen=True)
+class KernelOptions:
+    """Fused kernels and sequence parallelism asked of a GPTModel (docs/performance.md).
+
+    The defaults are Megatron-LM's for a ~1B model on H100s (``--no-bias-swiglu-fusion``,
+    ``--no-bias-dropout-fusion``, ``--no-rope-fusion``, ``--no-gradient-accumulation-fusion``,
+    ``--no-persist-layer-norm`` all unset, ``--sequence-parallel`` with TP > 1). They are requests:
+    :func:`xtoken_nemo.models.build.resolve_kernel_options` keeps only what the machine and the
+    layer spec can run (all off on CPU). :meth:`off` is the unfused model (conversion, scoring,
+    parity tests)."""
+
+    bias_activation_fusion: bool = True  # SwiGLU as one torch.compile'd kernel (megatron.core.fusions)
+    bias_dropout_fusion: bool = True  # residual bias-dropout-add as one torch.compile'd kernel
+    apply_rope_fusion: bool = True  # Transformer-Engine's fused rotary kernel (never for LongRoPE)
+    gradient_accumulation_fusion: bool = True  # weight-gradient GEMMs accumulate into the fp32 main_grad
+    persist_layer_norm: bool = True  # Megatron-LM's flag; TE's fused norm kernels need nothing else
+    sequence_parallel: bool = True  # with TP > 1: norms/dropout/residual on sequence shards
+
+    @classmethod
+    def off(cls) -> KernelOptions:
+        return cls(**{name: False for name in cls.__dataclass_fields__})
