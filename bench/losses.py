@@ -15,9 +15,9 @@ highest RSS seen minus the RSS just before the forward. It includes the gradient
 compare with the aim ("at most one [block, V_T] buffer beyond KL") is `extra_vs_kl_mb` next to
 `block_buffer_mb` (one fp32 [block, V_T] buffer).
 
-Runtime on 2 CPU cores at 2048 chunks: a few minutes (GOLD and H-KL sort full vocabularies).
+Runtime on 2 CPU cores at 2048 chunks: a few minutes (the ``*_sort`` losses sort full vocabularies).
 
-    .venv/bin/python bench/losses.py [--chunks 2048] [--block 256] [--losses kl,gold,pkl,hkl]
+    .venv/bin/python bench/losses.py [--chunks 2048] [--block 256] [--losses kl,gold,gold_sort,hkl,hkl_sort,uld,uld_sort]
     .venv/bin/python bench/losses.py --chunks 256      # quick run
 Last line: one JSON object with every figure.
 """
@@ -37,7 +37,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LOSSES = ("kl", "gold", "pkl", "hkl")
+LOSSES = ("kl", "gold", "gold_sort", "pkl", "hkl", "hkl_sort", "uld", "uld_sort")
+"""``*_sort``: the same loss with ``uld_method="sort"`` (the exact full sort, the old path); without
+the suffix the default ``uld_method="hist"`` (layer-cake histogram, no sort: xtoken_nemo/losses/uld_hist.py)."""
 
 
 def _pad(v: int, multiple: int = 128) -> int:
@@ -98,12 +100,18 @@ def run_child(args: argparse.Namespace) -> dict:
         fn = lambda s, t: P.kl_loss_parallel(s, t, v_s, block_size=args.block)  # noqa: E731
     else:
         teacher = logits(vt_pad)
+        base, _, method = args.loss.partition("_")
+        method = method or "hist"
         if args.loss == "pkl":
             proj = P.prepare_projection(W, vs_pad, vt_pad)
             fn = lambda s, t: P.pkl_loss_parallel(s, t, proj, v_s, v_t, block_size=args.block)  # noqa: E731
+        elif base == "uld":
+            fn = lambda s, t: P.uld_loss_parallel(s, t, v_s, v_t, block_size=args.block, uld_method=method)  # noqa: E731
         else:
-            pairs = hkl_pairs(W) if args.loss == "hkl" else exact_pairs(W)
-            fn = lambda s, t: P.gold_loss_parallel(s, t, pairs, v_s, v_t, block_size=args.block)  # noqa: E731
+            pairs = hkl_pairs(W) if base == "hkl" else exact_pairs(W)
+            fn = lambda s, t: P.gold_loss_parallel(  # noqa: E731
+                s, t, pairs, v_s, v_t, block_size=args.block, uld_method=method
+            )
     # warm-up on a few chunks (kernel/thread-pool start-up), not timed
     warm = student[: min(n, 8)].detach().clone().requires_grad_(True)
     fn(warm, teacher[: warm.shape[0]]).backward()
@@ -222,6 +230,23 @@ def main() -> None:
     if "pkl" in results:
         summary["aim_pkl_time_le_1_5x_kl"] = results["pkl"]["time_ratio"] <= 1.5
         summary["aim_pkl_extra_le_one_block_buffer"] = results["pkl"]["extra_vs_kl_in_block_buffers"] <= 1.0
+    # issue 13: GOLD, H-KL and ULD at most 2x KL's time and 2 extra [block, V] buffers (hist vs sort side by side)
+    side = [b for b in ("gold", "hkl", "uld") if b in results]
+    if side:
+        print("\nULD without a sort (hist) vs the exact sort, same run:")
+    for base in side:
+        res = results[base]
+        srt = results.get(base + "_sort")
+        summary[f"aim_{base}_time_le_2x_kl"] = res["time_ratio"] <= 2.0
+        summary[f"aim_{base}_extra_le_2_block_buffers"] = res["extra_vs_kl_in_block_buffers"] <= 2.0
+        line = f"{base:5s} hist: time x{res['time_ratio']:.2f} KL, extra {res['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
+        if srt is not None:
+            line += (
+                f" | sort: time x{srt['time_ratio']:.2f} KL, extra {srt['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
+                f" | speed-up x{srt['time_s'] / res['time_s']:.1f}, |value diff| {abs(res['value'] - srt['value']):.2e}"
+            )
+            summary[f"{base}_hist_vs_sort_value_diff"] = abs(res["value"] - srt["value"])
+        print(line)
     print(json.dumps(summary))
 
 

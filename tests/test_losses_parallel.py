@@ -86,6 +86,11 @@ def parallel_cases(c: dict, group=None) -> dict:
         "pkl": lambda s, t, ts: P.pkl_loss_parallel(s, t, c["W"], VS, VT, **kw),
         "pkl_T2": lambda s, t, ts: P.pkl_loss_parallel(s, t, c["W"], VS, VT, temperature=2.0, **kw),
         "hkl": lambda s, t, ts: P.hkl_loss_parallel(s, t, c["W"], VS, VT, **kw),
+        # the exact full sort (uld_method="sort"); the cases above use the default "hist" (no sort)
+        "uld_sort": lambda s, t, ts: P.uld_loss_parallel(s, t, VS, VT, uld_method="sort", **kw),
+        "gold_sort": lambda s, t, ts: P.gold_loss_parallel(s, t, c["pairs"], VS, VT, uld_method="sort", **kw),
+        "hkl_sort": lambda s, t, ts: P.hkl_loss_parallel(s, t, c["W"], VS, VT, uld_method="sort", **kw),
+        "hkl_T2": lambda s, t, ts: P.hkl_loss_parallel(s, t, c["W"], VS, VT, temperature=2.0, **kw),
     }
 
 
@@ -101,6 +106,10 @@ def reference_cases(c: dict) -> dict:
         "pkl": lambda x: R.pkl_loss(x, t, c["W"], reduction="none"),
         "pkl_T2": lambda x: R.pkl_loss(x, t, c["W"], temperature=2.0, reduction="none"),
         "hkl": lambda x: R.hkl_loss(x, t, c["W"], reduction="none"),
+        "uld_sort": lambda x: R.uld_loss(x, t, reduction="none"),
+        "gold_sort": lambda x: R.gold_loss(x, t, c["pairs"], reduction="none"),
+        "hkl_sort": lambda x: R.hkl_loss(x, t, c["W"], reduction="none"),
+        "hkl_T2": lambda x: R.hkl_loss(x, t, c["W"], temperature=2.0, reduction="none"),
     }
 
 
@@ -311,8 +320,10 @@ def test_prepared_projection_reused(case):
         lambda x, c: P.pkl_loss_parallel(x, c["t"], c["W"], VS, VT, block_size=BLOCK),
         lambda x, c: P.gold_loss_parallel(x, c["t"], c["pairs"], VS, VT, block_size=BLOCK),
         lambda x, c: P.hkl_loss_parallel(x, c["t"], c["W"], VS, VT, block_size=BLOCK),
+        lambda x, c: P.uld_loss_parallel(x, c["t"], VS, VT, block_size=BLOCK),
+        lambda x, c: P.gold_loss_parallel(x, c["t"], c["pairs"], VS, VT, block_size=BLOCK, uld_method="sort"),
     ],
-    ids=["kl", "pkl", "gold", "hkl"],
+    ids=["kl", "pkl", "gold", "hkl", "uld", "gold_sort"],
 )
 def test_gradcheck_parallel_tp1(case, fn):
     x = case["s"][:4].clone().requires_grad_(True)

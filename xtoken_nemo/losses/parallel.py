@@ -61,6 +61,7 @@ from xtoken_nemo.losses.reference import (
 from xtoken_nemo.vocab.projection import ProjectionMatrix
 
 DEFAULT_BLOCK = 256
+ULD_METHODS = ("hist", "sort")
 MASK_VALUE = -1e30  # finite: exp() underflows to exactly 0 and 0 * MASK_VALUE stays 0 (no NaN)
 
 
@@ -609,6 +610,108 @@ def _sorted_l1_gathered(
     return (ss - st).abs().sum(-1)
 
 
+class _VocabParallelHybrid(torch.autograd.Function):
+    """GOLD/H-KL/ULD with ULD by the layer-cake histogram (``uld_hist``): no sort, no autograd graph.
+
+    Forward per block: both log-normalizers (two all-reduces), the common pairs' masses (one
+    all-reduce of [2, B, |T_C|]), the ULD histogram counts (one all-reduce of [2, B, K] int32) and,
+    where the counting functions cross inside a bin, an all-gather of those few entries. Saves the
+    per-chunk log-normalizers and the ULD sign tables ([N, K] int8 + the contested student entries).
+    Backward per block: recompute p_S (and the teacher's common columns only), d/dp_S = the common
+    pairs' -w_c p_T/q_C or the ULD sign times w_u, then the softmax backward (one all-reduce of [B]).
+    """
+
+    @staticmethod
+    def _prep(x_blk, shard, temperature, dtype):
+        """_Math.prep into a fresh buffer (it may return the input itself; this one is written in place)."""
+        y = x_blk.to(dtype, copy=True)
+        if temperature != 1.0:
+            y.div_(temperature)
+        if shard.valid < shard.width:
+            y[:, shard.valid :] = MASK_VALUE
+        return y
+
+    @staticmethod
+    def _probs(x_blk, shard, temperature, lse):
+        return _VocabParallelHybrid._prep(x_blk, shard, temperature, lse.dtype).sub_(lse[:, None]).exp_()
+
+    @staticmethod
+    def _common(ps, pt, t_blk, lse_t, layout, temperature, group):
+        """(q_C, p_T,C) [B, |T_C|], summed over the group in one all-reduce. ``pt`` the teacher's
+        probabilities if at hand (forward), else None: recomputed on the common columns only."""
+        both = ps.new_zeros(2, ps.shape[0], layout.num_common_teacher)
+        both[0].index_add_(1, layout.s_slot, ps.index_select(1, layout.s_local_cols))
+        if layout.t_local_cols.numel():
+            if pt is not None:
+                pt_c = pt.index_select(1, layout.t_local_cols)
+            else:
+                yt = t_blk.index_select(1, layout.t_local_cols).to(ps.dtype)
+                if temperature != 1.0:
+                    yt = yt / temperature
+                pt_c = (yt - lse_t[:, None]).exp_()
+            both[1].index_copy_(1, layout.t_slot, pt_c)
+        comm.all_reduce_(both, "sum", group)
+        return both[0], both[1]
+
+    @staticmethod
+    def forward(ctx, s_loc, t_loc, layout, s_shard, t_shard, group, temperature, weights, eps, bits, block):  # type: ignore[override]
+        from xtoken_nemo.losses.uld_hist import uld_block
+
+        n = s_loc.shape[0]
+        cdt = _compute_dtype(s_loc)
+        lse_s = s_loc.new_empty(n, dtype=cdt)
+        lse_t = s_loc.new_empty(n, dtype=cdt)
+        common = torch.zeros(n, dtype=torch.float64, device=s_loc.device)
+        uld = torch.zeros(n, dtype=torch.float64, device=s_loc.device)
+        w_c, w_u = weights
+        blocks = []
+        for a, b in _blocks(n, block):
+            ys = _VocabParallelHybrid._prep(s_loc[a:b], s_shard, temperature, cdt)
+            yt = _VocabParallelHybrid._prep(t_loc[a:b], t_shard, temperature, cdt)
+            ls, lt = _lse_pair([ys, yt], group)
+            lse_s[a:b], lse_t[a:b] = ls, lt
+            ps = ys.sub_(ls[:, None]).exp_()
+            pt = yt.sub_(lt[:, None]).exp_()
+            del ys, yt
+            if layout.num_common_teacher and w_c != 0.0:
+                q_c, pt_c = _VocabParallelHybrid._common(ps, pt, t_loc[a:b], lt, layout, temperature, group)
+                common[a:b] = (torch.xlogy(pt_c, pt_c) - torch.xlogy(pt_c, q_c.clamp_min(eps))).sum(-1).double()
+            blk = uld_block(ps.masked_fill_(~layout.s_uncommon, 0.0), pt.masked_fill_(~layout.t_uncommon, 0.0), group, bits)
+            del ps, pt
+            uld[a:b] = blk.partial
+            blk.partial = None
+            blocks.append(blk)
+        comm.all_reduce_(uld, "sum", group)
+        ctx.save_for_backward(s_loc, t_loc, lse_s, lse_t)
+        ctx.cfg = (layout, s_shard, t_shard, group, temperature, weights, eps, bits, block)
+        ctx.blocks = blocks
+        return (w_c * common + w_u * uld).to(cdt)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        from xtoken_nemo.losses.uld_hist import uld_grad
+
+        s_loc, t_loc, lse_s, lse_t = ctx.saved_tensors
+        layout, s_shard, t_shard, group, temperature, weights, eps, bits, block = ctx.cfg
+        w_c, w_u = weights
+        out = torch.empty_like(s_loc)
+        for i, (a, b) in enumerate(_blocks(s_loc.shape[0], block)):
+            ps = _VocabParallelHybrid._probs(s_loc[a:b], s_shard, temperature, lse_s[a:b])
+            unc = ps.masked_fill(~layout.s_uncommon, 0.0)
+            g = uld_grad(unc, ctx.blocks[i], bits)
+            del unc
+            g.mul_(w_u).masked_fill_(~layout.s_uncommon, 0.0)
+            if layout.num_common_teacher and w_c != 0.0:
+                q_c, pt_c = _VocabParallelHybrid._common(ps, None, t_loc[a:b], lse_t[a:b], layout, temperature, group)
+                g_c = torch.where(q_c > eps, -w_c * pt_c / q_c.clamp_min(eps), torch.zeros((), dtype=q_c.dtype))
+                g[:, layout.s_local_cols] = g_c[:, layout.s_slot]
+            dot = (ps * g).sum(-1)
+            comm.all_reduce_(dot, "sum", group)
+            g.sub_(dot[:, None]).mul_(ps).mul_((grad[a:b] / temperature)[:, None].to(g.dtype))
+            out[a:b] = g.to(out.dtype)
+        return (out,) + (None,) * 10
+
+
 def _hybrid_block(
     s_blk: torch.Tensor,
     t_blk: torch.Tensor,
@@ -654,8 +757,15 @@ def gold_loss_parallel(
     group: object | None = None,
     block_size: int = DEFAULT_BLOCK,
     reduction: str = "mean",
+    uld_method: str = "hist",
 ) -> torch.Tensor:
-    """GOLD (KL on common pairs + ULD on the rest) on vocab-sharded logits; semantics as the reference."""
+    """GOLD (KL on common pairs + ULD on the rest) on vocab-sharded logits; semantics as the reference.
+
+    ``uld_method``: "hist" (default) computes ULD without sorting (``uld_hist``: the layer-cake form
+    on a log grid, same value and gradient as the sort up to float rounding); "sort" all-gathers and
+    sorts the uncommon probabilities (the old exact path, for checking). ``uld_topk=k`` (top-k per
+    rank, an approximation) always takes the sort path.
+    """
     from xtoken_nemo.losses.reference import _hybrid_weights
 
     group, s_shard, t_shard = _cross_vocab_shards(
@@ -670,6 +780,16 @@ def gold_loss_parallel(
     weights = _hybrid_weights(weighting, layout.num_common_teacher, teacher_vocab_size)
     teacher = teacher_logits.detach()
     block = _check_block(block_size)
+    if uld_method not in ULD_METHODS:
+        raise LossInputError(f"uld_method must be one of {ULD_METHODS}, got {uld_method!r}")
+    if uld_method == "hist" and uld_topk is None:
+        from xtoken_nemo.losses.uld_hist import DEFAULT_GRID_BITS
+
+        per_chunk = _VocabParallelHybrid.apply(
+            student_logits, teacher, layout, s_shard, t_shard, group, float(temperature), weights, float(eps),
+            DEFAULT_GRID_BITS, block,
+        )
+        return reduce_chunks(per_chunk, reduction)
     parts = []
     for a, b in _blocks(student_logits.shape[0], block):
         args = (layout, s_shard, t_shard, group, float(temperature), weights, float(eps), uld_topk)
@@ -696,12 +816,13 @@ def hkl_loss_parallel(
     group: object | None = None,
     block_size: int = DEFAULT_BLOCK,
     reduction: str = "mean",
+    uld_method: str = "hist",
 ) -> torch.Tensor:
     """H-KL: GOLD with W's argmax pairs as the common set (pass W or precomputed ``hkl_pairs(W)``)."""
     check_projection_shape(W.shape, student_vocab_size, teacher_vocab_size)
     return gold_loss_parallel(
         student_logits, teacher_logits, hkl_pairs(W, min_weight), student_vocab_size, teacher_vocab_size,
-        temperature, weighting, eps, uld_topk, group, block_size, reduction,
+        temperature, weighting, eps, uld_topk, group, block_size, reduction, uld_method,
     )
 
 
@@ -715,11 +836,13 @@ def uld_loss_parallel(
     group: object | None = None,
     block_size: int = DEFAULT_BLOCK,
     reduction: str = "mean",
+    uld_method: str = "hist",
 ) -> torch.Tensor:
     """ULD on vocab-sharded logits: GOLD with an empty common set and only the ULD term."""
     return gold_loss_parallel(
         student_logits, teacher_logits, torch.zeros(0, 2, dtype=torch.int64), student_vocab_size,
         teacher_vocab_size, temperature, (0.0, 1.0), PROB_FLOOR, uld_topk, group, block_size, reduction,
+        uld_method,
     )
 
 
@@ -854,6 +977,7 @@ def teacher_confidence_parallel(
 
 __all__ = [
     "DEFAULT_BLOCK",
+    "ULD_METHODS",
     "chunk_log_mass_parallel",
     "LocalProjection",
     "Shard",
