@@ -62,6 +62,9 @@ class TeacherConfig:
     # gold/hkl/uld: sort only each side's k largest uncommon probabilities for the ULD term
     # (None: exact, a full sort of both vocabularies per chunk; k: an approximation, much cheaper on CPU)
     uld_topk: int | None = None
+    # gold/hkl/uld: "hist" computes the sorted-L1 ULD term from log-grid histograms, exact up to
+    # float rounding (docs/losses.md); "sort" sorts both vocabularies per chunk (the check)
+    uld_method: str = "hist"
 
 
 @dataclass
@@ -239,6 +242,8 @@ class DistillConfig:
                 raise ConfigError(f"{where}.mode={tc.mode!r}; choose one of {KD_MODES}")
             if tc.merge not in MERGE_MODES:
                 raise ConfigError(f"{where}.merge={tc.merge!r}; choose one of {MERGE_MODES}")
+            if tc.uld_method not in ("hist", "sort"):
+                raise ConfigError(f"{where}.uld_method={tc.uld_method!r}; choose 'hist' (default) or 'sort'")
             if tc.uld_topk is not None and tc.uld_topk < 1:
                 raise ConfigError(f"{where}.uld_topk={tc.uld_topk} must be a positive int or null (exact)")
             if tc.alpha < 0:

@@ -151,11 +151,11 @@ def teacher_kd_loss(
     elif cfg.mode == "pkl":
         per_chunk = pkl_loss_parallel_parts(s, t, spec.projection, student_vocab_size, spec.vocab_size, **kw)
     elif cfg.mode == "hkl":
-        per_chunk = LossParts.of(hkl_loss_parallel(s, t, spec.W, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw))
+        per_chunk = LossParts.of(hkl_loss_parallel(s, t, spec.W, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, uld_method=cfg.uld_method, **kw))
     elif cfg.mode == "gold":
-        per_chunk = LossParts.of(gold_loss_parallel(s, t, spec.common_pairs, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw))
+        per_chunk = LossParts.of(gold_loss_parallel(s, t, spec.common_pairs, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, uld_method=cfg.uld_method, **kw))
     else:
-        per_chunk = LossParts.of(uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, **kw))
+        per_chunk = LossParts.of(uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, uld_method=cfg.uld_method, **kw))
     if cfg.merge == "chain":
         per_chunk = chunk_mass_kl_parts(s_mass, t_mass, per_chunk, reduction="none")
     if parts is not None:
