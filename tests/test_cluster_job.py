@@ -307,3 +307,29 @@ def test_run_with_async_saves_keeps_the_last_two(sp_pair, tmp_path):  # noqa: F8
     assert (root / "latest.txt").read_text().strip() == "4"
     resumed = Trainer(sp_config(sp_pair, tmp_path, steps=5, same_tok_teacher=False), progress=False).run()
     assert [h["step"] for h in resumed["history"]] == [5]
+
+
+def _sleep_forever() -> None:
+    time.sleep(60)
+
+
+def test_forked_children_still_die_of_sigterm_with_the_flag_installed():
+    """A Pool/DataLoader worker forked while the preemption handler is installed inherits it; it
+    must still stop on SIGTERM (Pool.terminate used to wait forever in the test suite)."""
+    import multiprocessing
+
+    from xtoken_nemo.distill.preemption import PreemptionFlag
+
+    flag = PreemptionFlag().install()
+    try:
+        child = multiprocessing.get_context("fork").Process(target=_sleep_forever)
+        child.start()
+        time.sleep(0.5)
+        child.terminate()  # SIGTERM
+        child.join(10)
+        assert child.exitcode == -signal.SIGTERM, child.exitcode
+        assert not flag.raised
+    finally:
+        flag.uninstall()
+        if child.is_alive():
+            child.kill()

@@ -511,7 +511,11 @@ class Trainer:
         return {"status": status, "step": self.state.step, "skipped_steps": self.state.skipped_steps, "history": history}
 
     def close(self) -> None:
-        """Destroy the process group if this trainer created it (``xtoken train`` calls this at exit)."""
+        """Restore the signal handlers it installed, stop the data workers and destroy the process
+        group if this trainer created it (``xtoken train`` calls this at exit)."""
+        if self._owns_preemption:
+            self.preemption.uninstall()
+        self.batches.close()
         if self.owns_process_group:
             destroy_distributed()
 
