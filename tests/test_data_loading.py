@@ -157,7 +157,7 @@ def test_micro_batches_from_config_and_bad_values(built):
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 2
     mb = MicroBatches.from_config(cfg, ds, 0, 1)
     on_cuda = torch.cuda.is_available()
-    assert (mb.num_workers, mb.pin_memory, mb.teacher_pad_multiple) == (2 if on_cuda else 0, on_cuda, 128)
+    assert (mb.num_workers, mb.pin_memory, mb.teacher_pad_multiple) == (2 if on_cuda else 0, on_cuda, 128 if on_cuda else 1)
     cfg.data.num_workers, cfg.data.pin_memory, cfg.data.teacher_pad_multiple = 3, False, 8
     mb = MicroBatches.from_config(cfg, ds, 0, 1)
     assert (mb.num_workers, mb.pin_memory, mb.teacher_pad_multiple) == (3, False, 8)
