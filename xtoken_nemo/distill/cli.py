@@ -42,7 +42,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary = trainer.run()
             if trainer.rank == 0:
                 last = summary["history"][-1] if summary["history"] else {}
-                shown = {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and k in ("total", "ce", "kd", "grad_norm", "lr")}
+                shown = {k: float(f"{v:.4g}") for k, v in last.items() if isinstance(v, float) and k in ("total", "ce", "kd", "grad_norm", "lr")}
                 print(f"{cfg.name}: {summary['status']} at step {summary['step']}/{cfg.train.train_steps}"
                       f" (skipped {summary['skipped_steps']} non-finite steps); last step {shown}; checkpoints in {cfg.checkpoint.dir}")
         finally:
