@@ -179,7 +179,7 @@ class Trainer:
         use_dist_opt = cfg.optim.use_distributed_optimizer and _distributed_optimizer_works()
         ddp_options, ddp_off = cfg.parallel.ddp_options(self.dp_size, use_dist_opt)
         if ddp_off and self.rank == 0:
-            log.info("communication options turned off: %s", "; ".join(f"{k}: {v}" for k, v in ddp_off.items()))
+            _log_once(logging.INFO, "communication options turned off: " + "; ".join(f"{k}: {v}" for k, v in ddp_off.items()))
         with cuda_to_cpu():
             ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt, **ddp_options)
             self.model = DistributedDataParallel(student.config, ddp_config, student)
@@ -557,6 +557,16 @@ def _hook_grad_sync_into_schedule(student, ddp_model, ddp_config) -> None:
         student.sharded_state_dict = synced_sharded_state_dict
 
 
+_LOGGED: set[str] = set()
+
+
+def _log_once(level: int, line: str) -> None:
+    """Facts about the machine, said once per process (the CPU demo builds a dozen trainers)."""
+    if line not in _LOGGED:
+        _LOGGED.add(line)
+        log.log(level, "%s", line)
+
+
 def _distributed_optimizer_works() -> bool:
     """megatron-core's DistributedOptimizer needs Apex or Transformer-Engine Adam: with torch's Adam
     (per-parameter 'step' tensors) its checkpoint loading fails (KeyError 'step' in 0.16.1). Without
@@ -565,7 +575,7 @@ def _distributed_optimizer_works() -> bool:
 
     if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
         return True
-    log.warning("Apex/Transformer-Engine not installed: using megatron's non-distributed optimizer (optimizer state replicated over data-parallel ranks)")
+    _log_once(logging.WARNING, "Apex/Transformer-Engine not installed: using megatron's non-distributed optimizer (optimizer state replicated over data-parallel ranks)")
     return False
 
 
