@@ -25,6 +25,7 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run_demo_command(args) -> int:
+    import logging
     import warnings
 
     from xtoken_nemo.demo.pipeline import run_demo
@@ -32,5 +33,9 @@ def run_demo_command(args) -> int:
     # megatron-core warns about missing Apex/Transformer-Engine at every model build on CPU
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    if not getattr(args, "verbose", False):
+        # the demo prints its own summary per phase and model; the library's INFO lines (models
+        # loaded, checkpoints saved, one progress line per run) are for `xtoken -v demo`
+        logging.getLogger("xtoken_nemo").setLevel(logging.WARNING)
     run_demo(args.out, fast=args.fast, progress=not args.no_progress)
     return 0
