@@ -12,6 +12,7 @@ run (:func:`resolve_kernel_options`, docs/performance.md); without one, everythi
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,15 +27,20 @@ from xtoken_nemo.models.rope import hf_rotary_embedding_class, rope_attention_fa
 log = logging.getLogger(__name__)
 
 
-def te_available() -> bool:
-    """True when the TE layer spec can be used (CUDA present and transformer_engine imports)."""
+def _cuda_and_importable(module: str) -> bool:
+    """CUDA present and ``module`` (a GPU-only extension) imports."""
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        importlib.import_module(module)
     except Exception:
         return False
     return True
+
+
+def te_available() -> bool:
+    """True when the TE layer spec can be used (CUDA present and transformer_engine imports)."""
+    return _cuda_and_importable("transformer_engine")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -77,13 +83,7 @@ def grad_accum_fusion_available() -> bool:
     """``gradient_accumulation_fusion``: TE linears accumulate weight gradients into ``main_grad``
     themselves, but the GPT output layer is megatron's ColumnParallelLinear in both layer specs and
     raises without Apex's ``fused_weight_gradient_mlp_cuda`` extension."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import fused_weight_gradient_mlp_cuda  # noqa: F401
-    except Exception:
-        return False
-    return True
+    return _cuda_and_importable("fused_weight_gradient_mlp_cuda")
 
 
 @dataclass(frozen=True)
