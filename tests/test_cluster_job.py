@@ -180,13 +180,13 @@ def _nan_worker(rank: int, world_size: int, pair: dict, run_dir: str) -> dict:
     cfg.train.micro_batch_size = 1
     cfg.train.max_consecutive_nonfinite = 2
     trainer = Trainer(cfg, progress=False)
-    for_step = trainer.batches.for_step
+    read_step = trainer.batches.iterator
 
     def tracking(step):
         poison["current"] = step
-        return for_step(step)
+        return read_step(step)
 
-    trainer.batches.for_step = tracking
+    trainer.batches.iterator = tracking
     once = trainer.run()
     weights_finite = all(bool(torch.isfinite(p).all()) for p in trainer.student.parameters())
 
@@ -195,7 +195,7 @@ def _nan_worker(rank: int, world_size: int, pair: dict, run_dir: str) -> dict:
     cfg.train.micro_batch_size = 1
     cfg.train.max_consecutive_nonfinite = 2
     trainer = Trainer(cfg, progress=False)
-    trainer.batches.for_step = tracking
+    trainer.batches.iterator = tracking
     try:
         trainer.run()
         stopped = None

@@ -187,14 +187,14 @@ def _run_until(cfg: DistillConfig, stop_after: int):
     from xtoken_nemo.distill.trainer import Trainer
 
     trainer = Trainer(cfg, progress=False)
-    for_step = trainer.batches.for_step
+    read_step = trainer.batches.iterator
 
     def batches_and_signal(step):  # the signal arrives while step ``stop_after`` runs
         if step + 1 == stop_after:
             os.kill(os.getpid(), signal.SIGUSR1)
-        return for_step(step)
+        return read_step(step)
 
-    trainer.batches.for_step = batches_and_signal
+    trainer.batches.iterator = batches_and_signal
     return trainer.run()
 
 

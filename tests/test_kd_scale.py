@@ -44,14 +44,14 @@ def _recorded_run(cfg) -> tuple[list[dict], list[list[dict]]]:
     calls, restore = _recording()
     try:
         trainer = Trainer(cfg, progress=False)
-        for_step = trainer.batches.for_step
+        read_step = trainer.batches.iterator
         starts: list[int] = []
 
         def tracking(step):
             starts.append(len(calls))
-            return for_step(step)
+            return read_step(step)
 
-        trainer.batches.for_step = tracking
+        trainer.batches.iterator = tracking
         hist = trainer.run()["history"]
     finally:
         restore()

@@ -66,6 +66,7 @@ from pathlib import Path
 import torch
 
 from xtoken_nemo.errors import XTokenError
+from xtoken_nemo.models.runtime import true_on_any_rank
 
 log = logging.getLogger(__name__)
 
@@ -337,19 +338,6 @@ def complete_iterations(root: str | os.PathLike) -> list[int]:
     return sorted(found, reverse=True)
 
 
-def _collective_device() -> torch.device:
-    """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def _failed_on_any_rank(failed: bool) -> bool:
-    """A local failure made global (all-reduce MAX over the world), so all ranks agree."""
-    value = torch.tensor([1.0 if failed else 0.0], device=_collective_device())
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def _cause(exc: BaseException) -> str:
     """``ExceptionType: first line of its message``; for torch DCP's CheckpointException (which
     gathers the failures of all ranks) the first failing rank's exception is named."""
@@ -365,7 +353,7 @@ def _cause(exc: BaseException) -> str:
 
 def _agree(path: Path, cause: str | None) -> str | None:
     """Make one attempt's outcome global; None when it succeeded on every rank."""
-    if not _failed_on_any_rank(cause is not None):
+    if not true_on_any_rank(cause is not None):
         return None
     if cause is not None:
         log.error("checkpoint %s cannot be loaded%s: %s", path, f" (rank {_rank()})" if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else "", cause)

@@ -59,8 +59,8 @@ class StepBatchSampler:
                 yield idx[j * mb : (j + 1) * mb]
 
 
-def _resolve(value, on_cuda):
-    return on_cuda if value is None else value
+def _resolve(value, default):
+    return default if value is None else value
 
 
 class MicroBatches:

@@ -25,6 +25,7 @@ import torch
 from xtoken_nemo.distill.config import DistillConfig
 from xtoken_nemo.distill.preemption import PreemptionFlag
 from xtoken_nemo.errors import XTokenError
+from xtoken_nemo.models.runtime import collective_device
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +294,7 @@ class Trainer:
         (preemption) and gets the micro-batches' ``nonfinite`` added.
         """
         keys = sorted({k for o in outputs for k in o} - {"nonfinite"})
-        device = _collective_device()
+        device = collective_device()
         means = [torch.stack([o[k].float().reshape(()).to(device) for o in outputs]).mean() for k in keys]
         nonfinite = torch.stack([o["nonfinite"].reshape(()).to(device) for o in outputs]).amax()
         host_flags = torch.tensor([1.0 if flags[k] else 0.0 for k in sorted(flags)], device=device)
@@ -359,18 +360,19 @@ class Trainer:
 
         from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 
-        micro = self.batches.for_step(step)
+        num_micro = self.batches.num_micro
         S = self.cfg.data.seq_length
-        self._step_kd_scale, self._step_alphas = self._batch_stats_for_step(len(micro))
+        self._step_kd_scale, self._step_alphas = self._batch_stats_for_step(num_micro)
         lr = self.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
         with cuda_to_cpu():
             self.model.zero_grad_buffer()
             self.optimizer.zero_grad()
             outputs = get_forward_backward_func()(
                 forward_step_func=self._forward_step,
-                data_iterator=iter(micro),
+                # lazy with data workers: the first forward does not wait for the step's last read
+                data_iterator=self.batches.iterator(step),
                 model=[self.model],
-                num_microbatches=len(micro),
+                num_microbatches=num_micro,
                 seq_length=S,
                 micro_batch_size=self.cfg.train.micro_batch_size,
                 forward_only=False,
@@ -518,11 +520,6 @@ class Trainer:
         self.batches.close()
         if self.owns_process_group:
             destroy_distributed()
-
-
-def _collective_device() -> torch.device:
-    """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _hook_grad_sync_into_schedule(student, ddp_model, ddp_config) -> None:

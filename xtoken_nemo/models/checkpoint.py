@@ -58,6 +58,7 @@ import torch
 from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 from xtoken_nemo.models.config import ModelArch, arch_from_hf_config, check_tp
 from xtoken_nemo.models.errors import ModelError
+from xtoken_nemo.models.runtime import true_on_any_rank
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +154,6 @@ def is_extra_state(key: str) -> bool:
     return key.endswith(EXTRA_STATE_SUFFIX)
 
 
-def _any_rank(flag: bool) -> bool:
-    """A local flag made global (all-reduce MAX over the world): every rank takes the same decision."""
-    if not torch.distributed.is_initialized():
-        return flag
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
-    return bool(value.item())
-
-
 def _few(keys) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:5]) + (f" ... ({len(keys)} in all)" if len(keys) > 5 else "")
@@ -223,7 +214,7 @@ def dist_load(
     # megatron's names: "unexpected" = requested but not in the checkpoint (per rank),
     # "missing" = in the checkpoint but requested by no rank (the same on all ranks)
     bad = sorted(k for k in absent if not is_extra_state(k))
-    if _any_rank(bool(bad)):
+    if true_on_any_rank(bool(bad)):
         what = _few(bad) if bad else "keys requested on another rank"
         raise error_cls(
             f"checkpoint {ckpt_dir} lacks {what}: it was written for a different model (architecture, "

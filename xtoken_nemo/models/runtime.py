@@ -70,3 +70,17 @@ def ensure_rng_tracker(seed: int = 1234) -> None:
     install_shims()
     if not get_cuda_rng_tracker().get_states():
         model_parallel_cuda_manual_seed(seed)
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def true_on_any_rank(flag: bool) -> bool:
+    """A local flag made global (all-reduce MAX over the world): every rank takes the same decision."""
+    if not torch.distributed.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=collective_device())
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
