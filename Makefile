@@ -11,7 +11,7 @@ setup:
 
 # The CPU demo: W + coverage audit, a numbers corpus, CE-only teachers with the Qwen3 and
 # Phi-4-mini tokenizers, ten Llama-3.2-tokenizer students (CE, GOLD, ULD, P-KL, H-KL, multi),
-# held-out evaluation, demo_out/report.md. 6 min 44 s on 2 idle cores after set-up (2026-12-01).
+# held-out evaluation, demo_out/report.md. 6 min 3 s on 2 idle cores after set-up (2026-12-01).
 demo: setup
 	$(XTOKEN) demo --out $(OUT)
 
