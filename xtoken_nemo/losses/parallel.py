@@ -562,15 +562,28 @@ def _vp_log_softmax(y: torch.Tensor, group: object | None) -> torch.Tensor:
 
 @dataclass
 class _HybridLayout:
-    """Common-set layout for this rank: which local columns are common, and where they go."""
+    """Common-set layout for this rank: which local columns are common, and where they go.
+
+    Slots (``[0, |T_C|)``) are the common teacher tokens in increasing id order. The local student
+    columns of the pairs are sorted by (slot, column) and split into the *first* local partner of
+    each slot (``s_first_*``, one per slot: a gather) and the other partners (``s_extra_*``, H-KL's
+    many-to-one pairs: an index-add). ``*_full``: the first partners / the teacher columns cover every
+    slot in order (tp=1), so the gather writes the slot buffer directly.
+    """
 
     num_common_teacher: int  # |T_C|, unique common teacher tokens
-    s_local_cols: torch.Tensor  # local student columns in a pair
+    s_local_cols: torch.Tensor  # local student columns in a pair, sorted by (slot, column)
     s_slot: torch.Tensor  # their slot in [0, |T_C|)
-    t_local_cols: torch.Tensor  # local teacher columns in T_C
+    t_local_cols: torch.Tensor  # local teacher columns in T_C (increasing)
     t_slot: torch.Tensor
     s_uncommon: torch.Tensor  # [n_S] bool: real, uncommon student columns
     t_uncommon: torch.Tensor  # [n_T] bool
+    s_first_cols: torch.Tensor = None  # type: ignore[assignment]
+    s_first_slot: torch.Tensor = None  # type: ignore[assignment]
+    s_extra_cols: torch.Tensor = None  # type: ignore[assignment]
+    s_extra_slot: torch.Tensor = None  # type: ignore[assignment]
+    s_first_full: bool = False
+    t_full: bool = False
 
 
 def _hybrid_layout(pairs: torch.Tensor, s_shard: Shard, t_shard: Shard, device: torch.device | str = "cpu") -> _HybridLayout:
@@ -584,14 +597,27 @@ def _hybrid_layout(pairs: torch.Tensor, s_shard: Shard, t_shard: Shard, device: 
     t_unc = torch.zeros(t_shard.width, dtype=torch.bool)
     t_unc[: t_shard.valid] = True
     t_unc[teachers[t_own] - t_shard.start] = False
+    tc = int(teachers.numel())
+    s_cols, s_slot = s_ids[s_own] - s_shard.start, inverse[s_own]
+    order = torch.argsort(s_slot * s_shard.width + s_cols)
+    s_cols, s_slot = s_cols[order], s_slot[order]
+    first = torch.ones_like(s_slot, dtype=torch.bool)
+    first[1:] = s_slot[1:] != s_slot[:-1]
+    t_slot = torch.nonzero(t_own).squeeze(1)
     return _HybridLayout(
-        num_common_teacher=int(teachers.numel()),
-        s_local_cols=(s_ids[s_own] - s_shard.start).to(device),
-        s_slot=inverse[s_own].to(device),
+        num_common_teacher=tc,
+        s_local_cols=s_cols.to(device),
+        s_slot=s_slot.to(device),
         t_local_cols=(teachers[t_own] - t_shard.start).to(device),
-        t_slot=torch.nonzero(t_own).squeeze(1).to(device),
+        t_slot=t_slot.to(device),
         s_uncommon=s_unc.to(device),
         t_uncommon=t_unc.to(device),
+        s_first_cols=s_cols[first].to(device),
+        s_first_slot=s_slot[first].to(device),
+        s_extra_cols=s_cols[~first].to(device),
+        s_extra_slot=s_slot[~first].to(device),
+        s_first_full=int(first.sum()) == tc,  # slots are unique and sorted: all of them, in order
+        t_full=int(t_slot.numel()) == tc,
     )
 
 
@@ -610,105 +636,182 @@ def _sorted_l1_gathered(
     return (ss - st).abs().sum(-1)
 
 
+COMMON_ROWS = 64
+"""Rows per pass of the common-pair KL: its slot buffer is [2, COMMON_ROWS, |T_C|] fp32 (about a third
+of a [256, V_T] block buffer at |T_C| = 0.72 V_T), reused for every pass."""
+
+
+def _slot_view(flat: torch.Tensor, rows: int, width: int) -> torch.Tensor:
+    """A contiguous [2, rows, width] view of the front of a flat work buffer (collectives need contiguity)."""
+    return flat[: 2 * rows * width].view(2, rows, width)
+
+
 class _VocabParallelHybrid(torch.autograd.Function):
     """GOLD/H-KL/ULD with ULD by the layer-cake histogram (``uld_hist``): no sort, no autograd graph.
 
-    Forward per block: both log-normalizers (two all-reduces), the common pairs' masses (one
-    all-reduce of [2, B, |T_C|]), the ULD histogram counts (one all-reduce of [2, B, K] int32) and,
-    where the counting functions cross inside a bin, an all-gather of those few entries. Saves the
-    per-chunk log-normalizers and the ULD sign tables ([N, K] int8 + the contested student entries).
-    Backward per block: recompute p_S (and the teacher's common columns only), d/dp_S = the common
-    pairs' -w_c p_T/q_C or the ULD sign times w_u, then the softmax backward (one all-reduce of [B]).
+    Forward per block, in two reused [block, n] work buffers (one per side): p = exp(y - m) / S in
+    place (m the row max, S the sum: one max and one sum all-reduce for both sides); the common
+    pairs' masses in [2, rows, |T_C|] slot buffers, ``COMMON_ROWS`` rows at a time (gathered from the
+    probabilities, one all-reduce each), their KL sum p_T log(p_T / q) computed in place; the ULD
+    histogram counts (one all-reduce of [2, B, K] int32) and, where the counting functions cross
+    inside a bin, an all-gather of those few entries. Saves per chunk m and 1/S of both sides and the
+    ULD sign tables ([N, K] int8 + the contested student entries).
+    Backward per block: recompute p_S with the same operations (bit-identical, so the ULD bins are
+    the forward's), the ULD sign times w_u into a reused gradient buffer, the teacher's probabilities
+    on its common columns only, -w_c p_T/q_C written over the student's common columns, then the
+    softmax backward in place (one all-reduce of [B]).
     """
 
     @staticmethod
-    def _prep(x_blk, shard, temperature, dtype):
-        """_Math.prep into a fresh buffer (it may return the input itself; this one is written in place)."""
-        y = x_blk.to(dtype, copy=True)
+    def _probs_(y, x_blk, shard, temperature, m, inv):
+        """y (a work buffer, x_blk's shape) <- softmax of x_blk / T given the row max m and 1/S."""
+        y.copy_(x_blk)
         if temperature != 1.0:
             y.div_(temperature)
         if shard.valid < shard.width:
             y[:, shard.valid :] = MASK_VALUE
-        return y
+        if m is None:
+            return y
+        return y.sub_(m[:, None]).exp_().mul_(inv[:, None])
 
     @staticmethod
-    def _probs(x_blk, shard, temperature, lse):
-        return _VocabParallelHybrid._prep(x_blk, shard, temperature, lse.dtype).sub_(lse[:, None]).exp_()
+    def _masses(ps, pt, t_blk, t_stats, layout, temperature, group, both):
+        """Fill both [2, r, |T_C|] with (q_C, p_T,C), summed over the group in one all-reduce.
 
-    @staticmethod
-    def _common(ps, pt, t_blk, lse_t, layout, temperature, group):
-        """(q_C, p_T,C) [B, |T_C|], summed over the group in one all-reduce. ``pt`` the teacher's
-        probabilities if at hand (forward), else None: recomputed on the common columns only."""
-        both = ps.new_zeros(2, ps.shape[0], layout.num_common_teacher)
-        both[0].index_add_(1, layout.s_slot, ps.index_select(1, layout.s_local_cols))
+        q_C[t] = sum of p_S over t's local student partners; p_T,C from ``pt`` if at hand (forward),
+        else recomputed from the teacher logits' common columns only (``t_stats`` = (m_T, 1/S_T))."""
+        q, pc = both[0], both[1]
+        if layout.s_first_full:
+            torch.index_select(ps, 1, layout.s_first_cols, out=q)
+        else:
+            q.zero_()
+            if layout.s_first_cols.numel():
+                q.index_copy_(1, layout.s_first_slot, ps.index_select(1, layout.s_first_cols))
+        if layout.s_extra_cols.numel():
+            q.index_add_(1, layout.s_extra_slot, ps.index_select(1, layout.s_extra_cols))
+        if not layout.t_full:
+            pc.zero_()
         if layout.t_local_cols.numel():
             if pt is not None:
-                pt_c = pt.index_select(1, layout.t_local_cols)
+                if layout.t_full:
+                    torch.index_select(pt, 1, layout.t_local_cols, out=pc)
+                else:
+                    pc.index_copy_(1, layout.t_slot, pt.index_select(1, layout.t_local_cols))
             else:
-                yt = t_blk.index_select(1, layout.t_local_cols).to(ps.dtype)
+                m_t, inv_t = t_stats
+                yt = t_blk.index_select(1, layout.t_local_cols)
+                yt = pc.copy_(yt) if layout.t_full else yt.to(pc.dtype)
                 if temperature != 1.0:
-                    yt = yt / temperature
-                pt_c = (yt - lse_t[:, None]).exp_()
-            both[1].index_copy_(1, layout.t_slot, pt_c)
+                    yt.div_(temperature)
+                yt.sub_(m_t[:, None]).exp_().mul_(inv_t[:, None])
+                if not layout.t_full:
+                    pc.index_copy_(1, layout.t_slot, yt)
         comm.all_reduce_(both, "sum", group)
-        return both[0], both[1]
+        return q, pc
+
+    @staticmethod
+    def _scatter_common_grad_(g, r, layout):
+        """g[:, common student columns] <- r [rows, |T_C|] at each column's slot."""
+        if layout.s_first_cols.numel():
+            src = r if layout.s_first_full else r.index_select(1, layout.s_first_slot)
+            g.index_copy_(1, layout.s_first_cols, src)
+        if layout.s_extra_cols.numel():
+            g.index_copy_(1, layout.s_extra_cols, r.index_select(1, layout.s_extra_slot))
 
     @staticmethod
     def forward(ctx, s_loc, t_loc, layout, s_shard, t_shard, group, temperature, weights, eps, bits, block):  # type: ignore[override]
-        from xtoken_nemo.losses.uld_hist import uld_block
+        from xtoken_nemo.losses.uld_hist import key_scratch, uld_block
 
+        H = _VocabParallelHybrid
         n = s_loc.shape[0]
         cdt = _compute_dtype(s_loc)
-        lse_s = s_loc.new_empty(n, dtype=cdt)
-        lse_t = s_loc.new_empty(n, dtype=cdt)
+        rows = min(block, n)
+        stats = s_loc.new_empty(4, n, dtype=cdt)  # m_S, 1/S_S, m_T, 1/S_T per chunk
         common = torch.zeros(n, dtype=torch.float64, device=s_loc.device)
         uld = torch.zeros(n, dtype=torch.float64, device=s_loc.device)
         w_c, w_u = weights
+        use_common = bool(layout.num_common_teacher) and w_c != 0.0
+        ws_s = s_loc.new_empty(rows, s_loc.shape[1], dtype=cdt)
+        ws_t = s_loc.new_empty(rows, t_loc.shape[1], dtype=cdt)
+        cr = min(COMMON_ROWS, rows)
+        slots = s_loc.new_empty(2 * cr * layout.num_common_teacher, dtype=cdt) if use_common else None
+        keys = key_scratch(min(rows, 64), max(s_loc.shape[1], t_loc.shape[1]), s_loc.device)
+        mask_s, mask_t = ~layout.s_uncommon, ~layout.t_uncommon
         blocks = []
         for a, b in _blocks(n, block):
-            ys = _VocabParallelHybrid._prep(s_loc[a:b], s_shard, temperature, cdt)
-            yt = _VocabParallelHybrid._prep(t_loc[a:b], t_shard, temperature, cdt)
-            ls, lt = _lse_pair([ys, yt], group)
-            lse_s[a:b], lse_t[a:b] = ls, lt
-            ps = ys.sub_(ls[:, None]).exp_()
-            pt = yt.sub_(lt[:, None]).exp_()
-            del ys, yt
-            if layout.num_common_teacher and w_c != 0.0:
-                q_c, pt_c = _VocabParallelHybrid._common(ps, pt, t_loc[a:b], lt, layout, temperature, group)
-                common[a:b] = (torch.xlogy(pt_c, pt_c) - torch.xlogy(pt_c, q_c.clamp_min(eps))).sum(-1).double()
-            blk = uld_block(ps.masked_fill_(~layout.s_uncommon, 0.0), pt.masked_fill_(~layout.t_uncommon, 0.0), group, bits)
-            del ps, pt
+            r = b - a
+            ys = H._probs_(ws_s[:r], s_loc[a:b], s_shard, temperature, None, None)
+            yt = H._probs_(ws_t[:r], t_loc[a:b], t_shard, temperature, None, None)
+            m = torch.stack([ys.max(dim=-1).values, yt.max(dim=-1).values])
+            comm.all_reduce_(m, "max", group)
+            ys.sub_(m[0][:, None]).exp_()
+            yt.sub_(m[1][:, None]).exp_()
+            inv = torch.stack([ys.sum(-1), yt.sum(-1)])
+            comm.all_reduce_(inv, "sum", group)
+            inv = inv.reciprocal_()
+            ps = ys.mul_(inv[0][:, None])
+            pt = yt.mul_(inv[1][:, None])
+            stats[:, a:b] = torch.stack([m[0], inv[0], m[1], inv[1]])
+            if use_common:
+                for r0 in range(0, r, cr):
+                    r1 = min(r, r0 + cr)
+                    q, pc = H._masses(ps[r0:r1], pt[r0:r1], None, None, layout, temperature, group, _slot_view(slots, r1 - r0, layout.num_common_teacher))
+                    # sum_t p_T log(p_T / max(q, eps)), in place in q's buffer (0 where p_T = 0)
+                    kl = torch.xlogy(pc, torch.div(pc, q.clamp_min_(eps), out=q), out=q)
+                    common[a + r0 : a + r1] = kl.sum(-1).double()
+            blk = uld_block(ps.masked_fill_(mask_s, 0.0), pt.masked_fill_(mask_t, 0.0), group, bits, scratch=keys)
             uld[a:b] = blk.partial
             blk.partial = None
             blocks.append(blk)
+        del ws_s, ws_t, slots, keys
         comm.all_reduce_(uld, "sum", group)
-        ctx.save_for_backward(s_loc, t_loc, lse_s, lse_t)
+        ctx.save_for_backward(s_loc, t_loc, stats)
         ctx.cfg = (layout, s_shard, t_shard, group, temperature, weights, eps, bits, block)
         ctx.blocks = blocks
         return (w_c * common + w_u * uld).to(cdt)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        from xtoken_nemo.losses.uld_hist import uld_grad
+        from xtoken_nemo.losses.uld_hist import key_scratch, uld_grad
 
-        s_loc, t_loc, lse_s, lse_t = ctx.saved_tensors
+        H = _VocabParallelHybrid
+        s_loc, t_loc, stats = ctx.saved_tensors
         layout, s_shard, t_shard, group, temperature, weights, eps, bits, block = ctx.cfg
         w_c, w_u = weights
+        use_common = bool(layout.num_common_teacher) and w_c != 0.0
+        n = s_loc.shape[0]
+        cdt = stats.dtype
+        rows = min(block, n)
         out = torch.empty_like(s_loc)
-        for i, (a, b) in enumerate(_blocks(s_loc.shape[0], block)):
-            ps = _VocabParallelHybrid._probs(s_loc[a:b], s_shard, temperature, lse_s[a:b])
-            unc = ps.masked_fill(~layout.s_uncommon, 0.0)
-            g = uld_grad(unc, ctx.blocks[i], bits)
-            del unc
-            g.mul_(w_u).masked_fill_(~layout.s_uncommon, 0.0)
-            if layout.num_common_teacher and w_c != 0.0:
-                q_c, pt_c = _VocabParallelHybrid._common(ps, None, t_loc[a:b], lse_t[a:b], layout, temperature, group)
-                g_c = torch.where(q_c > eps, -w_c * pt_c / q_c.clamp_min(eps), torch.zeros((), dtype=q_c.dtype))
-                g[:, layout.s_local_cols] = g_c[:, layout.s_slot]
-            dot = (ps * g).sum(-1)
+        ws_s = s_loc.new_empty(rows, s_loc.shape[1], dtype=cdt)
+        ws_g = s_loc.new_empty(rows, s_loc.shape[1], dtype=cdt)
+        cr = min(COMMON_ROWS, rows)
+        slots = s_loc.new_empty(2 * cr * layout.num_common_teacher, dtype=cdt) if use_common else None
+        keys = key_scratch(min(rows, 64), s_loc.shape[1], s_loc.device)
+        mask_s = ~layout.s_uncommon
+        for i, (a, b) in enumerate(_blocks(n, block)):
+            r = b - a
+            ps = H._probs_(ws_s[:r], s_loc[a:b], s_shard, temperature, stats[0, a:b], stats[1, a:b])
+            # ULD sign on every column; the common columns are overwritten below (or zeroed)
+            g = uld_grad(ps, ctx.blocks[i], bits, out=ws_g[:r], scratch=keys)
+            if w_u != 1.0:
+                g.mul_(w_u)
+            if use_common:
+                for r0 in range(0, r, cr):
+                    r1 = min(r, r0 + cr)
+                    q, pc = H._masses(
+                        ps[r0:r1], None, t_loc[a + r0 : a + r1], (stats[2, a + r0 : a + r1], stats[3, a + r0 : a + r1]),
+                        layout, temperature, group, _slot_view(slots, r1 - r0, layout.num_common_teacher),
+                    )
+                    small = q.clamp_min_(eps) <= eps  # q <= eps: no gradient (as the reference's clamp)
+                    ratio = pc.div_(q).mul_(-w_c).masked_fill_(small, 0.0)  # d/dq of -w_c p_T log q
+                    H._scatter_common_grad_(g[r0:r1], ratio, layout)
+            elif layout.num_common_teacher:
+                g.masked_fill_(mask_s & torch.arange(g.shape[1], device=g.device).lt(s_shard.valid), 0.0)
+            dot = torch.bmm(ps.unsqueeze(1), g.unsqueeze(2)).view(r)
             comm.all_reduce_(dot, "sum", group)
             g.sub_(dot[:, None]).mul_(ps).mul_((grad[a:b] / temperature)[:, None].to(g.dtype))
-            out[a:b] = g.to(out.dtype)
+            out[a:b] = g
         return (out,) + (None,) * 10
 
 

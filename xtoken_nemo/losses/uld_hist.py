@@ -79,17 +79,20 @@ class Grid:
         # bin 0 below the floor, bins 1..(-FLOOR_LOG2 << bits) cover [2^-100, 1), the last one [1, ...)
         return Grid(dtype, idt, mant - bits, floor_key, (-FLOOR_LOG2 << bits) + 2, bits)
 
-    def keys(self, x: torch.Tensor) -> torch.Tensor:
-        """int32 bin keys of non-negative x (same shape)."""
+    def keys(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """int32 bin keys of non-negative x (same shape); written into ``out`` (int32, x's shape) if given."""
         x = x.contiguous()
         if self.dtype == torch.float32 and self.shift == 16 and x.dim() == 2:
             # the key is the float's upper 16 bits: read them as int16 (no shift over the buffer)
             hi = x.view(torch.int16)[:, 1::2] if _LITTLE else x.view(torch.int16)[:, 0::2]
-            k = hi.to(torch.int32)
+            k = out.copy_(hi) if out is not None else hi.to(torch.int32)
         else:
             k = x.view(self.int_dtype) >> self.shift
-        k = k.sub_(self.floor_key - 1).clamp_(0, self.nbins - 1)
-        return k if k.dtype == torch.int32 else k.to(torch.int32)
+            if k.dtype != torch.int32:
+                k = out.copy_(k) if out is not None else k.to(torch.int32)
+            elif out is not None:
+                k = out.copy_(k)
+        return k.sub_(self.floor_key - 1).clamp_(0, self.nbins - 1)
 
     def edges(self, device) -> torch.Tensor:
         """[nbins + 1] float64: lower edge of bin k at k, upper edge of the last bin at nbins."""
@@ -117,23 +120,76 @@ def _exclusive_in_segments(x: torch.Tensor, first: torch.Tensor, seg: torch.Tens
     return cs - x - (cs[first] - x[first])[seg]
 
 
-def uld_block(a: torch.Tensor, b: torch.Tensor, group: object | None = None, bits: int = DEFAULT_GRID_BITS) -> UldBlock:
+KEY_ROWS = 64
+"""Rows per pass over the int32 bin keys: the key scratch is KEY_ROWS x (wider side) int32, a quarter
+of a [256, V] fp32 block buffer, reused for every pass (no full-block int32 key buffer)."""
+
+
+def key_scratch(rows: int, cols: int, device, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """A flat int32 scratch of at least rows * cols entries (``scratch`` itself when it is large enough)."""
+    if scratch is not None and scratch.numel() >= rows * cols:
+        return scratch
+    return torch.empty(rows * cols, dtype=torch.int32, device=device)
+
+
+def _sub_keys(x: torch.Tensor, grid: Grid, r0: int, r1: int, scratch: torch.Tensor) -> torch.Tensor:
+    """Flat int32 keys of rows r0..r1 of x, each row offset by (row - r0) * nbins, in ``scratch``."""
+    n = x.shape[1]
+    k = grid.keys(x[r0:r1], out=scratch[: (r1 - r0) * n].view(r1 - r0, n))
+    if r1 - r0 > 1:
+        k.add_((torch.arange(r1 - r0, device=x.device, dtype=torch.int32) * grid.nbins)[:, None])
+    return k.view(-1)
+
+
+def _row_ranges(B: int, rows: int):
+    for r0 in range(0, B, rows):
+        yield r0, min(B, r0 + rows)
+
+
+def _histogram(x: torch.Tensor, grid: Grid, rows: int, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row bin counts [B, K] int64 and per-bin value sums [B * K] float64 of x [B, n]."""
+    B, K = x.shape[0], grid.nbins
+    counts = torch.empty(B * K, dtype=torch.int64, device=x.device)
+    # per-bin value sums in x's dtype (bincount's weights would make a float64 copy of the whole block)
+    sums = x.new_zeros(B * K)
+    for r0, r1 in _row_ranges(B, rows):
+        k = _sub_keys(x, grid, r0, r1, scratch)
+        counts[r0 * K : r1 * K] = torch.bincount(k, minlength=(r1 - r0) * K)
+        sums[r0 * K : r1 * K].index_add_(0, k, x[r0:r1].reshape(-1))
+    return counts.view(B, K), sums.to(torch.float64)
+
+
+def _entries_in(x: torch.Tensor, flat_bins: torch.Tensor, grid: Grid, rows: int, scratch: torch.Tensor) -> torch.Tensor:
+    """Ascending flat indices (row * n + col) of the entries of x [B, n] whose bin is marked in flat_bins [B * K]."""
+    B, n = x.shape
+    K = grid.nbins
+    found = []
+    for r0, r1 in _row_ranges(B, rows):
+        k = _sub_keys(x, grid, r0, r1, scratch)
+        found.append(torch.nonzero(flat_bins[r0 * K : r1 * K].index_select(0, k)).squeeze(1) + r0 * n)
+    return torch.cat(found)
+
+
+def uld_block(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    group: object | None = None,
+    bits: int = DEFAULT_GRID_BITS,
+    rows: int = KEY_ROWS,
+    scratch: torch.Tensor | None = None,
+) -> UldBlock:
     """Sorted L1 of the rows of a [B, n_a] and b [B, n_b] (this rank's columns; the vectors are the
-    concatenation over the group), without sorting them. No autograd: see :class:`UldBlock`."""
+    concatenation over the group), without sorting them. No autograd: see :class:`UldBlock`.
+
+    The bin keys are computed ``rows`` rows at a time into ``scratch`` (flat int32, allocated when
+    not given or too small; pass one to reuse it across blocks)."""
     grid = Grid.of(a.dtype, bits)
     B, na_cols = a.shape
     K = grid.nbins
     dev = a.device
-    off = (torch.arange(B, device=dev, dtype=torch.int32) * K)[:, None]
-    ka = grid.keys(a).add_(off).view(-1)
-    la = torch.bincount(ka, minlength=B * K)
-    # per-bin value sums in a's dtype (bincount's weights would make a float64 copy of the whole block)
-    sa = a.new_zeros(B * K).index_add_(0, ka, a.reshape(-1)).to(torch.float64)
-    kb = grid.keys(b).add_(off).view(-1)
-    lb = torch.bincount(kb, minlength=B * K)
-    sb = b.new_zeros(B * K).index_add_(0, kb, b.reshape(-1)).to(torch.float64)
-    del kb
-    la, lb = la.view(B, K), lb.view(B, K)
+    scratch = key_scratch(min(rows, B), max(na_cols, b.shape[1]), dev, scratch)
+    la, sa = _histogram(a, grid, rows, scratch)
+    lb, sb = _histogram(b, grid, rows, scratch)
     if comm.world_size(group) > 1:
         counts = torch.stack([la, lb]).to(torch.int32)
         comm.all_reduce_(counts, "sum", group)
@@ -159,11 +215,9 @@ def uld_block(a: torch.Tensor, b: torch.Tensor, group: object | None = None, bit
     contested = 0
     if bool(amb.any()):  # same decision on every rank (global counts)
         flat_amb = amb.view(-1)
-        ia = torch.nonzero(flat_amb.index_select(0, ka)).squeeze(1)
+        ia = _entries_in(a, flat_amb, grid, rows, scratch)
         nb_cols = b.shape[1]
-        kb = grid.keys(b).add_(off).view(-1)
-        ib = torch.nonzero(flat_amb.index_select(0, kb)).squeeze(1)
-        del kb
+        ib = _entries_in(b, flat_amb, grid, rows, scratch)
         rec = torch.cat(
             [
                 torch.stack([(ia // na_cols).double(), a.reshape(-1)[ia].double(), torch.ones_like(ia, dtype=torch.float64)], 1),
@@ -223,17 +277,28 @@ def uld_block(a: torch.Tensor, b: torch.Tensor, group: object | None = None, bit
     return UldBlock(partial, s.to(torch.int8), amb_idx, amb_sign, contested)
 
 
-def uld_grad(a: torch.Tensor, blk: UldBlock, bits: int = DEFAULT_GRID_BITS) -> torch.Tensor:
-    """[B, n_a] d(sorted L1)/da (+-1, in a's dtype) from the same a as in :func:`uld_block`."""
+def uld_grad(
+    a: torch.Tensor,
+    blk: UldBlock,
+    bits: int = DEFAULT_GRID_BITS,
+    out: torch.Tensor | None = None,
+    rows: int = KEY_ROWS,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B, n_a] d(sorted L1)/da (+-1, in a's dtype) from the same a as in :func:`uld_block`;
+    written into ``out`` (contiguous, a's shape) if given."""
     grid = Grid.of(a.dtype, bits)
     B, n = a.shape
-    off = (torch.arange(B, device=a.device, dtype=torch.int32) * grid.nbins)[:, None]
-    k = grid.keys(a).add_(off).view(-1)
-    g = blk.sign.view(-1).index_select(0, k).to(a.dtype)
-    del k
+    K = grid.nbins
+    g = out if out is not None else torch.empty_like(a, memory_format=torch.contiguous_format)
+    scratch = key_scratch(min(rows, B), n, a.device, scratch)
+    sign = blk.sign.view(-1)
+    for r0, r1 in _row_ranges(B, rows):
+        k = _sub_keys(a, grid, r0, r1, scratch)
+        g[r0:r1].view(-1).copy_(sign[r0 * K : r1 * K].index_select(0, k))
     if blk.amb_idx.numel():
-        g[blk.amb_idx] = blk.amb_sign.to(a.dtype)
-    return g.view(B, n)
+        g.view(-1)[blk.amb_idx] = blk.amb_sign.to(a.dtype)
+    return g
 
 
 class _SortedL1Hist(torch.autograd.Function):
@@ -262,4 +327,4 @@ def sorted_l1_hist(
     return _SortedL1Hist.apply(a, b.detach(), group, bits)
 
 
-__all__ = ["DEFAULT_GRID_BITS", "FLOOR_LOG2", "Grid", "UldBlock", "sorted_l1_hist", "uld_block", "uld_grad"]
+__all__ = ["DEFAULT_GRID_BITS", "FLOOR_LOG2", "KEY_ROWS", "Grid", "key_scratch", "UldBlock", "sorted_l1_hist", "uld_block", "uld_grad"]
