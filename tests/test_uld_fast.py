@@ -167,3 +167,80 @@ def test_topk_and_bad_method():
     torch.testing.assert_close(a, b)
     with pytest.raises(LossInputError, match="uld_method"):
         P.uld_loss_parallel(s, t, 40, 48, uld_method="radix")
+
+
+def _hybrid_runs(dtype=torch.float64, n=11, block=5):
+    """GOLD (1-to-1 pairs), H-KL (many-to-one pairs), GOLD with the common weight 0, ULD: per-chunk
+    values and gradients of a weighted sum, on the default (hist) path."""
+    from test_losses_parallel import make_W
+
+    g = torch.Generator().manual_seed(3)
+    vs, vt = 300, 350
+    s = torch.randn(n, vs, generator=g, dtype=torch.float64).mul_(3).to(dtype)
+    t = torch.randn(n, vt, generator=g, dtype=torch.float64).mul_(3).to(dtype)
+    w = torch.rand(n, generator=g, dtype=torch.float64).to(dtype)
+    pairs = _pairs(vs, vt, g)
+    W = make_W(vs, vt, seed=2)
+    fns = {
+        "gold": (lambda x: P.gold_loss_parallel(x, t, pairs, vs, vt, block_size=block, reduction="none"),
+                 lambda x: R.gold_loss(x, t, pairs, reduction="none")),
+        "hkl": (lambda x: P.hkl_loss_parallel(x, t, W, vs, vt, temperature=1.5, block_size=block, reduction="none"),
+                lambda x: R.hkl_loss(x, t, W, temperature=1.5, reduction="none")),
+        "gold_uld_only": (lambda x: P.gold_loss_parallel(x, t, pairs, vs, vt, weighting=(0.0, 1.0), block_size=block, reduction="none"),
+                          lambda x: R.gold_loss(x, t, pairs, weighting=(0.0, 1.0), reduction="none")),
+        "gold_common_only": (lambda x: P.gold_loss_parallel(x, t, pairs, vs, vt, weighting=(0.7, 0.0), block_size=block, reduction="none"),
+                             lambda x: R.gold_loss(x, t, pairs, weighting=(0.7, 0.0), reduction="none")),
+        "uld": (lambda x: P.uld_loss_parallel(x, t, vs, vt, block_size=block, reduction="none"),
+                lambda x: R.uld_loss(x, t, reduction="none")),
+    }
+    out = {}
+    for name, (fn, ref) in fns.items():
+        for kind, f in (("par", fn), ("ref", ref)):
+            x = s.clone().requires_grad_(True)
+            v = f(x)
+            (v * w).sum().backward()
+            out[name, kind] = (v.detach(), x.grad)
+    return out
+
+
+def test_hybrid_row_passes_do_not_change_the_result(monkeypatch):
+    """The common-pair KL (COMMON_ROWS rows per pass) and the ULD keys (KEY_ROWS rows per pass)
+    give bit-identical values and gradients for any pass size, equal to the reference (fp64)."""
+    from xtoken_nemo.losses import uld_hist
+
+    default = _hybrid_runs()
+    monkeypatch.setattr(P, "COMMON_ROWS", 2)
+    monkeypatch.setattr(uld_hist, "KEY_ROWS", 3)
+    small = _hybrid_runs()
+    for key, (v, gr) in default.items():
+        if key[1] != "par":
+            continue
+        assert torch.equal(v, small[key][0]) and torch.equal(gr, small[key][1]), key
+        rv, rg = default[key[0], "ref"]
+        torch.testing.assert_close(v, rv, rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(gr, rg, rtol=1e-8, atol=1e-10)
+
+
+def test_hybrid_fp32_within_bound_of_reference():
+    """fp32 logits: values and gradients within the stated bound (1e-4 relative) of the fp64 reference."""
+    out32 = _hybrid_runs(torch.float32)
+    ref = _hybrid_runs(torch.float64)
+    for name in ("gold", "hkl", "gold_uld_only", "gold_common_only", "uld"):
+        v, gr = out32[name, "par"]
+        rv, rg = ref[name, "ref"]
+        assert float(((v.double() - rv).abs() / rv.abs()).max()) < BOUND, name
+        assert float((gr.double() - rg).norm() / rg.norm()) < BOUND, name
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, 64])
+def test_uld_block_row_passes(rows):
+    """uld_block / uld_grad give the same tables, value and signs for any number of rows per pass."""
+    from xtoken_nemo.losses.uld_hist import uld_grad
+
+    a, b = _pair("close", 6, 500, 700, torch.float32, seed=4)
+    ref = uld_block(a, b)
+    got = uld_block(a, b, rows=rows)
+    assert torch.equal(got.partial, ref.partial) and torch.equal(got.sign, ref.sign)
+    assert torch.equal(got.amb_idx, ref.amb_idx) and torch.equal(got.amb_sign, ref.amb_sign)
+    out = torch.full_like(a, 7.0)
+    assert torch.equal(uld_grad(a, got, rows=rows, out=out), uld_grad(a, ref))

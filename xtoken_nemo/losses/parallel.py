@@ -720,7 +720,7 @@ class _VocabParallelHybrid(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, s_loc, t_loc, layout, s_shard, t_shard, group, temperature, weights, eps, bits, block):  # type: ignore[override]
-        from xtoken_nemo.losses.uld_hist import key_scratch, uld_block
+        from xtoken_nemo.losses import uld_hist
 
         H = _VocabParallelHybrid
         n = s_loc.shape[0]
@@ -735,7 +735,8 @@ class _VocabParallelHybrid(torch.autograd.Function):
         ws_t = s_loc.new_empty(rows, t_loc.shape[1], dtype=cdt)
         cr = min(COMMON_ROWS, rows)
         slots = s_loc.new_empty(2 * cr * layout.num_common_teacher, dtype=cdt) if use_common else None
-        keys = key_scratch(min(rows, 64), max(s_loc.shape[1], t_loc.shape[1]), s_loc.device)
+        key_rows = uld_hist.KEY_ROWS
+        keys = uld_hist.key_scratch(min(rows, key_rows), max(s_loc.shape[1], t_loc.shape[1]), s_loc.device)
         mask_s, mask_t = ~layout.s_uncommon, ~layout.t_uncommon
         blocks = []
         for a, b in _blocks(n, block):
@@ -759,7 +760,9 @@ class _VocabParallelHybrid(torch.autograd.Function):
                     # sum_t p_T log(p_T / max(q, eps)), in place in q's buffer (0 where p_T = 0)
                     kl = torch.xlogy(pc, torch.div(pc, q.clamp_min_(eps), out=q), out=q)
                     common[a + r0 : a + r1] = kl.sum(-1).double()
-            blk = uld_block(ps.masked_fill_(mask_s, 0.0), pt.masked_fill_(mask_t, 0.0), group, bits, scratch=keys)
+            blk = uld_hist.uld_block(
+                ps.masked_fill_(mask_s, 0.0), pt.masked_fill_(mask_t, 0.0), group, bits, rows=key_rows, scratch=keys
+            )
             uld[a:b] = blk.partial
             blk.partial = None
             blocks.append(blk)
@@ -772,7 +775,7 @@ class _VocabParallelHybrid(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        from xtoken_nemo.losses.uld_hist import key_scratch, uld_grad
+        from xtoken_nemo.losses import uld_hist
 
         H = _VocabParallelHybrid
         s_loc, t_loc, stats = ctx.saved_tensors
@@ -787,13 +790,14 @@ class _VocabParallelHybrid(torch.autograd.Function):
         ws_g = s_loc.new_empty(rows, s_loc.shape[1], dtype=cdt)
         cr = min(COMMON_ROWS, rows)
         slots = s_loc.new_empty(2 * cr * layout.num_common_teacher, dtype=cdt) if use_common else None
-        keys = key_scratch(min(rows, 64), s_loc.shape[1], s_loc.device)
+        key_rows = uld_hist.KEY_ROWS
+        keys = uld_hist.key_scratch(min(rows, key_rows), s_loc.shape[1], s_loc.device)
         mask_s = ~layout.s_uncommon
         for i, (a, b) in enumerate(_blocks(n, block)):
             r = b - a
             ps = H._probs_(ws_s[:r], s_loc[a:b], s_shard, temperature, stats[0, a:b], stats[1, a:b])
             # ULD sign on every column; the common columns are overwritten below (or zeroed)
-            g = uld_grad(ps, ctx.blocks[i], bits, out=ws_g[:r], scratch=keys)
+            g = uld_hist.uld_grad(ps, ctx.blocks[i], bits, out=ws_g[:r], rows=key_rows, scratch=keys)
             if w_u != 1.0:
                 g.mul_(w_u)
             if use_common:
