@@ -17,14 +17,19 @@ Implementation:
   sum for exactly its teacher shard. Backward: the gradient w.r.t. the projected shard is
   all-gathered back to full width and mapped through W. The partial exists for one block at a
   time: extra memory is one ``[block, V_T]`` buffer (plus its gathered twin in backward).
-- GOLD, H-KL and ULD use autograd-aware collectives (``comm.sum_autograd`` /
-  ``comm.gather_cols_autograd``) inside a per-block function wrapped in activation
-  checkpointing (recomputed in backward). The common-pair KL needs each side's mass per pair:
-  the teacher's common probabilities and the student's aggregated common mass are summed over
-  ranks into ``[block, |T_C|]`` buffers. ULD is exact by default: the uncommon probabilities are
-  all-gathered per block and sorted; ``uld_topk=k`` is an approximation that sorts only each
-  rank's k largest uncommon probabilities per side (the rest is treated as zero; exact when k is
-  at least the shard width).
+- GOLD, H-KL and ULD (default ``uld_method="hist"``): one explicit autograd Function,
+  ``_VocabParallelHybrid``, in reused per-block work buffers (one per side, p = exp(y - m) / S in
+  place). The common-pair KL needs each side's mass per common teacher token: gathered from the
+  probabilities into ``[2, COMMON_ROWS, |T_C|]`` slot buffers (the first local student partner of
+  each slot by index_select, H-KL's other partners by index_add) and summed over ranks, then
+  p_T log(p_T / q) in place. ULD by the layer-cake histogram (``uld_hist``), int32 bin keys
+  ``KEY_ROWS`` rows at a time. Backward recomputes p_S bit-identically, writes the ULD sign and the
+  common pairs' -w_c p_T / q into one gradient buffer, and applies the softmax backward in place.
+  ``uld_method="sort"`` / ``uld_topk=k``: the older path, autograd-aware collectives
+  (``comm.sum_autograd`` / ``comm.gather_cols_autograd``) in an activation-checkpointed per-block
+  function; the uncommon probabilities are all-gathered per block and sorted; ``uld_topk=k`` is an
+  approximation that sorts only each rank's k largest uncommon probabilities per side (the rest is
+  treated as zero; exact when k is at least the shard width).
 """
 
 from __future__ import annotations
