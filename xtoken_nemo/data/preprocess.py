@@ -97,8 +97,10 @@ class _Side:
         # Batched encoding is used when it gives the same ids as encoding a whole document
         # (byte-level BPE, tiktoken). SentencePiece/Metaspace encode a document with a leading
         # "▁" that mid-text fragments lack: those are encoded one document at a time.
+        # (A compact vocabulary segments exactly as its base tokenizer, which may not know the probes.)
         probes = ["Hello world", " Hello world.\n  x = 12345"]
-        self.batched = all(tok.encode_batch([p])[0] == tok.encode(p, add_bos=False).ids for p in probes)
+        seg = getattr(tok, "base", tok)
+        self.batched = all(seg.encode_batch([p])[0] == seg.encode(p, add_bos=False).ids for p in probes)
         self.table = surface_table(tok)
 
     def wrap(self, ids) -> np.ndarray:

@@ -8,13 +8,13 @@ import argparse
 def add_demo_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo",
-        help="CPU demo: W + audit, teachers and students on a numbers corpus, GOLD vs P-KL vs H-KL, report",
+        help="CPU demo: teachers that know a number lookup, students that learn it only by distillation; report",
         description=(
             "Build W and the coverage audit for the Llama-3.2 student against Qwen3 and Phi-4-mini, generate a "
-            "corpus where numbers matter, train small CE-only teachers and small students (CE only, GOLD, ULD, "
-            "P-KL and H-KL from each teacher, multi-teacher) with the real trainer, evaluate them on held-out text "
-            "and arithmetic prompts, and write report.md, results.json and PNG plots to --out. Rerunning skips "
-            "finished steps."
+            "room-number lookup whose true numbers only the teachers' corpus states, train small CE-only teachers "
+            "on it and, per seed, small students on scrambled text (CE only, GOLD, ULD, P-KL and H-KL from each "
+            "teacher, two teachers) with the real trainer and compact vocabularies, evaluate every model, and "
+            "write report.md, results.json and PNG plots to --out. Rerunning skips finished steps."
         ),
     )
     p.add_argument("--out", default="demo_out", help="output directory (default demo_out)")

@@ -1,8 +1,20 @@
-"""A deterministic corpus where numbers matter: arithmetic, counting, dates, quantities and short
-prose around them. The same seed always gives the same text; no downloads.
+"""The demo's task: a number lookup that only the teachers know.
 
-The held-out split uses a different seed, and its arithmetic prompts (``a + b =``) are the items
-of the exact-match evaluation: each prompt has one correct answer, written as a number.
+A fixed table gives each of ``num_facts`` people a two-digit room number (10-99). Documents
+are a few sentences each: facts ("The room of Alice is 47.") and a little filler text.
+
+- The **teachers' corpus** states the true room numbers: the teachers learn the table.
+- The **students' corpus** has the same kinds of sentences about the same people, but every room
+  number in it is drawn at random: the students' own text does not contain the table, so CE alone
+  cannot learn it. Whatever a student knows about the true numbers came through distillation,
+  from the teachers' predictions at the positions after "is".
+- The **held-out documents** state the true numbers in new arrangements (a different seed): CE on
+  them, and on their numeral tokens, measures how well a model knows the table.
+- The **evaluation items** are the prompts "The room of <name> is" for every person; greedy
+  decoding must produce the true number (exact match).
+
+Numbers are where the tokenizers differ: Llama-3.2 and Phi-4-mini write 47 as one token, Qwen3
+as two single digits. The same seed always gives the same text; no downloads.
 """
 
 from __future__ import annotations
@@ -10,91 +22,89 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-NAMES = ("Ada", "Ben", "Cleo", "Dev", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jun", "Kai", "Lena")
-ITEMS = ("apples", "books", "coins", "eggs", "pens", "boxes", "cups", "stamps", "shells", "cards")
-PLACES = ("market", "school", "library", "harbor", "museum", "station", "garden", "bakery")
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October", "November", "December")
-WORDS = (
-    "the of and to in is was for on that with as by at from they this which be are or an had "
-    "people city river morning evening report total number count record list price week day year "
-    "small large new old first last many few each every more less about near after before"
-).split()
+# first names that are one token (with the leading space) in Llama-3.2, Qwen3 and Phi-4-mini
+# (tests/test_demo.py checks it): the lookup key is one token for every model
+NAMES = (
+    "Aaron", "Adam", "Alan", "Albert", "Alex", "Alice", "Amanda", "Amber", "Amy", "Andrew", "Andy",
+    "Angela", "Anna", "Anne", "Annie", "Anthony", "Arthur", "Ashley", "Austin", "Barbara", "Ben",
+    "Betty", "Bill", "Billy", "Bob", "Bobby", "Brad", "Brandon", "Brian", "Bruce", "Carl",
+    "Carlos", "Carol", "Caroline", "Catherine", "Charles", "Charlie", "Chris", "Christian",
+    "Christine", "Claire", "Craig", "Daniel", "Danny", "David", "Dean", "Diana", "Donald", "Doug",
+    "Douglas", "Dylan", "Eddie", "Edward", "Elena", "Elizabeth", "Ellen", "Emily", "Emma", "Eric",
+    "Eva", "Evan", "Frank", "Fred", "Gary", "George", "Grace", "Greg", "Hannah", "Harry", "Helen",
+    "Henry", "Ian", "Jack", "Jacob", "Jake", "James", "Jane", "Jason", "Jean", "Jeff", "Jennifer",
+    "Jenny", "Jerry", "Jesse", "Jessica", "Jim", "Jimmy", "Joan", "Joe", "Joel", "John", "Johnny",
+    "Jonathan", "Jordan", "Jose", "Joseph", "Josh", "Joy", "Judy", "Julia", "Julie", "Justin",
+    "Karen", "Kate", "Katie", "Keith", "Kelly", "Kevin", "Kim", "Kyle", "Laura", "Lauren", "Leo",
+    "Linda", "Lisa", "Louis", "Lucy", "Luke", "Maria", "Mark", "Martin", "Mary", "Matt", "Max",
+    "Megan", "Michael", "Mike", "Nancy", "Nathan", "Nick", "Nina", "Oliver", "Paul", "Peter",
+    "Phil", "Rachel", "Ray", "Rebecca", "Richard", "Rick", "Robert", "Roger", "Ron", "Rose", "Roy",
+    "Russell", "Ruth", "Ryan", "Sam", "Sandra", "Sara", "Sarah", "Scott", "Sean", "Simon",
+    "Sophie", "Steve", "Steven", "Susan", "Tim", "Todd", "Tom", "Tony", "Victor", "Walter",
+    "Wayne", "William", "Zoe",
+)
+FILLER = (
+    "The building has many rooms.", "Every room has a number.", "The list was made last week.",
+    "Some people moved in the spring.", "The doors are painted blue.", "Each floor has a small kitchen.",
+    "Visitors ask at the front desk.", "The numbers are on the doors.",
+)
 
 
 @dataclass(frozen=True)
-class ArithmeticItem:
-    """An exact-match item: ``prompt`` (ends with ``=``) and its integer ``answer``."""
+class LookupItem:
+    """An exact-match item: ``prompt`` (``"The room of <name> is"``) and its integer ``answer``."""
 
     prompt: str
     answer: int
 
 
 @dataclass(frozen=True)
-class CorpusSpec:
-    """Operand range of the arithmetic and the mix of sentence kinds (weights)."""
+class LookupTable:
+    """``num_facts`` people (from NAMES) and their room numbers, fixed by ``seed``."""
 
-    max_operand: int = 20
-    kinds: tuple = (("arith", 5), ("count", 2), ("date", 1), ("quantity", 2), ("prose", 1))
+    num_facts: int = 120
+    seed: int = 7
+    rooms: tuple[int, int] = (10, 99)  # room numbers drawn from this range (inclusive)
 
+    def facts(self) -> list[tuple[str, int]]:
+        rng = random.Random(self.seed)
+        people = list(NAMES)
+        if self.num_facts > len(people):
+            raise ValueError(f"at most {len(people)} facts (one per name in NAMES), asked for {self.num_facts}")
+        rng.shuffle(people)
+        rooms = [rng.randint(*self.rooms) for _ in range(self.num_facts)]
+        return list(zip(people[: self.num_facts], rooms))
 
-def _arith(rng: random.Random, spec: CorpusSpec) -> str:
-    a, b = rng.randint(1, spec.max_operand), rng.randint(1, spec.max_operand)
-    if rng.random() < 0.75:
-        return f"{a} + {b} = {a + b}."
-    a, b = max(a, b), min(a, b)
-    return f"{a} - {b} = {a - b}."
-
-
-def _count(rng: random.Random, spec: CorpusSpec) -> str:
-    start, step = rng.randint(1, 60), rng.choice((1, 1, 2, 5, 10))
-    return ", ".join(str(start + i * step) for i in range(rng.randint(4, 7))) + "."
-
-
-def _date(rng: random.Random, spec: CorpusSpec) -> str:
-    year, day, month = rng.randint(1950, 2030), rng.randint(1, 28), rng.choice(MONTHS)
-    place, n = rng.choice(PLACES), rng.randint(2, 300)
-    return rng.choice((
-        f"On {month} {day}, {year} the {place} had {n} visitors.",
-        f"The {place} opened in {year} and closed in {year + rng.randint(1, 40)}.",
-        f"{year}-{MONTHS.index(month) + 1:02d}-{day:02d}: {n} people came to the {place}.",
-    ))
+    def items(self) -> list[LookupItem]:
+        return [LookupItem(prompt(name), room) for name, room in self.facts()]
 
 
-def _quantity(rng: random.Random, spec: CorpusSpec) -> str:
-    name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    a, b = rng.randint(1, spec.max_operand), rng.randint(1, spec.max_operand)
-    return rng.choice((
-        f"{name} has {a} {item} and buys {b} more, so {name} has {a + b} {item}.",
-        f"{name} sold {a} {item} for ${a * b}, that is ${b} each.",
-        f"There are {a} {item} in each of {b} boxes: {a * b} {item} in all.",
-    ))
+def prompt(name: str) -> str:
+    return f"The room of {name} is"
 
 
-def _prose(rng: random.Random, spec: CorpusSpec) -> str:
-    words = [rng.choice(WORDS) for _ in range(rng.randint(5, 12))]
-    return " ".join(words).capitalize() + "."
+def fact_sentence(name: str, room: int) -> str:
+    return f"{prompt(name)} {room}."
 
 
-_KINDS = {"arith": _arith, "count": _count, "date": _date, "quantity": _quantity, "prose": _prose}
-
-
-def documents(n: int, seed: int, spec: CorpusSpec = CorpusSpec(), sentences: tuple[int, int] = (4, 10)) -> list[str]:
-    """``n`` documents of a few sentences each (one per line)."""
+def documents(table: LookupTable, n: int, seed: int, scrambled: bool = False, facts_per_doc: tuple[int, int] = (4, 8),
+              filler_rate: float = 0.25) -> list[str]:
+    """``n`` documents of ``facts_per_doc`` fact sentences (people in a shuffled cycle, so each is
+    mentioned about equally often) with filler sentences in between (``filler_rate`` of the lines).
+    ``scrambled``: each room number drawn uniformly from 100-999 instead of the true one."""
     rng = random.Random(seed)
-    names, weights = zip(*spec.kinds)
+    facts = table.facts()
+    order: list[tuple[str, int]] = []
     docs = []
     for _ in range(n):
-        k = rng.randint(*sentences)
-        docs.append("\n".join(_KINDS[kind](rng, spec) for kind in rng.choices(names, weights, k=k)))
+        lines = []
+        for _ in range(rng.randint(*facts_per_doc)):
+            if not order:
+                order = facts[:]
+                rng.shuffle(order)
+            name, room = order.pop()
+            if rng.random() < filler_rate:
+                lines.append(rng.choice(FILLER))
+            lines.append(fact_sentence(name, rng.randint(*table.rooms) if scrambled else room))
+        docs.append("\n".join(lines))
     return docs
-
-
-def arithmetic_items(n: int, seed: int, spec: CorpusSpec = CorpusSpec()) -> list[ArithmeticItem]:
-    """``n`` held-out exact-match prompts ``a + b =`` (answer ``a + b``): a document's first line,
-    as in the training text."""
-    rng = random.Random(seed)
-    items = []
-    for _ in range(n):
-        a, b = rng.randint(1, spec.max_operand), rng.randint(1, spec.max_operand)
-        items.append(ArithmeticItem(prompt=f"{a} + {b} =", answer=a + b))
-    return items

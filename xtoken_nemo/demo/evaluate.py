@@ -1,4 +1,4 @@
-"""Evaluation of a trained megatron checkpoint on held-out text and arithmetic prompts.
+"""Evaluation of a trained megatron checkpoint on held-out text and the lookup prompts.
 
 Per model (student or teacher, each with its own tokenizer):
 
@@ -8,7 +8,9 @@ Per model (student or teacher, each with its own tokenizer):
 - ``numeral_ce``: mean CE over tokens made only of digits (Llama-3: 1-3 digit numerals);
 - ``numeral_nats_per_digit``: total NLL of those tokens per digit (comparable across tokenizers);
 - ``numeral_exact_match``: greedy decoding (a few tokens, megatron model, no cache) after each
-  held-out ``a + b =`` prompt; correct when the first number generated equals the answer;
+  lookup prompt ``The room of <name> is``; correct when the first number generated equals the answer;
+- ``first_digit_match``: the first number generated starts with the answer's first digit (what a
+  chain-merged loss can carry from a teacher that writes numbers digit by digit);
 - ``answer_nll``: NLL of the answer's tokens (``" " + str(answer)``) given the prompt: the
   continuous counterpart of exact match.
 
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from xtoken_nemo.demo.corpus import ArithmeticItem
+from xtoken_nemo.demo.corpus import LookupItem
 
 _NUMBER = re.compile(r"\s*(\d+)")
 
@@ -40,6 +42,7 @@ class EvalItems:
     doc_num_tokens: np.ndarray  # [D]
     doc_num_digits: np.ndarray  # [D]
     correct: np.ndarray  # [P] 1.0 if the greedy answer is right
+    first_digit: np.ndarray  # [P] 1.0 if the greedy answer's first digit is right
     answer_nll: np.ndarray  # [P]
     generations: list[str]
 
@@ -50,6 +53,7 @@ class EvalItems:
             "numeral_ce": float(self.doc_num_nll.sum() / max(1, self.doc_num_tokens.sum())),
             "numeral_nats_per_digit": float(self.doc_num_nll.sum() / max(1, self.doc_num_digits.sum())),
             "numeral_exact_match": float(self.correct.mean()) if len(self.correct) else 0.0,
+            "first_digit_match": float(self.first_digit.mean()) if len(self.first_digit) else 0.0,
             "answer_nll": float(self.answer_nll.mean()) if len(self.answer_nll) else 0.0,
         }
 
@@ -132,8 +136,8 @@ def _wrap(scorer: ModelScorer, ids: list[int]) -> list[int]:
     return ([scorer.bos] if scorer.bos is not None else []) + list(ids)
 
 
-def evaluate_checkpoint(checkpoint: str, tokenizer, heldout: list[str], items: list[ArithmeticItem], new_tokens: int = 4) -> EvalItems:
-    """Score ``checkpoint`` on held-out documents and greedy-decode the arithmetic prompts."""
+def evaluate_checkpoint(checkpoint: str, tokenizer, heldout: list[str], items: list[LookupItem], new_tokens: int = 4) -> EvalItems:
+    """Score ``checkpoint`` on held-out documents and greedy-decode the lookup prompts."""
     scorer = ModelScorer(checkpoint, tokenizer)
     tok = tokenizer
     docs = [_wrap(scorer, tok.encode(d, add_bos=False).ids) + [scorer.eos] for d in heldout]
@@ -153,52 +157,72 @@ def evaluate_checkpoint(checkpoint: str, tokenizer, heldout: list[str], items: l
     prompts = [_wrap(scorer, tok.encode(it.prompt, add_bos=False).ids) for it in items]
     generated = scorer.greedy(prompts, new_tokens)
     texts = [tok.decode(g) for g in generated]
-    correct = np.zeros(len(items))
+    correct, first_digit = np.zeros(len(items)), np.zeros(len(items))
     for i, (it, text) in enumerate(zip(items, texts)):
         m = _NUMBER.match(text)
         correct[i] = float(m is not None and int(m.group(1)) == it.answer)
+        first_digit[i] = float(m is not None and m.group(1)[0] == str(it.answer)[0])
     # answer NLL: the prompt followed by " <answer>", scored on the answer's tokens only
     full = [_wrap(scorer, tok.encode(it.prompt + f" {it.answer}", add_bos=False).ids) for it in items]
     full_nll = scorer.token_nll(full, batch_size=32)
     answer_nll = np.array([nll[len(p) - 1 :].sum() for p, nll in zip(prompts, full_nll)])
     del scorer
-    return EvalItems(doc_nll, doc_tokens, doc_chars, num_nll, num_tokens, num_digits, correct, answer_nll, texts)
+    return EvalItems(doc_nll, doc_tokens, doc_chars, num_nll, num_tokens, num_digits, correct, first_digit, answer_nll, texts)
 
 
 # ----------------------------------------------------------------------------------------------
-# spread
+# spread: items resampled, seeds averaged
 # ----------------------------------------------------------------------------------------------
 def _ratio(num: np.ndarray, den: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return num[idx].sum(-1) / np.maximum(den[idx].sum(-1), 1)
 
 
 def _metric_samples(e: EvalItems, doc_idx: np.ndarray, item_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """[R] each metric on R resamples (rows of the index arrays)."""
     return {
-        "heldout_ce": _ratio(e.doc_nll, e.doc_tokens, doc_idx),
-        "numeral_ce": _ratio(e.doc_num_nll, e.doc_num_tokens, doc_idx),
         "numeral_exact_match": e.correct[item_idx].mean(-1),
+        "first_digit_match": e.first_digit[item_idx].mean(-1),
         "answer_nll": e.answer_nll[item_idx].mean(-1),
+        "numeral_ce": _ratio(e.doc_num_nll, e.doc_num_tokens, doc_idx),
+        "heldout_ce": _ratio(e.doc_nll, e.doc_tokens, doc_idx),
     }
 
 
+def _seed_mean(evals: list[EvalItems], doc_idx: np.ndarray, item_idx: np.ndarray) -> dict[str, np.ndarray]:
+    """[R] each metric averaged over the seeds' models (the same resampled items for every seed)."""
+    per_seed = [_metric_samples(e, doc_idx, item_idx) for e in evals]
+    return {k: np.mean([p[k] for p in per_seed], axis=0) for k in per_seed[0]}
+
+
 def bootstrap_indices(num_docs: int, num_items: int, samples: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """The same resamples for every run: intervals of paired differences are then meaningful."""
+    """The same resamples for every run and seed: intervals of paired differences are then meaningful."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, num_docs, (samples, num_docs)), rng.integers(0, num_items, (samples, num_items))
 
 
-def bootstrap_ci(e: EvalItems, idx: tuple[np.ndarray, np.ndarray]) -> dict[str, list[float]]:
-    """95% percentile intervals of each metric (documents / prompts resampled)."""
-    return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in _metric_samples(e, *idx).items()}
+def _full(e: EvalItems) -> tuple[np.ndarray, np.ndarray]:
+    return np.arange(len(e.doc_nll))[None], np.arange(len(e.correct))[None]
 
 
-def paired_difference(a: EvalItems, b: EvalItems, idx: tuple[np.ndarray, np.ndarray]) -> dict[str, dict]:
-    """metric(a) - metric(b) with a 95% interval over the same resamples."""
-    sa, sb = _metric_samples(a, *idx), _metric_samples(b, *idx)
-    full = (np.arange(len(a.doc_nll))[None], np.arange(len(a.correct))[None])
-    pa, pb = _metric_samples(a, *full), _metric_samples(b, *full)
+def summarize(evals: list[EvalItems], idx: tuple[np.ndarray, np.ndarray]) -> dict:
+    """Seed-mean of each metric, its 95% interval over resampled items, and the per-seed values."""
+    point = {k: float(v[0]) for k, v in _seed_mean(evals, *_full(evals[0])).items()}
+    samples = _seed_mean(evals, *idx)
+    return {
+        "mean": point,
+        "ci95": {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items()},
+        "per_seed": {k: [float(_metric_samples(e, *_full(e))[k][0]) for e in evals] for k in point},
+    }
+
+
+def paired_difference(a: list[EvalItems], b: list[EvalItems], idx: tuple[np.ndarray, np.ndarray]) -> dict[str, dict]:
+    """metric(a) - metric(b), seed-averaged, with a 95% interval over the same resampled items, and
+    the difference per seed (seed i of a against seed i of b: same initial weights and data order)."""
+    sa, sb = _seed_mean(a, *idx), _seed_mean(b, *idx)
+    pa, pb = _seed_mean(a, *_full(a[0])), _seed_mean(b, *_full(b[0]))
     out = {}
     for k in sa:
         d = sa[k] - sb[k]
-        out[k] = {"diff": float(pa[k][0] - pb[k][0]), "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]}
+        per_seed = [float(_metric_samples(x, *_full(x))[k][0] - _metric_samples(y, *_full(y))[k][0]) for x, y in zip(a, b)]
+        out[k] = {"diff": float(pa[k][0] - pb[k][0]), "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))], "per_seed": per_seed}
     return out

@@ -1,18 +1,23 @@
-"""The CPU demo: a scaled-down reproduction of the paper's central claim, end to end.
+"""The CPU demo: a small but real reproduction of the paper's experiment, end to end.
 
-1. W for the Llama-3.2 student against the Qwen3 and Phi-4-mini tokenizers, and the coverage audit.
-2. A corpus where numbers matter (:mod:`xtoken_nemo.demo.corpus`), preprocessed with the real
-   preprocessing code (the function behind ``xtoken preprocess``).
-3. Teachers with the Qwen3 and Phi-4-mini tokenizers, trained CE-only (more data, more steps and
-   a wider model than the students); then students with the Llama-3.2 tokenizer through the real
-   trainer: CE only, GOLD / ULD / P-KL / H-KL from each teacher, one multi-teacher run. Every
-   student starts from the same initial checkpoint and sees the same windows in the same order.
-4. Every model is evaluated on held-out text and held-out arithmetic prompts
-   (:mod:`xtoken_nemo.demo.evaluate`).
-5. ``report.md``, ``results.json``, PNG plots (:mod:`xtoken_nemo.demo.report`).
+1. W for the Llama-3.2 student against the Qwen3 and Phi-4-mini tokenizers (built by the real code
+   on the full tokenizers) and the coverage audit.
+2. The task (:mod:`xtoken_nemo.demo.corpus`): a room-number lookup the teachers' corpus states and
+   the students' corpus does not (its numbers are scrambled). Compact vocabularies
+   (:mod:`xtoken_nemo.tokenizers.compact`): each model's embedding and output layer span only the
+   token ids the demo's text uses (plus the teacher ids W reaches); W is the full W restricted.
+   Preprocessed with the real preprocessing code (the function behind ``xtoken preprocess``).
+3. Teachers with the Qwen3 and Phi-4-mini tokenizers, trained CE-only on the true table until they
+   know it; then, per seed, students with the Llama-3.2 tokenizer through the real trainer: CE
+   only, GOLD / ULD / P-KL / H-KL from each teacher, the two-teacher run. Within a seed every
+   student starts from the same initial weights and sees the same windows in the same order.
+4. Every model is evaluated on the lookup prompts (exact match, answer NLL) and on held-out text
+   stating the true numbers (:mod:`xtoken_nemo.demo.evaluate`).
+5. ``report.md``, ``results.json``, PNG plots, the paper's claims as checks
+   (:mod:`xtoken_nemo.demo.report`).
 
-Resumable: a finished step leaves its output (W files, datasets, ``runs/<name>/result.json``)
-and is skipped when the command runs again; an interrupted training run resumes from its
+Resumable: a finished step leaves its output (W files, datasets, ``runs/<name>/history.json``,
+``eval.json``) and is skipped when the command runs again; an interrupted run resumes from its
 checkpoint.
 """
 
@@ -44,22 +49,23 @@ class ModelSize:
 
 @dataclass
 class DemoConfig:
-    """Sizes of the full demo, chosen for the 10-minute budget on 2 CPU cores: per step, the cost
-    is the vocabulary-sized work (128k-200k logits per token; GOLD/H-KL/ULD about 4x P-KL), so
-    windows are short, and the teachers get ~10x the students' tokens (their knowledge is what
-    KD can add to the students' scarce CE data)."""
+    """Sizes of the full demo, chosen for the 10-minute budget on 2 CPU cores (docs/demo.md)."""
 
-    seq_length: int = 16
-    teacher_docs: int = 1200
-    student_docs: int = 30
-    heldout_docs: int = 40
-    eval_items: int = 200
-    max_operand: int = 20
-    teacher: ModelSize = field(default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=50, batch=16, lr=1e-2))
-    student: ModelSize = field(default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=24, batch=4, lr=8e-3))
-    uld_topk: int | None = 256
+    num_facts: int = 120
+    table_seed: int = 7
+    rooms: tuple = (10, 99)
+    seq_length: int = 64
+    teacher_docs: int = 1600
+    student_docs: int = 400
+    heldout_docs: int = 80
+    teacher: ModelSize = field(default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=300, batch=16, lr=1e-2))
+    student: ModelSize = field(default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=200, batch=16, lr=2e-2))
+    seeds: tuple = (1, 2, 3)
+    # training runs at once, each in its own process with one thread: these models are so small
+    # that a step is mostly Python overhead, so two runs on two cores take about the time of one
+    workers: int = 2
     multi_alphas: tuple = (0.5, 0.5)  # qwen3, phi4mini
-    seed: int = 1234
+    seed: int = 1234  # corpus, teachers, bootstrap
     bootstrap: int = 1000
 
 
@@ -70,15 +76,17 @@ def full_config() -> DemoConfig:
 def fast_config() -> DemoConfig:
     """Tiny sizes and a few steps: the pipeline end to end in the test suite."""
     return DemoConfig(
-        seq_length=16, teacher_docs=40, student_docs=12, heldout_docs=4, eval_items=6,
+        num_facts=12, seq_length=32, teacher_docs=24, student_docs=12, heldout_docs=4, seeds=(1, 2),
         teacher=ModelSize(hidden_size=32, num_layers=1, num_attention_heads=2, steps=2, batch=2, lr=1e-2),
         student=ModelSize(hidden_size=32, num_layers=1, num_attention_heads=2, steps=2, batch=2, lr=1e-2),
-        uld_topk=64, bootstrap=50,
+        bootstrap=50,
     )
 
 
 @dataclass
 class RunSpec:
+    """One student configuration (trained once per seed as ``<name>-s<seed>``)."""
+
     name: str
     setting: str  # table grouping
     method: str
@@ -86,17 +94,21 @@ class RunSpec:
 
 
 def student_runs(recommended: dict[str, str], alphas: tuple = (0.5, 0.5)) -> list[RunSpec]:
-    runs = [RunSpec("ce-only", "no teacher", "CE only (continued pre-training)")]
+    runs = [RunSpec("ce-only", "no teacher", "CE only")]
     label = {"gold": "GOLD", "uld": "ULD", "pkl": "X-Token P-KL", "hkl": "X-Token H-KL"}
     for t in TEACHER_TOKS:
         for mode in MODES:
             method = label[mode]
             if mode in ("pkl", "hkl"):
-                method += " (audit's pick)" if recommended[t] == mode else " (wrong mode)"
+                method += " (audit's pick)" if recommended[t] == mode else " (other mode)"
             runs.append(RunSpec(f"{t}-{mode}", t, method, [(t, mode, 1.0)]))
     multi = [(t, recommended[t], a) for t, a in zip(TEACHER_TOKS, alphas)]
-    runs.append(RunSpec("multi-xtoken", "qwen3 + phi4mini", f"X-Token multi-teacher (audit's modes, alpha {alphas[0]:g}/{alphas[1]:g})", multi))
+    runs.append(RunSpec("multi-xtoken", "qwen3 + phi4mini", f"X-Token two teachers (audit's modes, alpha {alphas[0]:g}/{alphas[1]:g})", multi))
     return runs
+
+
+def run_dir_name(run: str, seed: int) -> str:
+    return f"{run}-s{seed}"
 
 
 class Demo:
@@ -114,15 +126,15 @@ class Demo:
         self._check_config()
         audits = self._step("vocabulary: W and coverage audit", self.vocabulary)
         recommended = {r["teacher"]: r["recommended_loss"] for r in audits}
-        self._step("corpus + preprocessing", self.data)
-        teachers = self._step("teachers (CE only)", self.train_teachers)
+        vocab = self._step("corpus, compact vocabularies, preprocessing", self.data)
+        teachers = self._step("teachers (CE only, true table)", self.train_teachers)
         runs = student_runs(recommended, self.cfg.multi_alphas)
-        students = self._step("students", lambda: self.train_students(runs, teachers))
-        evals = self._step("evaluation", lambda: self.evaluate(runs, teachers))
+        students = self._step(f"students ({len(runs)} runs x {len(self.cfg.seeds)} seeds)", lambda: self.train_students(runs, teachers))
+        evals = self._step("evaluation", lambda: self.evaluate(runs))
         self.timings["total"] = time.perf_counter() - started
         from xtoken_nemo.demo.report import write_report
 
-        return write_report(self.out, self.cfg, audits, runs, teachers, students, evals, self.timings, echo=self.echo)
+        return write_report(self.out, self.cfg, audits, vocab, runs, teachers, students, evals, self.timings, echo=self.echo)
 
     def _step(self, title: str, fn):
         self.echo(f"\n== {title}")
@@ -149,26 +161,19 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------
     def vocabulary(self) -> list[dict]:
+        """The full W per teacher (cached in --out) and the coverage audit, on the full tokenizers."""
         from xtoken_nemo.tokenizers import load_tokenizer
-        from xtoken_nemo.vocab import ProjectionMatrix
         from xtoken_nemo.vocab.audit import audit, plot_audits
-        from xtoken_nemo.vocab.build import build_projection_matrix
 
         student = load_tokenizer(STUDENT_TOK)
         reports, summaries = [], []
         for name in TEACHER_TOKS:
-            teacher = load_tokenizer(name)
-            path = self.w_path(name)
-            if path.exists():
-                W = ProjectionMatrix.load(path, student, teacher)
-            else:
-                W = build_projection_matrix(student, teacher, progress=self.progress)
-                W.save(path)
-            report = audit(student, teacher)
+            W = self.full_w(name)
+            report = audit(student, load_tokenizer(name))
             reports.append(report)
             stats = W.builder_stats()
             summary = report.to_json()
-            summary.update(teacher=name, w_file=str(path.name), w_nnz=stats["nnz"], w_zero_rows=stats["zero_rows"], w_long_rows=stats["long_rows"])
+            summary.update(teacher=name, w_nnz=stats["nnz"], w_zero_rows=stats["zero_rows"], w_long_rows=stats["long_rows"])
             summaries.append(summary)
             cats = summary["categories"]
             self.echo(
@@ -178,58 +183,113 @@ class Demo:
         plot_audits(reports, str(self.out / "audit.png"))
         return summaries
 
+    def full_w(self, teacher: str):
+        from xtoken_nemo.tokenizers import load_tokenizer
+        from xtoken_nemo.vocab import ProjectionMatrix
+        from xtoken_nemo.vocab.build import build_projection_matrix
+
+        student, tok = load_tokenizer(STUDENT_TOK), load_tokenizer(teacher)
+        path = self.out / "vocab" / f"W_{STUDENT_TOK}_{teacher}.full.safetensors"
+        if path.exists():
+            return ProjectionMatrix.load(path, student, tok)
+        W = build_projection_matrix(student, tok, progress=self.progress)
+        W.save(path)
+        return W
+
+    def vocab_path(self, tok: str) -> Path:
+        return self.out / "vocab" / f"{tok}.subvocab.json"
+
     def w_path(self, teacher: str) -> Path:
-        return self.out / f"W_{STUDENT_TOK}_{teacher}.safetensors"
+        """W restricted to the compact vocabularies: what the P-KL/H-KL students load."""
+        return self.out / "vocab" / f"W_{STUDENT_TOK}_{teacher}.safetensors"
 
     # ------------------------------------------------------------------------------------------
-    def data(self) -> None:
-        from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
-        from xtoken_nemo.demo.corpus import CorpusSpec, arithmetic_items, documents
+    def texts(self) -> dict[str, list[str]]:
+        from xtoken_nemo.demo.corpus import LookupTable, documents
 
-        c, spec = self.cfg, CorpusSpec(max_operand=self.cfg.max_operand)
+        c = self.cfg
+        table = LookupTable(c.num_facts, c.table_seed, c.rooms)
+        return {
+            "teacher": documents(table, c.teacher_docs, seed=c.seed + 1),
+            "student": documents(table, c.student_docs, seed=c.seed + 2, scrambled=True),
+            "heldout": documents(table, c.heldout_docs, seed=c.seed + 3),
+        }
+
+    def items(self):
+        from xtoken_nemo.demo.corpus import LookupTable
+
+        return LookupTable(self.cfg.num_facts, self.cfg.table_seed, self.cfg.rooms).items()
+
+    def data(self) -> dict:
+        """Corpus files, the compact vocabularies, restricted W, preprocessed datasets."""
+        from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
+
+        c = self.cfg
         corpus = self.out / "corpus"
         corpus.mkdir(exist_ok=True)
-        splits = {
-            "teacher": documents(c.teacher_docs, seed=c.seed + 1, spec=spec),
-            "student": documents(c.student_docs, seed=c.seed + 2, spec=spec),
-            "heldout": documents(c.heldout_docs, seed=c.seed + 3, spec=spec),
-        }
-        for name, docs in splits.items():
+        texts = self.texts()
+        for name, docs in texts.items():
             _write_if_changed(corpus / f"{name}.jsonl", "\n".join(json.dumps({"text": d}) for d in docs) + "\n")
-        items = arithmetic_items(c.eval_items, seed=c.seed + 4, spec=spec)
-        _write_if_changed(corpus / "arithmetic_eval.jsonl", "\n".join(json.dumps(asdict(i)) for i in items) + "\n")
-        jobs = [(self.data_dir("student"), "student", STUDENT_TOK, list(TEACHER_TOKS))]
-        jobs += [(self.data_dir(f"teacher_{t}"), "teacher", t, [t]) for t in TEACHER_TOKS]  # [t]: identity, no copy
+        items = self.items()
+        _write_if_changed(corpus / "lookup_eval.jsonl", "\n".join(json.dumps(asdict(i)) for i in items) + "\n")
+        vocab = self.compact_vocabularies([d for docs in texts.values() for d in docs] + [f"{i.prompt} {i.answer}" for i in items])
+
+        jobs = [(self.data_dir("student"), "student", self.vocab_path(STUDENT_TOK), [self.vocab_path(t) for t in TEACHER_TOKS])]
+        jobs += [(self.data_dir(f"teacher_{t}"), "teacher", self.vocab_path(t), [self.vocab_path(t)]) for t in TEACHER_TOKS]
         for out, split, student, teachers in jobs:
             if (out / "manifest.json").exists():
                 continue
             manifest = preprocess(PreprocessConfig(
-                inputs=[str(corpus / f"{split}.jsonl")], student=student, teachers=teachers, out=str(out),
+                inputs=[str(corpus / f"{split}.jsonl")], student=str(student), teachers=[str(t) for t in teachers], out=str(out),
                 seq_length=c.seq_length, progress=self.progress,
             ))
-            self.echo(f"   {out.name}: {manifest['documents']:,} documents, {manifest['student']['tokens']:,} {student} tokens")
+            self.echo(f"   {out.name}: {manifest['documents']:,} documents, {manifest['student']['tokens']:,} {Path(student).name.split('.')[0]} tokens")
+        return vocab
+
+    def compact_vocabularies(self, texts: list[str]) -> dict:
+        """Each tokenizer restricted to the ids the demo's text uses; a teacher's also keeps the ids
+        W's rows for the student's kept ids reach, so the restricted W loses no mass."""
+        from xtoken_nemo.tokenizers import load_tokenizer
+        from xtoken_nemo.tokenizers.compact import CompactTokenizer, corpus_ids, projection_support, restrict_projection
+
+        full = {t: load_tokenizer(t) for t in (STUDENT_TOK, *TEACHER_TOKS)}
+        student_ids = corpus_ids(full[STUDENT_TOK], texts)
+        keep = {STUDENT_TOK: student_ids}
+        Ws = {t: self.full_w(t) for t in TEACHER_TOKS}
+        for t in TEACHER_TOKS:
+            keep[t] = corpus_ids(full[t], texts) | projection_support(Ws[t], student_ids)
+        compact = {t: CompactTokenizer(full[t], sorted(ids), name=t) for t, ids in keep.items()}
+        for t, tok in compact.items():
+            if not self.vocab_path(t).exists():
+                tok.save(self.vocab_path(t), base_spec=t)
+        summary = {t: {"full": full[t].vocab_size, "compact": compact[t].vocab_size} for t in compact}
+        for t in TEACHER_TOKS:
+            if not self.w_path(t).exists():
+                restrict_projection(Ws[t], compact[STUDENT_TOK], compact[t]).save(self.w_path(t))
+        self.echo("   compact vocabularies: " + ", ".join(f"{t} {v['compact']:,} of {v['full']:,} ids" for t, v in summary.items()))
+        return summary
 
     def data_dir(self, name: str) -> Path:
         return self.out / "data" / name
 
     def heldout(self):
-        from xtoken_nemo.demo.corpus import ArithmeticItem
+        from xtoken_nemo.demo.corpus import LookupItem
 
         corpus = self.out / "corpus"
         docs = [json.loads(line)["text"] for line in (corpus / "heldout.jsonl").read_text().splitlines() if line]
-        items = [ArithmeticItem(**json.loads(line)) for line in (corpus / "arithmetic_eval.jsonl").read_text().splitlines() if line]
+        items = [LookupItem(**json.loads(line)) for line in (corpus / "lookup_eval.jsonl").read_text().splitlines() if line]
         return docs, items
 
     # ------------------------------------------------------------------------------------------
-    def _run_config(self, name: str, tok: str, family: str, size: ModelSize, data: Path, teachers: list, init: str | None):
+    def _run_config(self, name: str, tok: str, family: str, size: ModelSize, data: Path, teachers: list, init: str | None, seed: int):
         from xtoken_nemo.distill.config import (
             CheckpointConfig, DataConfig, DistillConfig, ModelConfig, OptimConfig, TrainConfig,
         )
 
         run_dir = self.out / "runs" / name
         model = ModelConfig(
-            tokenizer=tok, family=family, checkpoint=init, hidden_size=size.hidden_size, num_layers=size.num_layers,
-            num_attention_heads=size.num_attention_heads, max_position_embeddings=4 * self.cfg.seq_length, init_seed=self.cfg.seed,
+            tokenizer=str(self.vocab_path(tok)), family=family, checkpoint=init, hidden_size=size.hidden_size, num_layers=size.num_layers,
+            num_attention_heads=size.num_attention_heads, max_position_embeddings=4 * self.cfg.seq_length, init_seed=seed,
         )
         return DistillConfig(
             name=name,
@@ -238,10 +298,10 @@ class Demo:
             # no teacher padding: the demo's models hold 4 x seq_length positions, and a CPU has
             # no kernels that want few shapes
             data=DataConfig(paths=[str(data)], seq_length=self.cfg.seq_length, teacher_pad_multiple=1),
-            optim=OptimConfig(lr=size.lr, min_lr=size.lr / 10, warmup_fraction=0.1, weight_decay=0.0),
+            optim=OptimConfig(lr=size.lr, min_lr=size.lr / 10, warmup_fraction=0.05, weight_decay=0.0),
             train=TrainConfig(
-                train_steps=size.steps, global_batch_size=size.batch, micro_batch_size=size.batch, seed=self.cfg.seed,
-                kd_scaling="dynamic" if teachers else "ce_only", loss_block_size=256, log_interval=10**9,
+                train_steps=size.steps, global_batch_size=size.batch, micro_batch_size=size.batch, seed=seed,
+                kd_scaling="dynamic" if teachers else "ce_only", loss_block_size=1024, log_interval=10**9,
             ),
             checkpoint=CheckpointConfig(dir=str(run_dir / "checkpoints"), save_interval=10**9),
             log_dir=str(run_dir / "tb"),
@@ -261,7 +321,11 @@ class Demo:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         t0 = time.perf_counter()
-        summary = Trainer(cfg, progress=self.progress).run()
+        trainer = Trainer(cfg, progress=self.progress)
+        try:
+            summary = trainer.run()
+        finally:
+            trainer.close()
         if summary["status"] != "completed":
             from xtoken_nemo.errors import XTokenError
 
@@ -275,61 +339,87 @@ class Demo:
         }
         done.write_text(json.dumps(record))
         hist = record["history"]
-        self.echo(f"   {cfg.name}: {record['steps']} steps in {seconds:.0f} s, CE {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f}")
+        kd = f", KD {hist[0]['kd']:.2f} -> {hist[-1]['kd']:.2f}" if cfg.teachers and "kd" in hist[-1] else ""
+        self.echo(f"   {cfg.name}: {record['steps']} steps in {seconds:.0f} s, CE {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f}{kd}")
         return record
 
-    def train_teachers(self) -> dict[str, dict]:
-        out = {}
-        for t in TEACHER_TOKS:
-            cfg = self._run_config(f"teacher-{t}", t, TEACHER_FAMILY[t], self.cfg.teacher, self.data_dir(f"teacher_{t}"), [], None)
-            out[t] = self._train(cfg)
-        return out
+    def _train_many(self, cfgs: list) -> dict[str, dict]:
+        """Train ``cfgs`` (finished ones are read back), ``workers`` at a time; {name: record}."""
+        done = {c.name: self._train(c) for c in cfgs if (self.out / "runs" / c.name / "history.json").exists()}
+        todo = [c for c in cfgs if c.name not in done]
+        workers = min(self.cfg.workers, len(todo))
+        if workers <= 1:
+            done.update({c.name: self._train(c) for c in todo})
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    def student_init(self) -> str:
-        """One random initial student checkpoint shared by every student run."""
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
+                futures = [pool.submit(_train_in_worker, str(self.out), self.cfg, c) for c in todo]
+                for future in as_completed(futures):
+                    record, lines = future.result()
+                    for line in lines:
+                        self.echo(line)
+                    done[record["name"]] = record
+        return {c.name: done[c.name] for c in cfgs}
+
+    def train_teachers(self) -> dict[str, dict]:
+        cfgs = [
+            self._run_config(f"teacher-{t}", t, TEACHER_FAMILY[t], self.cfg.teacher, self.data_dir(f"teacher_{t}"), [], None, self.cfg.seed)
+            for t in TEACHER_TOKS
+        ]
+        records = self._train_many(cfgs)
+        return {t: records[f"teacher-{t}"] for t in TEACHER_TOKS}
+
+    def student_init(self, seed: int) -> str:
+        """One random initial student checkpoint per seed, shared by every student run of that seed."""
         from xtoken_nemo.distill.config import ModelConfig
         from xtoken_nemo.distill.models import save_random_checkpoint
         from xtoken_nemo.models.runtime import ensure_model_parallel
         from xtoken_nemo.tokenizers import load_tokenizer
 
-        path = self.out / "runs" / "student-init"
+        path = self.out / "runs" / f"student-init-s{seed}"
         if not (path / "xtoken_model.json").exists():
             s = self.cfg.student
             ensure_model_parallel(1)
-            mc = ModelConfig(tokenizer=STUDENT_TOK, family="llama", hidden_size=s.hidden_size, num_layers=s.num_layers,
-                             num_attention_heads=s.num_attention_heads, max_position_embeddings=4 * self.cfg.seq_length, init_seed=self.cfg.seed)
-            save_random_checkpoint(mc, load_tokenizer(STUDENT_TOK).vocab_size, str(path), pad_for_tp=1)
+            mc = ModelConfig(tokenizer=str(self.vocab_path(STUDENT_TOK)), family="llama", hidden_size=s.hidden_size, num_layers=s.num_layers,
+                             num_attention_heads=s.num_attention_heads, max_position_embeddings=4 * self.cfg.seq_length, init_seed=seed)
+            save_random_checkpoint(mc, load_tokenizer(mc.tokenizer).vocab_size, str(path), pad_for_tp=1)
         return str(path)
 
     def train_students(self, runs: list[RunSpec], teachers: dict[str, dict]) -> dict[str, dict]:
         from xtoken_nemo.distill.config import ModelConfig, TeacherConfig
 
-        init = self.student_init()
         t_size = self.cfg.teacher
-        out = {}
-        for run in runs:
-            tcs = [
-                TeacherConfig(
-                    name=t, mode=mode, alpha=alpha, projection=str(self.w_path(t)) if mode in ("pkl", "hkl") else None,
-                    uld_topk=self.cfg.uld_topk,
-                    model=ModelConfig(tokenizer=t, family=TEACHER_FAMILY[t], checkpoint=teachers[t]["checkpoint"],
-                                      hidden_size=t_size.hidden_size, num_layers=t_size.num_layers, num_attention_heads=t_size.num_attention_heads),
-                )
-                for t, mode, alpha in run.teachers
-            ]
-            cfg = self._run_config(run.name, STUDENT_TOK, "llama", self.cfg.student, self.data_dir("student"), tcs, init)
-            out[run.name] = self._train(cfg)
-        return out
+        cfgs = []
+        for seed in self.cfg.seeds:
+            init = self.student_init(seed)
+            for run in runs:
+                tcs = [
+                    TeacherConfig(
+                        name=t, mode=mode, alpha=alpha, projection=str(self.w_path(t)) if mode in ("pkl", "hkl") else None,
+                        # the exact sort: at 95-177 ids it is far cheaper than the histogram's
+                        # 12,800 bins per row (built for 128k-200k vocabularies)
+                        uld_method="sort",
+                        model=ModelConfig(tokenizer=str(self.vocab_path(t)), family=TEACHER_FAMILY[t], checkpoint=teachers[t]["checkpoint"],
+                                          hidden_size=t_size.hidden_size, num_layers=t_size.num_layers, num_attention_heads=t_size.num_attention_heads),
+                    )
+                    for t, mode, alpha in run.teachers
+                ]
+                name = run_dir_name(run.name, seed)
+                cfgs.append(self._run_config(name, STUDENT_TOK, "llama", self.cfg.student, self.data_dir("student"), tcs, init, seed))
+        return self._train_many(cfgs)
 
     # ------------------------------------------------------------------------------------------
-    def evaluate(self, runs: list[RunSpec], teachers: dict[str, dict]) -> dict[str, "object"]:
+    def evaluate(self, runs: list[RunSpec]) -> dict[str, "object"]:
         from tqdm.auto import tqdm
 
         from xtoken_nemo.demo.evaluate import EvalItems, evaluate_checkpoint
         from xtoken_nemo.tokenizers import load_tokenizer
 
         docs, items = self.heldout()
-        models = [(f"teacher-{t}", t) for t in TEACHER_TOKS] + [(r.name, STUDENT_TOK) for r in runs]
+        models = [(f"teacher-{t}", t) for t in TEACHER_TOKS]
+        models += [(run_dir_name(r.name, s), STUDENT_TOK) for s in self.cfg.seeds for r in runs]
         out = {}
         for name, tok in tqdm(models, desc="evaluate", unit="model", disable=not self.progress, dynamic_ncols=True):
             path = self.out / "runs" / name / "eval.json"
@@ -337,10 +427,29 @@ class Demo:
                 out[name] = EvalItems.from_json(json.loads(path.read_text()))
                 continue
             record = json.loads((self.out / "runs" / name / "history.json").read_text())
-            result = evaluate_checkpoint(record["checkpoint"], load_tokenizer(tok), docs, items)
+            result = evaluate_checkpoint(record["checkpoint"], load_tokenizer(str(self.vocab_path(tok))), docs, items)
             path.write_text(json.dumps(result.to_json()))
             out[name] = result
         return out
+
+
+def _worker_init() -> None:
+    import logging
+    import warnings
+
+    import torch
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    logging.getLogger("xtoken_nemo").setLevel(logging.WARNING)
+
+
+def _train_in_worker(out: str, cfg: DemoConfig, run_cfg) -> tuple[dict, list[str]]:
+    """One run in a worker process: its record and the lines to print (the parent prints them, so
+    lines of two workers never interleave; no progress bars, they would overwrite each other)."""
+    lines: list[str] = []
+    return Demo(out, cfg, progress=False, echo=lines.append)._train(run_cfg), lines
 
 
 def _write_if_changed(path: Path, text: str) -> None:

@@ -1,5 +1,11 @@
 """The demo's outputs: results.json, report.md (table in the layout of the paper's), PNG plots,
-and the claim checks (computed from the measurements, whatever they are)."""
+and the paper's claims as checks (computed from the measurements, whichever way they come out).
+
+Every student metric is the mean over the seeds; its 95% interval comes from resampling the
+evaluation items (lookup prompts / held-out documents), the same resamples for every run and
+seed, so differences between runs are paired: seed i of run a against seed i of run b (same
+initial weights, same data order) on the same items.
+"""
 
 from __future__ import annotations
 
@@ -9,29 +15,31 @@ from pathlib import Path
 
 import numpy as np
 
-from xtoken_nemo.demo.evaluate import bootstrap_ci, bootstrap_indices, paired_difference
+from xtoken_nemo.demo.evaluate import bootstrap_indices, paired_difference, summarize
 
-METRICS = ("numeral_exact_match", "answer_nll", "numeral_ce", "heldout_ce", "numeral_nats_per_digit", "heldout_nats_per_char")
-LOWER_IS_BETTER = {"answer_nll", "numeral_ce", "heldout_ce", "numeral_nats_per_digit", "heldout_nats_per_char"}
+METRICS = ("numeral_exact_match", "first_digit_match", "answer_nll", "numeral_ce", "heldout_ce")
+PERCENT = {"numeral_exact_match", "first_digit_match"}
+TEACHER_BAR = 0.8  # the teachers must know the table (exact match) for the comparison to mean anything
 
-# (name, a, b, metric, expected sign of a - b, what it tests)
+# (claim, a, b, metric, expected sign of a - b, "at least" (ties count), text); b "best-single":
+# the better (exact match) of the two single-teacher runs the two-teacher run combines
 CLAIMS = (
-    ("teachers-beat-ce-only", "teacher-qwen3", "ce-only", "numeral_nats_per_digit", -1,
-     "the Qwen3 teacher knows the numerals better than the CE-only student (nats per digit, comparable across tokenizers)"),
-    ("teachers-beat-ce-only", "teacher-phi4mini", "ce-only", "numeral_nats_per_digit", -1,
-     "the Phi-4-mini teacher knows the numerals better than the CE-only student"),
-    ("gold-hurts-numerals", "qwen3-gold", "ce-only", "numeral_ce", +1,
-     "Proposition 1: with the digit-splitting Qwen3 teacher, GOLD raises the student's numeral CE above CE-only"),
-    ("pkl-transfers-numerals", "qwen3-pkl", "ce-only", "numeral_ce", -1,
-     "with the Qwen3 teacher, P-KL lowers the student's numeral CE below CE-only"),
-    ("pkl-beats-gold-qwen3", "qwen3-pkl", "qwen3-gold", "numeral_ce", -1,
-     "with the Qwen3 teacher, P-KL's numeral CE is below GOLD's"),
-    ("pkl-beats-gold-qwen3-em", "qwen3-pkl", "qwen3-gold", "numeral_exact_match", +1,
-     "with the Qwen3 teacher, P-KL answers more arithmetic prompts than GOLD"),
-    ("hkl-at-least-pkl-phi4mini", "phi4mini-hkl", "phi4mini-pkl", "numeral_ce", -1,
-     "with the Phi-4-mini teacher (sound partition), H-KL's numeral CE is at most P-KL's"),
-    ("hkl-at-least-pkl-phi4mini-ce", "phi4mini-hkl", "phi4mini-pkl", "heldout_ce", -1,
-     "with the Phi-4-mini teacher, H-KL's held-out CE is at most P-KL's"),
+    ("kd-moves-knowledge", "phi4mini-hkl", "ce-only", "numeral_exact_match", +1, False,
+     "the student distilled from Phi-4-mini (audit's H-KL) answers more lookups than the CE-only student"),
+    ("kd-moves-knowledge", "qwen3-pkl", "ce-only", "first_digit_match", +1, False,
+     "the student distilled from Qwen3 (audit's P-KL) gets more first digits right than the CE-only student"),
+    ("pkl-beats-gold-qwen3", "qwen3-pkl", "qwen3-gold", "numeral_exact_match", +1, False,
+     "with Qwen3, P-KL answers more lookups than GOLD"),
+    ("pkl-beats-gold-qwen3", "qwen3-pkl", "qwen3-gold", "answer_nll", -1, False,
+     "with Qwen3, P-KL's answer NLL is below GOLD's"),
+    ("gold-hurts-numerals", "qwen3-gold", "ce-only", "numeral_ce", +1, False,
+     "Proposition 1: with the digit-splitting Qwen3, GOLD's numeral CE is above CE-only's"),
+    ("hkl-at-least-pkl-phi4mini", "phi4mini-hkl", "phi4mini-pkl", "numeral_exact_match", +1, True,
+     "with Phi-4-mini, H-KL answers at least as many lookups as P-KL"),
+    ("hkl-at-least-pkl-phi4mini", "phi4mini-hkl", "phi4mini-pkl", "numeral_ce", -1, True,
+     "with Phi-4-mini, H-KL's numeral CE is at most P-KL's"),
+    ("two-teachers-at-least-best-single", "multi-xtoken", "best-single", "numeral_exact_match", +1, True,
+     "two teachers answer at least as many lookups as the better single teacher (audit's modes)"),
 )
 
 
@@ -39,77 +47,100 @@ def _verdict(diff: float, ci: list[float], sign: int, at_least: bool) -> str:
     lo, hi = ci
     if sign > 0:
         lo, hi, diff = -hi, -lo, -diff
-    # now "expected" means diff < 0
+    # now "as claimed" means diff < 0
     if hi < 0:
         return "yes (95% CI excludes 0)"
     if lo > 0:
         return "no: the opposite, outside noise"
     if at_least:
-        return "yes within noise (CI includes 0)" if diff <= 0 else "tie within noise (CI includes 0)"
+        return "yes within noise (CI includes 0)" if diff <= 0 else "tie within noise (CI includes 0), leaning no"
     return "inconclusive (CI includes 0)" + (", leaning yes" if diff < 0 else ", leaning no")
 
 
-def write_report(out: Path, cfg, audits, runs, teachers, students, evals, timings, echo=print) -> dict:
-    idx = bootstrap_indices(len(next(iter(evals.values())).doc_nll), len(next(iter(evals.values())).correct), cfg.bootstrap, seed=cfg.seed)
-    results: dict = {"runs": {}, "teachers": {}}
-    for name, e in evals.items():
-        entry = dict(e.metrics())
-        entry["ci95"] = bootstrap_ci(e, idx)
-        rec = (teachers.get(name.removeprefix("teacher-")) if name.startswith("teacher-") else students.get(name)) or {}
-        entry["train_seconds"] = rec.get("seconds")
-        entry["final_train_ce"] = rec["history"][-1]["ce"] if rec.get("history") else None
-        (results["teachers"] if name.startswith("teacher-") else results["runs"])[name] = entry
+def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals, timings, echo=print) -> dict:
+    from xtoken_nemo.demo.pipeline import run_dir_name
+
+    first = next(iter(evals.values()))
+    idx = bootstrap_indices(len(first.doc_nll), len(first.correct), cfg.bootstrap, seed=cfg.seed)
+    per_run = {r.name: [evals[run_dir_name(r.name, s)] for s in cfg.seeds] for r in runs}
+    results: dict = {"teachers": {}, "runs": {}}
+    for t, rec in teachers.items():
+        entry = summarize([evals[f"teacher-{t}"]], idx)
+        entry.update(train_seconds=rec["seconds"], final_train_ce=rec["history"][-1]["ce"])
+        results["teachers"][t] = entry
+    for r in runs:
+        entry = summarize(per_run[r.name], idx)
+        recs = [students[run_dir_name(r.name, s)] for s in cfg.seeds]
+        entry.update(setting=r.setting, method=r.method, train_seconds=[x["seconds"] for x in recs],
+                     final_train_ce=[x["history"][-1]["ce"] for x in recs])
+        results["runs"][r.name] = entry
+
+    singles = [f"{t}-{mode}" for t, mode, _ in next(r for r in runs if r.name == "multi-xtoken").teachers]
+    best_single = max(singles, key=lambda n: results["runs"][n]["mean"]["numeral_exact_match"])
     claims = []
-    for key, a, b, metric, sign, text in CLAIMS:
-        if a not in evals or b not in evals:
-            continue
-        d = paired_difference(evals[a], evals[b], idx)[metric] if not a.startswith("teacher-") else None
-        if d is None:  # teacher vs student: different tokenizers, no pairing over tokens; compare values
-            va, vb = evals[a].metrics()[metric], evals[b].metrics()[metric]
-            ok = (va - vb) * sign > 0
-            claims.append({"claim": key, "a": a, "b": b, "metric": metric, "diff": va - vb, "ci95": None,
-                           "holds": "yes" if ok else "no", "text": text})
-            continue
-        claims.append({"claim": key, "a": a, "b": b, "metric": metric, "diff": d["diff"], "ci95": d["ci95"],
-                       "holds": _verdict(d["diff"], d["ci95"], sign, at_least=key.startswith("hkl-at-least")), "text": text})
+    for t, e in results["teachers"].items():
+        em = e["mean"]["numeral_exact_match"]
+        claims.append({"claim": "teacher-knows-table", "a": f"teacher-{t}", "b": None, "metric": "numeral_exact_match",
+                       "diff": em, "ci95": e["ci95"]["numeral_exact_match"], "per_seed": None,
+                       "holds": "yes" if em >= TEACHER_BAR else f"no: below {TEACHER_BAR:.0%}",
+                       "text": f"the {t} teacher knows the table (exact match at least {TEACHER_BAR:.0%})"})
+    for key, a, b, metric, sign, at_least, text in CLAIMS:
+        b = best_single if b == "best-single" else b
+        d = paired_difference(per_run[a], per_run[b], idx)[metric]
+        agree = sum(1 for x in d["per_seed"] if x * sign > 0 or (at_least and x == 0))
+        claims.append({"claim": key, "a": a, "b": b, "metric": metric, "diff": d["diff"], "ci95": d["ci95"], "per_seed": d["per_seed"],
+                       "seeds_agreeing": f"{agree}/{len(d['per_seed'])}",
+                       "holds": _verdict(d["diff"], d["ci95"], sign, at_least), "text": text})
     results["claims"] = claims
     results["audit"] = {a["teacher"]: {"recommended_loss": a["recommended_loss"], "categories": a["categories"], "common_size": a["common_size"]} for a in audits}
+    results["vocabularies"] = vocab
     results["config"] = json.loads(json.dumps(asdict(cfg)))
     results["timings_seconds"] = timings
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    plots = plot_losses(out, runs, teachers, students) + plot_metrics(out, runs, results)
+
+    plots = plot_metrics(out, runs, results) + plot_losses(out, cfg, runs, teachers, students)
     table = results_table(runs, results)
-    (out / "report.md").write_text(report_markdown(cfg, audits, runs, results, table, plots, timings))
+    claim_table = claims_table(claims)
+    (out / "report.md").write_text(report_markdown(cfg, audits, vocab, results, table, claim_table, plots, timings))
     echo("\n" + table)
-    echo("\nclaims:")
-    for c in claims:
-        ci = f" [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]" if c["ci95"] else ""
-        echo(f"  {c['claim']:<30} {c['a']} - {c['b']} {c['metric']}: {c['diff']:+.3f}{ci} -> {c['holds']}")
+    echo("\n" + claim_table)
     echo(f"\nwrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(str(out / p) for p in plots)} (total {timings.get('total', 0):.0f} s)")
     return results
 
 
-def _fmt(entry: dict, metric: str, pct: bool = False) -> str:
-    v, (lo, hi) = entry[metric], entry["ci95"][metric]
-    if pct:
+def _fmt(entry: dict, metric: str) -> str:
+    v, (lo, hi) = entry["mean"][metric], entry["ci95"][metric]
+    if metric in PERCENT:
         return f"{100 * v:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
-    return f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
+    return f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def results_table(runs, results) -> str:
-    head = "| setting | method | run | numeral EM % [95% CI] | answer NLL | numeral CE | held-out CE |"
-    lines = [head, "|" + "---|" * 7]
-    for name, e in results["teachers"].items():
-        lines.append(
-            f"| teacher | {name.removeprefix('teacher-')} tokenizer, CE only (reference; CE per its own tokens) | {name} | "
-            f"{_fmt(e, 'numeral_exact_match', True)} | {_fmt(e, 'answer_nll')} | {_fmt(e, 'numeral_ce')} | {_fmt(e, 'heldout_ce')} |"
-        )
+    head = ("| setting | method | run | exact match % [95% CI] | first digit % | answer NLL | numeral CE | held-out CE "
+            "| exact match % per seed |")
+    lines = [head, "|" + "---|" * 9]
+    for t, e in results["teachers"].items():
+        lines.append(f"| teacher | {t} tokenizer, CE only on the true table | teacher-{t} | "
+                     + " | ".join(_fmt(e, m) for m in METRICS) + " | (one teacher) |")
     for run in runs:
         e = results["runs"][run.name]
-        lines.append(
-            f"| {run.setting} | {run.method} | {run.name} | {_fmt(e, 'numeral_exact_match', True)} | {_fmt(e, 'answer_nll')} | "
-            f"{_fmt(e, 'numeral_ce')} | {_fmt(e, 'heldout_ce')} |"
-        )
+        seeds = ", ".join(f"{100 * v:.0f}" for v in e["per_seed"]["numeral_exact_match"])
+        lines.append(f"| {run.setting} | {run.method} | {run.name} | " + " | ".join(_fmt(e, m) for m in METRICS) + f" | {seeds} |")
+    return "\n".join(lines)
+
+
+def claims_table(claims) -> str:
+    lines = ["| claim | comparison | metric | a - b, seed mean [95% CI] | seeds agreeing | holds? |", "|---|---|---|---|---|---|"]
+    for c in claims:
+        pct = 100 if c["metric"] in PERCENT else 1
+        if c["b"] is None:
+            value = f"{pct * c['diff']:.1f}% [{pct * c['ci95'][0]:.1f}, {pct * c['ci95'][1]:.1f}]"
+            lines.append(f"| {c['text']} | {c['a']} | {c['metric']} | {value} | - | {c['holds']} |")
+            continue
+        unit = " pts" if pct == 100 else ""
+        value = f"{pct * c['diff']:+.1f}{unit} [{pct * c['ci95'][0]:+.1f}, {pct * c['ci95'][1]:+.1f}]" if pct == 100 else \
+            f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+        lines.append(f"| {c['text']} | {c['a']} - {c['b']} | {c['metric']} | {value} | {c['seeds_agreeing']} | {c['holds']} |")
     return "\n".join(lines)
 
 
@@ -122,40 +153,43 @@ def audit_table(audits) -> str:
     return "\n".join(lines)
 
 
-def report_markdown(cfg, audits, runs, results, table, plots, timings) -> str:
+def report_markdown(cfg, audits, vocab, results, table, claim_table, plots, timings) -> str:
     c = cfg
-    claim_lines = ["| claim | comparison | metric | difference a - b [95% CI] | holds? |", "|---|---|---|---|---|"]
-    for cl in results["claims"]:
-        ci = f" [{cl['ci95'][0]:+.3f}, {cl['ci95'][1]:+.3f}]" if cl["ci95"] else " (unpaired: different tokenizers)"
-        claim_lines.append(f"| {cl['text']} | {cl['a']} - {cl['b']} | {cl['metric']} | {cl['diff']:+.3f}{ci} | {cl['holds']} |")
+    vocab_line = ", ".join(f"{t} {v['compact']:,} of {v['full']:,} ids" for t, v in vocab.items())
     timing_lines = [f"- {k}: {v:.0f} s" for k, v in timings.items()]
-    return f"""# X-Token CPU demo: a scaled-down reproduction
+    return f"""# X-Token CPU demo: a small reproduction
 
-Student: Llama-3.2 tokenizer (128,256 ids), a random {c.student.num_layers}-layer, hidden-{c.student.hidden_size} megatron-core
-model. Teachers: Qwen3 (151,936) and Phi-4-mini (200,064) tokenizers, {c.teacher.num_layers}-layer hidden-{c.teacher.hidden_size}
-models trained here with CE only on {c.teacher_docs:,} documents for {c.teacher.steps} steps of {c.teacher.batch} x {c.seq_length} tokens.
-Every student starts from the same initial checkpoint and trains {c.student.steps} steps of {c.student.batch} x {c.seq_length}
-tokens on the same {c.student_docs} documents in the same order (seed {c.seed}), lr {c.student.lr:g}; KD runs use
-the paper's dynamic KD/CE scaling and the chain-rule chunk merge; GOLD/ULD/H-KL use the ULD top-{c.uld_topk}
-approximation. Evaluation: {c.heldout_docs} held-out documents and {c.eval_items} held-out arithmetic prompts
-(`a + b =`, operands 1-{c.max_operand}); 95% intervals from {c.bootstrap} bootstrap resamples of documents / prompts.
+**Task.** A lookup table gives each of {c.num_facts} people a room number ({c.rooms[0]}-{c.rooms[1]}). The teachers'
+corpus ({c.teacher_docs:,} documents) states the true numbers ("The room of Alice is 47."); the students'
+corpus ({c.student_docs} documents) has the same sentences with every number drawn at random, so a student can
+learn the table only from its teachers. Evaluation: the {c.num_facts} prompts "The room of <name> is" (greedy
+exact match, first digit, NLL of the answer) and {c.heldout_docs} held-out documents stating the true numbers
+(CE on all tokens and on numeral tokens, nats per student token).
 
-## Coverage audit (student llama3)
+**Models.** Teachers: Qwen3 and Phi-4-mini tokenizers, {c.teacher.num_layers}-layer hidden-{c.teacher.hidden_size} models trained CE-only,
+{c.teacher.steps} steps of {c.teacher.batch} x {c.seq_length} tokens. Students: Llama-3.2 tokenizer, {c.student.num_layers}-layer hidden-{c.student.hidden_size}, {c.student.steps} steps of
+{c.student.batch} x {c.seq_length} tokens, lr {c.student.lr:g}, through the real trainer with the paper's dynamic KD/CE scale and
+chain-rule merge; seeds {', '.join(map(str, c.seeds))} (within a seed every student has the same initial weights and data order).
+
+**What is scaled down.** Model sizes and data; and the vocabularies: each model's embedding and output
+layer span only the token ids the demo's text uses ({vocab_line}; a teacher's
+also keeps every id W reaches). W and the audit are built by the real code on the full tokenizers, W is then
+restricted (no row loses mass); the segmentation, the alignment and the common sets are the full
+tokenizers' (Llama's and Phi-4-mini's two-digit numerals against Qwen3's single digits are unchanged).
+
+## Coverage audit (student llama3, full tokenizers)
 
 {audit_table(audits)}
 
 ![audit](audit.png)
 
-## Results
-
-numeral EM: exact match of the greedy answer (%); answer NLL: nats of the answer's tokens given the prompt;
-numeral CE / held-out CE: nats per student token (numeral tokens only / all tokens). Lower is better except EM.
+## Results (mean over seeds; 95% interval from {c.bootstrap} resamples of the items)
 
 {table}
 
-## The paper's claims, measured here (paired bootstrap over the same items)
+## The paper's claims, measured here (paired: same seeds, same items)
 
-{chr(10).join(claim_lines)}
+{claim_table}
 
 ## Plots
 
@@ -167,54 +201,72 @@ numeral CE / held-out CE: nats per student token (numeral tokens only / all toke
 """
 
 
-def plot_losses(out: Path, runs, teachers, students) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for t, rec in teachers.items():
-        axes[0].plot([h["step"] for h in rec["history"]], [h["ce"] for h in rec["history"]], label=f"teacher {t}")
-    axes[0].set_title("teachers: training CE (own tokens)")
-    for run in runs:
-        rec = students[run.name]
-        style = "-" if run.name == "ce-only" or "pkl" in run.name or "hkl" in run.name or "multi" in run.name else "--"
-        axes[1].plot([h["step"] for h in rec["history"]], [h["ce"] for h in rec["history"]], style, label=run.name)
-    axes[1].set_title("students: training CE (llama3 tokens)")
-    for ax in axes:
-        ax.set_xlabel("step")
-        ax.set_ylabel("CE (nats/token)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
-    return ["loss_curves.png"]
+def _colors(names: list[str]) -> list[str]:
+    return ["gray" if n == "ce-only" else "tab:blue" if n.startswith("qwen3") else "tab:orange" if n.startswith("phi4mini") else "tab:green" for n in names]
 
 
 def plot_metrics(out: Path, runs, results) -> list[str]:
+    """Exact match, answer NLL and numeral CE per run: bars = seed mean with its 95% interval, dots = seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     names = [r.name for r in runs]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for ax, metric, scale in zip(axes, ("numeral_exact_match", "numeral_ce", "heldout_ce"), (100, 1, 1)):
-        vals = np.array([results["runs"][n][metric] for n in names]) * scale
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = (("numeral_exact_match", "exact match on the lookup prompts (%)", 100),
+              ("answer_nll", "NLL of the true answer (nats, lower is better)", 1),
+              ("numeral_ce", "CE on numerals of held-out text (nats/token, lower is better)", 1))
+    for ax, (metric, title, scale) in zip(axes, panels):
+        vals = np.array([results["runs"][n]["mean"][metric] for n in names]) * scale
         ci = np.array([results["runs"][n]["ci95"][metric] for n in names]) * scale
-        err = np.stack([vals - ci[:, 0], ci[:, 1] - vals])
-        colors = ["gray" if n == "ce-only" else "tab:blue" if n.startswith("qwen3") else "tab:orange" if n.startswith("phi4mini") else "tab:green" for n in names]
-        ax.bar(range(len(names)), vals, yerr=err, color=colors, capsize=3)
+        err = np.clip(np.stack([vals - ci[:, 0], ci[:, 1] - vals]), 0, None)
+        ax.bar(range(len(names)), vals, yerr=err, color=_colors(names), capsize=3, alpha=0.85)
+        for i, n in enumerate(names):
+            seeds = np.array(results["runs"][n]["per_seed"][metric]) * scale
+            ax.scatter(np.full(len(seeds), i), seeds, color="black", s=9, zorder=3)
+        if metric == "numeral_exact_match":
+            for k, (t, e) in enumerate(results["teachers"].items()):
+                ax.axhline(100 * e["mean"][metric], ls="--", lw=1, color=("tab:blue", "tab:orange")[k % 2], label=f"teacher {t}")
+            ax.set_ylim(0, 105)
+            ax.legend(fontsize=8, loc="upper left")
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=45, ha="right", fontsize=8)
-        ax.set_title(metric + (" (%)" if scale == 100 else " (nats/token, lower is better)"))
-        if metric == "numeral_exact_match":
-            ax.set_ylim(0, max(5.0, 1.2 * float(ci[:, 1].max())))
-        else:
-            lo = min(ci[:, 0].min(), vals.min())
-            ax.set_ylim(max(0.0, lo - 0.2 * (vals.max() - lo + 1e-6)), None)
+        ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(out / "metrics.png", dpi=110)
     plt.close(fig)
     return ["metrics.png"]
+
+
+def plot_losses(out: Path, cfg, runs, teachers, students) -> list[str]:
+    """Training curves: the teachers' CE, and the first seed's students (CE on the scrambled text; KD)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from xtoken_nemo.demo.pipeline import run_dir_name
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for t, rec in teachers.items():
+        axes[0].plot([h["step"] for h in rec["history"]], [h["ce"] for h in rec["history"]], label=f"teacher {t}")
+    axes[0].set_title("teachers: training CE (true table)")
+    seed = cfg.seeds[0]
+    for run, color in zip(runs, _colors([r.name for r in runs])):
+        hist = students[run_dir_name(run.name, seed)]["history"]
+        style = "-" if run.name == "ce-only" or "pkl" in run.name or "hkl" in run.name or "multi" in run.name else "--"
+        axes[1].plot([h["step"] for h in hist], [h["ce"] for h in hist], style, color=color, lw=1, label=run.name)
+        if run.teachers:
+            axes[2].plot([h["step"] for h in hist], [h.get("kd", np.nan) for h in hist], style, color=color, lw=1, label=run.name)
+    axes[1].set_title(f"students (seed {seed}): CE on their scrambled text")
+    axes[2].set_title(f"students (seed {seed}): trainable KD loss")
+    axes[2].set_yscale("log")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.set_ylabel("nats")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+    return ["loss_curves.png"]

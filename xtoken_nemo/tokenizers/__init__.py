@@ -3,6 +3,7 @@
     from xtoken_nemo.tokenizers import load_tokenizer
     tok = load_tokenizer("qwen3")            # built-in offline name
     tok = load_tokenizer("/models/Llama-3.2-1B")  # HF dir, tokenizer.json, .model or .tiktoken
+    tok = load_tokenizer("demo_out/vocab/llama3.subvocab.json")  # a compact vocabulary (compact.py)
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ def load_tokenizer(
 ) -> Tokenizer:
     """A built-in name (llama3, qwen3, phi4mini, o200k) or a path to a tokenizer.
 
-    Paths: an HF model directory or tokenizer.json, a SentencePiece .model, or a .tiktoken ranks
-    file (o200k pattern). ``vocab_size`` sets the model's logit count when it exceeds the
-    tokenizer's ids; ``special_tokens`` sets roles, e.g. ``{"bos": "<s>"}``.
+    Paths: an HF model directory or tokenizer.json, a SentencePiece .model, a .tiktoken ranks
+    file (o200k pattern), or a compact vocabulary ``*.subvocab.json`` (tokenizers/compact.py).
+    ``vocab_size`` sets the model's logit count when it exceeds the tokenizer's ids;
+    ``special_tokens`` sets roles, e.g. ``{"bos": "<s>"}``.
     """
     key = str(name_or_path)
     if key in BUILTIN_NAMES or key in ALIASES:
@@ -38,6 +40,8 @@ def load_tokenizer(
         tok._apply_special_overrides(special_tokens)
         return tok
     path = Path(name_or_path)
+    if key.endswith(".subvocab.json") and path.is_file():
+        return _cached_compact(str(path.resolve()), path.stat().st_mtime_ns)
     if not path.exists():
         raise TokenizerError(
             f"tokenizer '{key}' is neither a built-in name ({', '.join(BUILTIN_NAMES)}) nor an existing path; "
@@ -63,3 +67,10 @@ def load_tokenizer(
 @lru_cache(maxsize=8)
 def _cached_builtin(name: str) -> Tokenizer:
     return load_builtin(name)
+
+
+@lru_cache(maxsize=8)
+def _cached_compact(path: str, mtime_ns: int) -> Tokenizer:
+    from xtoken_nemo.tokenizers.compact import load_compact
+
+    return load_compact(path)
