@@ -81,8 +81,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def write_metadata(
     out_dir: Path, arch: ModelArch, padded_vocab_size: int, vocab_divisor: int, padded_for_tp: int,
-    params_dtype: torch.dtype, source: str | None = None,
+    params_dtype: torch.dtype, source: str | None = None, write: bool = True,
 ) -> dict[str, Any]:
+    """The architecture record of a checkpoint; written to ``out_dir`` unless ``write`` is False
+    (:func:`save_mcore_checkpoint` writes it after the weights: megatron warns about saving into a
+    directory that already holds files)."""
     import megatron.core
 
     meta = {
@@ -100,7 +103,8 @@ def write_metadata(
         "arch": arch.to_json(),
         "hf_config": arch.hf_config,
     }
-    (Path(out_dir) / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+    if write:
+        (Path(out_dir) / METADATA_FILE).write_text(json.dumps(meta, indent=2))
     return meta
 
 
