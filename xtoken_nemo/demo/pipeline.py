@@ -356,11 +356,18 @@ class Demo:
 
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
                 futures = [pool.submit(_train_in_worker, str(self.out), self.cfg, c) for c in todo]
-                for future in as_completed(futures):
-                    record, lines = future.result()
-                    for line in lines:
-                        self.echo(line)
-                    done[record["name"]] = record
+                try:
+                    for future in as_completed(futures):
+                        record, lines = future.result()
+                        for line in lines:
+                            self.echo(line)
+                        done[record["name"]] = record
+                except BaseException:
+                    # a failed run (or Ctrl-C) stops the demo now, not after the queued runs;
+                    # finished runs are kept and skipped when it runs again
+                    for future in futures:
+                        future.cancel()
+                    raise
         return {c.name: done[c.name] for c in cfgs}
 
     def train_teachers(self) -> dict[str, dict]:
@@ -398,7 +405,7 @@ class Demo:
                 tcs = [
                     TeacherConfig(
                         name=t, mode=mode, alpha=alpha, projection=str(self.w_path(t)) if mode in ("pkl", "hkl") else None,
-                        # the exact sort: at 95-177 ids it is far cheaper than the histogram's
+                        # the exact sort: at 174-256 ids it is far cheaper than the histogram's
                         # 12,800 bins per row (built for 128k-200k vocabularies)
                         uld_method="sort",
                         model=ModelConfig(tokenizer=str(self.vocab_path(t)), family=TEACHER_FAMILY[t], checkpoint=teachers[t]["checkpoint"],
@@ -434,6 +441,7 @@ class Demo:
 
 
 def _worker_init() -> None:
+    """A training worker: one thread (two workers share two cores), the CLI's quiet logging."""
     import logging
     import warnings
 
