@@ -9,9 +9,15 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from xtoken_nemo.errors import TokenizerError
 from xtoken_nemo.tokenizers import load_tokenizer
-from xtoken_nemo.tokenizers.compact import CompactTokenizer, corpus_ids, projection_support, restrict_projection
+from xtoken_nemo.tokenizers.compact import (
+    CompactTokenizer,
+    corpus_ids,
+    projection_support,
+    restrict_projection,
+)
 from xtoken_nemo.vocab.build import build_projection_matrix
 from xtoken_nemo.vocab.canonical import exact_matches
 
@@ -73,7 +79,7 @@ def test_common_set_and_W_are_the_full_ones_restricted(full, compact):
 
 
 def test_restriction_refuses_a_teacher_vocabulary_missing_W_columns(full, compact):
-    llama, qwen = full
+    _, qwen = full
     W, s, _, _ = compact
     t_small = CompactTokenizer(qwen, sorted(corpus_ids(qwen, TEXTS[:1])), name="qwen3-too-small")
     with pytest.raises(TokenizerError, match="outside the compact teacher vocabulary"):

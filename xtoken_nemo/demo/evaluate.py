@@ -200,18 +200,24 @@ def bootstrap_indices(num_docs: int, num_items: int, samples: int = 1000, seed: 
     return rng.integers(0, num_docs, (samples, num_docs)), rng.integers(0, num_items, (samples, num_items))
 
 
-def _full(e: EvalItems) -> tuple[np.ndarray, np.ndarray]:
-    return np.arange(len(e.doc_nll))[None], np.arange(len(e.correct))[None]
+def _per_seed(evals: list[EvalItems]) -> dict[str, np.ndarray]:
+    """[seeds] each metric on all items, one value per seed's model."""
+    full = [_metric_samples(e, np.arange(len(e.doc_nll))[None], np.arange(len(e.correct))[None]) for e in evals]
+    return {k: np.array([f[k][0] for f in full]) for k in full[0]}
+
+
+def _ci95(samples: np.ndarray) -> list[float]:
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]
 
 
 def summarize(evals: list[EvalItems], idx: tuple[np.ndarray, np.ndarray]) -> dict:
     """Seed-mean of each metric, its 95% interval over resampled items, and the per-seed values."""
-    point = {k: float(v[0]) for k, v in _seed_mean(evals, *_full(evals[0])).items()}
+    per_seed = _per_seed(evals)
     samples = _seed_mean(evals, *idx)
     return {
-        "mean": point,
-        "ci95": {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] for k, v in samples.items()},
-        "per_seed": {k: [float(_metric_samples(e, *_full(e))[k][0]) for e in evals] for k in point},
+        "mean": {k: float(v.mean()) for k, v in per_seed.items()},
+        "ci95": {k: _ci95(v) for k, v in samples.items()},
+        "per_seed": {k: v.tolist() for k, v in per_seed.items()},
     }
 
 
@@ -219,10 +225,8 @@ def paired_difference(a: list[EvalItems], b: list[EvalItems], idx: tuple[np.ndar
     """metric(a) - metric(b), seed-averaged, with a 95% interval over the same resampled items, and
     the difference per seed (seed i of a against seed i of b: same initial weights and data order)."""
     sa, sb = _seed_mean(a, *idx), _seed_mean(b, *idx)
-    pa, pb = _seed_mean(a, *_full(a[0])), _seed_mean(b, *_full(b[0]))
-    out = {}
-    for k in sa:
-        d = sa[k] - sb[k]
-        per_seed = [float(_metric_samples(x, *_full(x))[k][0] - _metric_samples(y, *_full(y))[k][0]) for x, y in zip(a, b)]
-        out[k] = {"diff": float(pa[k][0] - pb[k][0]), "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))], "per_seed": per_seed}
-    return out
+    pa, pb = _per_seed(a), _per_seed(b)
+    return {
+        k: {"diff": float(pa[k].mean() - pb[k].mean()), "ci95": _ci95(sa[k] - sb[k]), "per_seed": (pa[k] - pb[k]).tolist()}
+        for k in sa
+    }

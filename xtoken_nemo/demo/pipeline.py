@@ -118,6 +118,7 @@ class Demo:
         self.progress = progress
         self.echo = echo
         self.timings: dict[str, float] = {}
+        self._full_w: dict = {}  # teacher -> full W (full_w)
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -184,6 +185,10 @@ class Demo:
         return summaries
 
     def full_w(self, teacher: str):
+        """W on the full tokenizers, built once into --out and read once per process (the audit
+        and the compact vocabularies both use it)."""
+        if teacher in self._full_w:
+            return self._full_w[teacher]
         from xtoken_nemo.tokenizers import load_tokenizer
         from xtoken_nemo.vocab import ProjectionMatrix
         from xtoken_nemo.vocab.build import build_projection_matrix
@@ -191,9 +196,11 @@ class Demo:
         student, tok = load_tokenizer(STUDENT_TOK), load_tokenizer(teacher)
         path = self.out / "vocab" / f"W_{STUDENT_TOK}_{teacher}.full.safetensors"
         if path.exists():
-            return ProjectionMatrix.load(path, student, tok)
-        W = build_projection_matrix(student, tok, progress=self.progress)
-        W.save(path)
+            W = ProjectionMatrix.load(path, student, tok)
+        else:
+            W = build_projection_matrix(student, tok, progress=self.progress)
+            W.save(path)
+        self._full_w[teacher] = W
         return W
 
     def vocab_path(self, tok: str) -> Path:
@@ -250,7 +257,12 @@ class Demo:
         """Each tokenizer restricted to the ids the demo's text uses; a teacher's also keeps the ids
         W's rows for the student's kept ids reach, so the restricted W loses no mass."""
         from xtoken_nemo.tokenizers import load_tokenizer
-        from xtoken_nemo.tokenizers.compact import CompactTokenizer, corpus_ids, projection_support, restrict_projection
+        from xtoken_nemo.tokenizers.compact import (
+            CompactTokenizer,
+            corpus_ids,
+            projection_support,
+            restrict_projection,
+        )
 
         full = {t: load_tokenizer(t) for t in (STUDENT_TOK, *TEACHER_TOKS)}
         student_ids = corpus_ids(full[STUDENT_TOK], texts)
@@ -283,7 +295,12 @@ class Demo:
     # ------------------------------------------------------------------------------------------
     def _run_config(self, name: str, tok: str, family: str, size: ModelSize, data: Path, teachers: list, init: str | None, seed: int):
         from xtoken_nemo.distill.config import (
-            CheckpointConfig, DataConfig, DistillConfig, ModelConfig, OptimConfig, TrainConfig,
+            CheckpointConfig,
+            DataConfig,
+            DistillConfig,
+            ModelConfig,
+            OptimConfig,
+            TrainConfig,
         )
 
         run_dir = self.out / "runs" / name

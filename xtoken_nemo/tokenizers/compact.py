@@ -36,7 +36,7 @@ class CompactTokenizer(Tokenizer):
     """``base`` restricted to ``kept_ids`` (sorted base ids; compact id i = kept_ids[i])."""
 
     def __init__(self, base: Tokenizer, kept_ids: list[int], name: str | None = None) -> None:
-        kept = sorted(set(int(i) for i in kept_ids))
+        kept = sorted({int(i) for i in kept_ids})
         if not kept or kept[0] < 0 or kept[-1] >= base.vocab_size:
             raise TokenizerError(f"compact vocabulary of '{base.name}': ids must lie in [0, {base.vocab_size})")
         self.base = base
