@@ -7,13 +7,32 @@ A recipe is a function returning a :class:`DistillConfig`; the CLI applies overr
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import typing
 from dataclasses import dataclass, field
 
 from xtoken_nemo.errors import XTokenError
 
-KD_MODES = ("kl", "pkl", "hkl", "gold", "uld")
+
+
+class KDMode(str, enum.Enum):
+    """A teacher's KD loss (docs/method.md). A new mode adds a member here, its loss in
+    ``losses/`` and its entry in the teacher-loss registry (``distill/teacher_loss.py``)."""
+
+    KL = "kl"  # same tokenizer: plain KL
+    PKL = "pkl"  # X-Token P-KL: student probabilities projected through W
+    HKL = "hkl"  # X-Token H-KL: KL over W's pairs + ULD over the rest
+    GOLD = "gold"  # GOLD: KL over exactly matching pieces + ULD over the rest
+    ULD = "uld"  # ULD: sorted-probability L1 only
+
+    @property
+    def needs_projection(self) -> bool:
+        """Whether the mode reads the projection matrix W (``TeacherConfig.projection``)."""
+        return self in (KDMode.PKL, KDMode.HKL)
+
+
+KD_MODES = tuple(m.value for m in KDMode)
 MERGE_MODES = ("chain", "logmean", "first")
 SCALINGS = ("dynamic", "kd_heavy", "balanced", "ce_heavy", "ce_only")
 ALPHA_MODES = ("static", "ce", "entropy", "maxprob")
@@ -65,6 +84,11 @@ class TeacherConfig:
     # gold/hkl/uld: "hist" computes the sorted-L1 ULD term from log-grid histograms, exact up to
     # float rounding (docs/losses.md); "sort" sorts both vocabularies per chunk (the check)
     uld_method: str = "hist"
+
+    @property
+    def needs_projection(self) -> bool:
+        """Whether this teacher's mode reads W (``projection`` must name a W file)."""
+        return KDMode(self.mode).needs_projection
 
 
 @dataclass
