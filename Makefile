@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 XTOKEN := $(VENV)/bin/xtoken
 OUT ?= demo_out
 
-.PHONY: setup demo test bench
+.PHONY: setup demo test lint bench
 setup:
 	@bash scripts/setup_env.sh
 
@@ -18,6 +18,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# ruff's rules and formatter (pyproject.toml [tool.ruff]); .ci/run runs this before the tests
+lint: setup
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 
 bench: setup
 	$(PY) bench/build_w.py

@@ -16,7 +16,7 @@ from xtoken_nemo.errors import XTokenError
 
 
 
-class KDMode(str, enum.Enum):
+class KDMode(enum.StrEnum):
     """A teacher's KD loss (docs/method.md). A new mode adds a member here, its loss in
     ``losses/`` and its entry in the teacher-loss registry (``distill/teacher_loss.py``)."""
 
