@@ -16,7 +16,25 @@ import time
 
 import numpy as np
 
-from xtoken_nemo.data.dataset import blending_indices, blending_indices_loop
+from xtoken_nemo.data.dataset import blending_indices
+
+
+def blending_indices_loop(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The previous blending rule, kept here as the benchmark's and the tests' reference (about
+    10^6 samples/s: not for ClimbMix scale; the library uses ``blending_indices``): sample i goes
+    to the dataset whose count is furthest below ``w * (i + 1)`` (first on ties)."""
+    w = np.asarray(weights, dtype=np.float64)
+    w = w / w.sum()
+    counts = np.zeros(len(w), dtype=np.int64)
+    d_index = np.empty(size, dtype=np.int16)
+    s_index = np.empty(size, dtype=np.int64)
+    for i in range(size):
+        err = w * (i + 1) - counts
+        d = int(np.argmax(err))
+        d_index[i] = d
+        s_index[i] = counts[d]
+        counts[d] += 1
+    return d_index, s_index
 
 
 def main() -> None:

@@ -164,11 +164,16 @@ def test_blend_and_collate(built):
     ids = blend.dataset_index.tolist()
     assert ids.count(0) == 30 and ids.count(1) == 10
     assert ids == BlendedDistillDataset([a, b], [3, 1], size=40).dataset_index.tolist()  # deterministic
-    batch = collate_distill([blend[i] for i in range(4)])
+    samples = [blend[i] for i in range(4)]
+    batch = collate_distill(samples)
     assert batch["tokens"].shape == (4, SEQ)
     T = batch["teacher0_tokens"].shape[1]
-    assert batch["teacher0_mask"].shape == (4, T) and batch["teacher0_chunks"].shape[0] == 4
-    assert batch["teacher0_num_chunks"].shape == (4,)
+    assert T == max(s["teacher0_tokens"].shape[0] for s in samples) and batch["teacher0_labels"].shape == (4, T)
+    chunks = batch["teacher0_chunks"]
+    assert chunks.shape == (4, max(s["teacher0_chunks"].shape[0] for s in samples), 4)
+    for b, s in enumerate(samples):  # each sample's chunks first, then -1 rows
+        n = s["teacher0_chunks"].shape[0]
+        assert torch.equal(chunks[b, :n], s["teacher0_chunks"]) and (chunks[b, n:] == -1).all()
     with pytest.raises(DataError, match="cannot blend"):
         BlendedDistillDataset([a, DistillDataset(root / "out")], [1, 1])
 
@@ -205,7 +210,7 @@ def test_resume_after_crash(built, monkeypatch):
 
 
 def test_preprocess_cli_workers_and_errors(built, tmp_path, capsys):
-    from xtoken_nemo.data.cli import add_preprocess_parser
+    from xtoken_nemo.cli.data import add_preprocess_parser
 
     root, *_ = built
     parser = argparse.ArgumentParser(prog="xtoken")

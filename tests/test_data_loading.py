@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,13 +17,15 @@ from xtoken_nemo.data.dataset import (
     BlendedDistillDataset,
     DistillDataset,
     blending_indices,
-    blending_indices_loop,
     collate_distill,
 )
 from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
 from xtoken_nemo.data.synthetic import documents
+from xtoken_nemo.distill.batches import MicroBatches, StepBatchSampler
 from xtoken_nemo.distill.config import ConfigError, DistillConfig
-from xtoken_nemo.distill.data import MicroBatches, StepBatchSampler
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from blend_index import blending_indices_loop  # noqa: E402  (the previous rule: the reference)
 
 SEQ = 32
 
@@ -172,18 +176,25 @@ def test_teacher_tensors_padded_to_the_multiple(built):
     for multiple in (1, 8, 128):
         lengths = set()
         for step in range(3):
-            for batch in MicroBatches(ds, 8, 4, 0, 1, teacher_pad_multiple=multiple).for_step(step):
+            mb = MicroBatches(ds, 8, 4, 0, 1, teacher_pad_multiple=multiple)
+            idx = mb.indices(step)
+            for j, batch in enumerate(mb.for_step(step)):
+                samples = [ds[i] for i in idx[4 * j : 4 * (j + 1)]]
                 for m in (0, 1):
                     T = batch[f"teacher{m}_tokens"].shape[1]
                     lengths.add(T)
                     assert T % multiple == 0 and batch[f"teacher{m}_labels"].shape[1] == T
-                    mask = batch[f"teacher{m}_mask"]
-                    assert mask.shape == (4, T) and mask.any(dim=1).all()
-                    chunks, n = batch[f"teacher{m}_chunks"], batch[f"teacher{m}_num_chunks"]
-                    for b in range(4):  # chunks index real (unmasked) teacher positions only
-                        real = chunks[b, : int(n[b])]
+                    real_len = [s[f"teacher{m}_tokens"].shape[0] for s in samples]  # unpadded lengths
+                    assert 0 < max(real_len) <= T and min(real_len) > 0
+                    chunks = batch[f"teacher{m}_chunks"]
+                    assert chunks.shape[0] == 4 and chunks.shape[2] == 4
+                    for b in range(4):  # chunks index real (unpadded) teacher positions only
+                        n = int((chunks[b, :, 0] >= 0).sum())  # the real chunks come first, then -1 rows
+                        assert n == samples[b][f"teacher{m}_chunks"].shape[0]
+                        assert (chunks[b, n:] == -1).all()
+                        real = chunks[b, :n]
                         if len(real):
-                            assert int(real[:, 3].max()) <= int(mask[b].sum())
+                            assert int(real[:, 3].max()) <= real_len[b]
         if multiple == 128:
             assert lengths == {128}  # SEQ 32: every window fits one multiple
     # the real positions do not depend on the padding
@@ -192,9 +203,12 @@ def test_teacher_tensors_padded_to_the_multiple(built):
     for m in (0, 1):
         T = a[f"teacher{m}_tokens"].shape[1]
         assert b[f"teacher{m}_tokens"].shape[1] == 128
-        for key in ("tokens", "labels", "mask"):
+        for key in ("tokens", "labels"):
             torch.testing.assert_close(b[f"teacher{m}_{key}"][:, :T], a[f"teacher{m}_{key}"])
-        assert not b[f"teacher{m}_mask"][:, T:].any()
+            for k, s in enumerate(samples):  # real positions as read, padding id 0 beyond them
+                n = s[f"teacher{m}_{key}"].shape[0]
+                torch.testing.assert_close(b[f"teacher{m}_{key}"][k, :n], s[f"teacher{m}_{key}"])
+                assert not b[f"teacher{m}_{key}"][k, n:].any()
         torch.testing.assert_close(b[f"teacher{m}_chunks"], a[f"teacher{m}_chunks"])
 
 
@@ -236,9 +250,10 @@ def test_kd_loss_of_a_padded_batch_equals_the_unpadded(built, monkeypatch):
         batch = collate_distill(samples, teacher_pad_multiple=multiple)
         if multiple == 128:  # padding ids that would matter if anything read them
             for m in (0, 1):
-                mask = batch[f"teacher{m}_mask"]
-                batch[f"teacher{m}_tokens"][~mask] = V - 1
-                batch[f"teacher{m}_labels"][~mask] = V - 1
+                for k, s in enumerate(samples):
+                    n = s[f"teacher{m}_tokens"].shape[0]
+                    batch[f"teacher{m}_tokens"][k, n:] = V - 1
+                    batch[f"teacher{m}_labels"][k, n:] = V - 1
         s_logits = student(batch["tokens"] % V)
         outputs = []
         with torch.no_grad():

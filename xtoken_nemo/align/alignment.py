@@ -141,31 +141,6 @@ class Alignment:
         array = np.asarray(array)
         return cls(array[0::2].astype(np.int64), array[1::2].astype(np.int64), spans=None, method="stored")
 
-    def without_mismatches(self) -> "Alignment":
-        """Replace every DP mismatch chunk (a:b tokens) by two gap chunks (a:0 then 0:b)."""
-        if not self.num_mismatches:
-            return self
-        s_ends, t_ends, spans, prev_t = [], [], [], 0
-        span_list = self.spans.tolist() if self.spans is not None else [(0, 0)] * len(self)
-        for s, t, bad, sp in zip(self.student_ends.tolist(), self.teacher_ends.tolist(), self.mismatch.tolist(), span_list):
-            if bad:
-                s_ends += [s, s]
-                t_ends += [prev_t, t]
-                spans += [sp, (sp[1], sp[1])]
-            else:
-                s_ends.append(s)
-                t_ends.append(t)
-                spans.append(sp)
-            prev_t = t
-        return Alignment(
-            np.array(s_ends, dtype=np.int64),
-            np.array(t_ends, dtype=np.int64),
-            np.array(spans, dtype=np.int64).reshape(-1, 2) if self.spans is not None else None,
-            self.unit,
-            self.method,
-            None,
-        )
-
     def equals(self, other: "Alignment") -> bool:
         """Same chunk boundaries and same mismatch flags."""
         mine = self.mismatch if self.mismatch is not None else np.zeros(len(self), bool)

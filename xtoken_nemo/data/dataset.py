@@ -274,7 +274,7 @@ def blending_indices(weights, size: int, block: int = 1 << 22) -> tuple[np.ndarr
     After every prefix of t samples each dataset holds about ``w_d * t`` of them (measured with
     3-10 random weights: within 0.73-1.12 samples; the previous rule 0.69-0.91). It equals the
     previous rule (a Python loop: sample i to ``argmax(w * (i + 1) - counts)``,
-    :func:`blending_indices_loop`) for two datasets and for equal weights; with three or more
+    ``blending_indices_loop`` in bench/blend_index.py) for two datasets and for equal weights; with three or more
     unequal weights 7-35% of positions differ (a sequential greedy has no exact vectorized form:
     its choice depends on the step, not on each dataset's own count as a divisor rule does).
     Vectorized: each block of ``block`` key units (about ``block`` samples) is one stable argsort
@@ -305,24 +305,6 @@ def blending_indices(weights, size: int, block: int = 1 << 22) -> tuple[np.ndarr
         s_index[pos : pos + m] = np.concatenate(ks)[order]
         pos += m
         lo = hi
-    return d_index, s_index
-
-
-def blending_indices_loop(weights, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """The previous rule, kept as the benchmark and test reference (about 10^6 samples/s: do
-    not use it at ClimbMix scale): sample i goes to the dataset whose count is furthest below
-    ``w * (i + 1)`` (first on ties)."""
-    w = np.asarray(weights, dtype=np.float64)
-    w = w / w.sum()
-    counts = np.zeros(len(w), dtype=np.int64)
-    d_index = np.empty(size, dtype=np.int16)
-    s_index = np.empty(size, dtype=np.int64)
-    for i in range(size):
-        err = w * (i + 1) - counts
-        d = int(np.argmax(err))
-        d_index[i] = d
-        s_index[i] = counts[d]
-        counts[d] += 1
     return d_index, s_index
 
 
@@ -380,8 +362,7 @@ def collate_distill(samples: list[dict], teacher_pad_id: int = 0, teacher_pad_mu
     """Batch samples: student tensors stacked; teacher tokens/labels right-padded with
     ``teacher_pad_id`` to T = the longest window rounded up to a multiple of
     ``teacher_pad_multiple`` (few distinct shapes for the attention kernels and the caching
-    allocator), plus ``teacher{m}_mask`` [B, T] (True on real tokens); chunks padded with -1 to
-    [B, K, 4] plus ``teacher{m}_num_chunks`` [B]. Chunks index real positions only, so the
+    allocator); chunks padded with -1 to [B, K, 4]. Chunks index real positions only, so the
     padding (causal attention: it never affects real positions) is out of every loss."""
     out: dict = {}
     keys = samples[0].keys()
@@ -395,18 +376,12 @@ def collate_distill(samples: list[dict], teacher_pad_id: int = 0, teacher_pad_mu
             for b, v in enumerate(values):
                 batch[b, : v.shape[0]] = v
             out[key] = batch
-            if key.endswith("_tokens"):
-                mask = torch.zeros((len(values), T), dtype=torch.bool)
-                for b, v in enumerate(values):
-                    mask[b, : v.shape[0]] = True
-                out[key[: -len("_tokens")] + "_mask"] = mask
         elif key.startswith("teacher") and key.endswith("_chunks"):
             K = max(v.shape[0] for v in values)
             batch = torch.full((len(values), K, 4), -1, dtype=torch.int64)
             for b, v in enumerate(values):
                 batch[b, : v.shape[0]] = v
             out[key] = batch
-            out[key[: -len("_chunks")] + "_num_chunks"] = torch.tensor([v.shape[0] for v in values])
         else:
             out[key] = torch.stack(values)
     return out

@@ -96,9 +96,6 @@ class Tokenizer(ABC):
             raise TokenizerError(f"tokenizer '{self.name}': surface table has {len(table)} ids, expected {self.vocab_size}")
         return table
 
-    def token_bytes(self, token_id: int) -> bytes | None:
-        return self.surfaces[token_id]
-
     def token_text(self, token_id: int) -> str:
         """Readable text of one id: its surface (undecodable bytes escaped) or special content."""
         surface = self.surfaces[token_id]
