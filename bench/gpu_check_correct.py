@@ -280,7 +280,7 @@ def _ids(vocab: int) -> torch.Tensor:
 
 def cpu_checkpoint_child(work: Path) -> None:
     """In a process without CUDA: write a random checkpoint and the CPU load's logits."""
-    from xtoken_nemo.distill.models import save_random_checkpoint
+    from xtoken_nemo.distill.model_setup import save_random_checkpoint
     from xtoken_nemo.models.build import forward_logits
     from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
     from xtoken_nemo.models.runtime import ensure_model_parallel

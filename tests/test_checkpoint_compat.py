@@ -98,7 +98,7 @@ def _te_modules(model):
 
 def _arch():
     from xtoken_nemo.distill.config import ModelConfig
-    from xtoken_nemo.distill.models import hf_config_for
+    from xtoken_nemo.distill.model_setup import hf_config_for
     from xtoken_nemo.models.config import arch_from_hf_config
 
     mc = ModelConfig(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128)
@@ -141,7 +141,7 @@ class _Trainable:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
         from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
-        from xtoken_nemo.distill.models import mark_tensor_parallel_params
+        from xtoken_nemo.distill.model_setup import mark_tensor_parallel_params
 
         self.model = _model(seed, te)
         mark_tensor_parallel_params(self.model)
@@ -230,7 +230,7 @@ def test_checkpoint_missing_a_weight_is_refused_in_one_line(tmp_path):
 
 @pytest.mark.parametrize("saved_te", [False, True], ids=["local_to_te", "te_to_local"])
 def test_training_checkpoint_across_layer_specs(tmp_path, saved_te):
-    from xtoken_nemo.distill.checkpointing import load_checkpoint, save_checkpoint
+    from xtoken_nemo.distill.run_checkpoints import load_checkpoint, save_checkpoint
 
     src = _Trainable(seed=7, te=saved_te)
     src.step(0)
@@ -251,7 +251,7 @@ def test_training_checkpoint_across_layer_specs(tmp_path, saved_te):
 @pytest.fixture(scope="module")
 def two_checkpoints(tmp_path_factory):
     """iter_0000001 and iter_0000002 of one tiny run, and the weights/Adam state at iteration 1."""
-    from xtoken_nemo.distill.checkpointing import save_checkpoint
+    from xtoken_nemo.distill.run_checkpoints import save_checkpoint
 
     root = tmp_path_factory.mktemp("two") / "ckpt"
     t = _Trainable(seed=11)
@@ -280,7 +280,7 @@ def _truncate_largest_distcp(ckpt_dir: Path) -> Path:
 
 
 def test_corrupt_latest_falls_back_to_the_previous_checkpoint(two_checkpoints, tmp_path, caplog):
-    from xtoken_nemo.distill.checkpointing import resume_latest
+    from xtoken_nemo.distill.run_checkpoints import resume_latest
 
     src, (params_1, adam_1) = two_checkpoints
     root = _copy(src, tmp_path / "ckpt")
@@ -297,7 +297,7 @@ def test_corrupt_latest_falls_back_to_the_previous_checkpoint(two_checkpoints, t
 
 
 def test_corrupt_latest_without_fallback_is_a_one_line_error(two_checkpoints, tmp_path):
-    from xtoken_nemo.distill.checkpointing import CheckpointError, resume_latest
+    from xtoken_nemo.distill.run_checkpoints import CheckpointError, resume_latest
     from xtoken_nemo.errors import XTokenError
 
     root = _copy(two_checkpoints[0], tmp_path / "ckpt")
@@ -311,7 +311,7 @@ def test_corrupt_latest_without_fallback_is_a_one_line_error(two_checkpoints, tm
 
 
 def test_latest_naming_a_missing_directory_falls_back(two_checkpoints, tmp_path, caplog):
-    from xtoken_nemo.distill.checkpointing import resume_latest
+    from xtoken_nemo.distill.run_checkpoints import resume_latest
 
     root = _copy(two_checkpoints[0], tmp_path / "ckpt")
     (root / "latest.txt").write_text("5\n")
@@ -324,7 +324,7 @@ def test_latest_naming_a_missing_directory_falls_back(two_checkpoints, tmp_path,
 
 
 def test_only_checkpoint_corrupt_and_no_checkpoint(two_checkpoints, tmp_path):
-    from xtoken_nemo.distill.checkpointing import CheckpointError, resume_latest
+    from xtoken_nemo.distill.run_checkpoints import CheckpointError, resume_latest
 
     root = _copy(two_checkpoints[0], tmp_path / "ckpt", only=(1,))
     _truncate_largest_distcp(root / "iter_0000001")
@@ -335,12 +335,30 @@ def test_only_checkpoint_corrupt_and_no_checkpoint(two_checkpoints, tmp_path):
     assert resume_latest(tmp_path / "empty", t.model, t.optimizer, fallback=True) is None
 
 
+def test_latest_checkpoint_errors_are_one_line_xtoken_errors(tmp_path):
+    """`xtoken export`/`score`/lm-eval find a run's checkpoint with latest_checkpoint: no checkpoint,
+    a corrupt latest.txt and one naming a missing directory are CheckpointErrors (an XTokenError,
+    printed as one line by the CLI), not FileNotFoundError/RuntimeError tracebacks."""
+    from xtoken_nemo.distill.run_checkpoints import CheckpointError, latest_checkpoint
+    from xtoken_nemo.errors import XTokenError
+
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    for latest, expected in ((None, "latest.txt missing"), ("abc", "is corrupt"), ("7", "iter_0000007 is missing")):
+        if latest is not None:
+            (root / "latest.txt").write_text(latest + "\n")
+        with pytest.raises(CheckpointError) as err:
+            latest_checkpoint(root)
+        assert isinstance(err.value, XTokenError)
+        assert expected in str(err.value) and "\n" not in str(err.value)
+
+
 def _dp2_worker(rank, world_size, root):
     import os
     import threading
 
     import xtoken_nemo.models.checkpoint as mc
-    from xtoken_nemo.distill.checkpointing import resume_latest, save_checkpoint
+    from xtoken_nemo.distill.run_checkpoints import resume_latest, save_checkpoint
 
     watchdog = threading.Timer(180, os._exit, args=(17,))  # a hang fails the test instead of blocking it
     watchdog.daemon = True

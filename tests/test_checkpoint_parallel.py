@@ -64,7 +64,7 @@ def _optim_state(optimizer) -> list[torch.Tensor]:
 
 
 def _dp2_worker(rank, world_size, pair, run_dir):
-    from xtoken_nemo.distill import checkpointing as ck
+    from xtoken_nemo.distill import run_checkpoints as ck
     from xtoken_nemo.distill.trainer import Trainer
 
     run_dir = Path(run_dir)
@@ -183,8 +183,8 @@ def test_async_save_publishes_on_finalize_and_keeps_last_two(dp2):
 
 # ---- keep_last (one process) --------------------------------------------------------------------
 def test_keep_last_retention(sp_pair, tmp_path):  # noqa: F811
-    from xtoken_nemo.distill import checkpointing as ck
-    from xtoken_nemo.distill.checkpointing import (
+    from xtoken_nemo.distill import run_checkpoints as ck
+    from xtoken_nemo.distill.run_checkpoints import (
         CheckpointError,
         remove_old_checkpoints,
         save_checkpoint,

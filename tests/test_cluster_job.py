@@ -88,7 +88,7 @@ def _count_syncs_per_step(trainer, steps: int) -> list[int]:
 def test_signal_while_models_load_is_honoured_after_the_first_step(sp_pair, tmp_path, monkeypatch):  # noqa: F811
     """USR1 during start-up (here: while the teacher checkpoint loads), with USR1 ignored before
     the process starts as under the node wrapper: the run saves after step 1 and stops."""
-    import xtoken_nemo.distill.models as models
+    import xtoken_nemo.distill.model_setup as models
     from xtoken_nemo.distill.trainer import Trainer
 
     cfg = sp_config(sp_pair, tmp_path, steps=3, same_tok_teacher=False)
@@ -269,7 +269,7 @@ def test_run_resumes_past_a_corrupt_latest_checkpoint(sp_pair, tmp_path, caplog)
     run resumes from the one before with a loud warning, or stops in one line when told to."""
     import logging
 
-    from xtoken_nemo.distill.checkpointing import CheckpointError
+    from xtoken_nemo.distill.run_checkpoints import CheckpointError
     from xtoken_nemo.distill.trainer import Trainer
 
     cfg = sp_config(sp_pair, tmp_path, steps=2, same_tok_teacher=False)

@@ -63,7 +63,7 @@ def sp_pair(tmp_path_factory):
     W = build_projection_matrix(load_tokenizer(paths["student"]), load_tokenizer(paths["teacher"]), progress=False)
     W.save(root / "W.safetensors")
     # random models written once as checkpoints: the same weights at TP=1 and TP=2
-    from xtoken_nemo.distill.models import save_random_checkpoint
+    from xtoken_nemo.distill.model_setup import save_random_checkpoint
     from xtoken_nemo.models.runtime import ensure_model_parallel
 
     ensure_model_parallel(1)

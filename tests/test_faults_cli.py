@@ -68,7 +68,7 @@ def _cut(path: Path, nbytes: int) -> int:
 
 def _open_like_the_trainer(path: Path):
     from xtoken_nemo.distill.config import DataConfig, DistillConfig
-    from xtoken_nemo.distill.data import build_dataset
+    from xtoken_nemo.distill.batches import build_dataset
 
     cfg = DistillConfig(data=DataConfig(paths=[str(path)], seq_length=SEQ))
     return build_dataset(cfg, None, None)
@@ -77,6 +77,17 @@ def _open_like_the_trainer(path: Path):
 def test_intact_dataset_opens(tiny):
     ds = _open_like_the_trainer(tiny["data"])
     assert len(ds) > 0 and ds[len(ds) - 1]["tokens"].shape == (SEQ,)
+
+
+def test_data_shorter_than_one_window_is_a_one_line_error(tiny):
+    from xtoken_nemo.distill.batches import build_dataset
+    from xtoken_nemo.distill.config import DataConfig, DistillConfig
+
+    cfg = DistillConfig(data=DataConfig(paths=[str(tiny["data"])], seq_length=10**9))
+    with pytest.raises(DataError) as info:
+        build_dataset(cfg, None, None)
+    msg = str(info.value)
+    assert "\n" not in msg and "fewer tokens than one window" in msg and "data.seq_length" in msg
 
 
 @pytest.mark.parametrize("name", ["student.bin", "teacher0.bin", "teacher0.chunks.bin"])
@@ -249,7 +260,7 @@ def test_explicit_warnoptions_are_respected(console, monkeypatch):
 # ---------------------------------------------------------------------------------------------
 def test_tiny_train_console_has_no_warnings(tiny, tmp_path):
     from xtoken_nemo.distill.config import ModelConfig
-    from xtoken_nemo.distill.models import save_random_checkpoint
+    from xtoken_nemo.distill.model_setup import save_random_checkpoint
     from xtoken_nemo.models.runtime import ensure_model_parallel
     from xtoken_nemo.tokenizers import load_tokenizer
     from xtoken_nemo.vocab.build import build_projection_matrix

@@ -139,9 +139,9 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
-        from xtoken_nemo.distill.data import MicroBatches, build_dataset
+        from xtoken_nemo.distill.batches import MicroBatches, build_dataset
         from xtoken_nemo.distill.kd import TeacherLossSpec
-        from xtoken_nemo.distill.models import build_model
+        from xtoken_nemo.distill.model_setup import build_model
         from xtoken_nemo.losses import prepare_projection
         from xtoken_nemo.tokenizers import load_tokenizer
         from xtoken_nemo.vocab import ProjectionMatrix
@@ -414,7 +414,7 @@ class Trainer:
     def resume(self) -> bool:
         """Load the newest checkpoint that loads (an unreadable latest one falls back to the one
         before it unless ``checkpoint.fallback_on_corrupt`` is off)."""
-        from xtoken_nemo.distill.checkpointing import resume_latest
+        from xtoken_nemo.distill.run_checkpoints import resume_latest
 
         ckpt = self.cfg.checkpoint
         if not ckpt.resume:
@@ -432,7 +432,7 @@ class Trainer:
     def save(self, final: bool = False) -> Path:
         """Checkpoint the current step (``final``: the last save of this process, never async:
         the job is about to end or be requeued)."""
-        from xtoken_nemo.distill.checkpointing import save_checkpoint
+        from xtoken_nemo.distill.run_checkpoints import save_checkpoint
 
         ckpt = self.cfg.checkpoint
         self.state.scheduler = self.scheduler.state_dict()
@@ -458,7 +458,7 @@ class Trainer:
         """Train to ``train.train_steps``; returns a summary (losses per step, status)."""
         from tqdm.auto import tqdm
 
-        from xtoken_nemo.distill.checkpointing import finalize_pending_save
+        from xtoken_nemo.distill.run_checkpoints import finalize_pending_save
         from xtoken_nemo.distill.progress import ProgressLog
 
         cfg = self.cfg

@@ -89,7 +89,7 @@ def write_tokenizer(tokenizer_spec: str, out_dir: Path) -> None:
 
 def export_student(checkpoint: str | Path, out_dir: Path, like: str | None = None, dtype: str | None = None) -> dict:
     """Export the newest checkpoint (same code path as `xtoken export`) plus tokenizer files."""
-    from xtoken_nemo.distill.checkpointing import latest_checkpoint
+    from xtoken_nemo.distill.run_checkpoints import latest_checkpoint
     from xtoken_nemo.models.convert import mcore_to_hf
 
     source = latest_checkpoint(checkpoint)

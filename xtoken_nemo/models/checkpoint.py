@@ -264,13 +264,15 @@ def load_mcore_checkpoint(
     parallel_output: bool = True,
     tp: int | None = None,
     parallel: bool | None = None,
+    kernels=None,
 ):
     """Rebuild the GPTModel of a converted checkpoint on the current TP layout and load it.
 
     ``params_dtype`` None keeps the checkpoint's dtype. parallel_state must be initialized
     (:func:`xtoken_nemo.models.runtime.ensure_model_parallel` in a single process).
     ``parallel``: spread the reads over the data-parallel ranks (None: when DP > 1; see
-    :func:`dist_load`). Returns ``(model, arch, metadata)``.
+    :func:`dist_load`). ``kernels``: :class:`~xtoken_nemo.models.config.KernelOptions` for the
+    builder (None: unfused). Returns ``(model, arch, metadata)``.
     """
     from megatron.core import parallel_state
 
@@ -284,7 +286,7 @@ def load_mcore_checkpoint(
     dtype = dtype_from_name(meta["params_dtype"]) if params_dtype is None else params_dtype
     model = build_gpt_model(
         arch, meta["padded_vocab_size"], tp=tp, params_dtype=dtype, use_te=use_te,
-        parallel_output=parallel_output, perform_initialization=False,
+        parallel_output=parallel_output, perform_initialization=False, kernels=kernels,
     )
     load_into_model(model, ckpt_dir, parallel=parallel)
     log.info("loaded %s checkpoint %s (tp=%d, dtype=%s)", arch.family, ckpt_dir, tp, dtype_name(dtype))

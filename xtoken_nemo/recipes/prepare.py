@@ -15,7 +15,7 @@ def prepare_cpu_tiny(root: str | Path, documents: int = 60, progress: bool = Fal
     from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
     from xtoken_nemo.data.synthetic import documents as synthetic_documents
     from xtoken_nemo.distill.config import ModelConfig
-    from xtoken_nemo.distill.models import save_random_checkpoint
+    from xtoken_nemo.distill.model_setup import save_random_checkpoint
     from xtoken_nemo.models.runtime import ensure_model_parallel
     from xtoken_nemo.recipes.cpu_tiny import SEQ_LENGTH, TEACHERS, TINY
     from xtoken_nemo.tokenizers import load_tokenizer

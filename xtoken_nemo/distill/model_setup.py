@@ -58,17 +58,10 @@ def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.d
     from xtoken_nemo.models.config import arch_from_hf_config
 
     if mc.checkpoint:
-        from xtoken_nemo.models.checkpoint import arch_from_metadata, load_into_model, read_metadata
-        from xtoken_nemo.models.config import check_tp
+        from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
 
-        # load_mcore_checkpoint's steps, with the run's kernel options passed to the builder
-        meta = read_metadata(mc.checkpoint)
-        arch = arch_from_metadata(meta)
+        model, arch, meta = load_mcore_checkpoint(mc.checkpoint, params_dtype=params_dtype, tp=tp, kernels=kernels)
         padded = int(meta["padded_vocab_size"])
-        check_tp(arch, tp, padded)
-        model = build_gpt_model(arch, padded, tp=tp, params_dtype=params_dtype, perform_initialization=False, kernels=kernels)
-        load_into_model(model, mc.checkpoint)
-        log.info("loaded %s checkpoint %s (tp=%d)", arch.family, mc.checkpoint, tp)
         if arch.vocab_size < vocab_size:
             raise ConfigError(
                 f"model checkpoint {mc.checkpoint} has vocab_size {arch.vocab_size} but tokenizer "

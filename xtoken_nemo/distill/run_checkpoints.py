@@ -90,7 +90,7 @@ def latest_checkpoint(root: str | os.PathLike) -> Path:
         return root
     iteration = latest_iteration(root)
     if iteration is None:
-        raise FileNotFoundError(f"{root} holds no complete checkpoint ({LATEST} missing): train first, or give an iter_N directory")
+        raise CheckpointError(f"{root} holds no complete checkpoint ({LATEST} missing): train first, or give an iter_N directory")
     return iteration_dir(root, iteration)
 
 
@@ -101,10 +101,13 @@ def latest_iteration(root: str | os.PathLike) -> int | None:
         return None
     text = path.read_text().strip()
     if not text.isdigit():
-        raise RuntimeError(f"{path} is corrupt ({text!r}); delete it to start over or fix the iteration number")
+        raise CheckpointError(f"{path} is corrupt ({text!r}); delete it to start over or fix the iteration number")
     iteration = int(text)
     if not iteration_dir(Path(root), iteration).is_dir():
-        raise RuntimeError(f"{path} names iteration {iteration} but {iteration_dir(Path(root), iteration)} is missing")
+        raise CheckpointError(
+            f"{path} names iteration {iteration} but {iteration_dir(Path(root), iteration)} is missing: "
+            f"restore that directory, or write the number of a complete iter_N directory into {path}"
+        )
     return iteration
 
 

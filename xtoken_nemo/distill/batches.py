@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 def build_dataset(cfg: DistillConfig, student_tok, teacher_toks: list):
     from xtoken_nemo.data.dataset import BlendedDistillDataset, DistillDataset
+    from xtoken_nemo.data.errors import DataError
 
     datasets = [
         DistillDataset(path, seq_length=cfg.data.seq_length, teachers=teacher_toks, student=student_tok, shuffle=cfg.data.shuffle, seed=cfg.train.seed)
@@ -34,7 +35,7 @@ def build_dataset(cfg: DistillConfig, student_tok, teacher_toks: list):
     ]
     for path, ds in zip(cfg.data.paths, datasets):
         if len(ds) == 0:
-            raise RuntimeError(f"{path} holds fewer tokens than one window of {cfg.data.seq_length}: add data or lower data.seq_length")
+            raise DataError(f"{path} holds fewer tokens than one window of {cfg.data.seq_length}: add data or lower data.seq_length")
     if len(datasets) == 1:
         return datasets[0]
     weights = cfg.data.weights or [1.0] * len(datasets)
