@@ -1,6 +1,6 @@
 """Measure: how far does the per-micro-batch dynamic ratio sg(L_CE / |L_KD|) stray from the ratio
 of the whole global batch, and how much does the global ratio move from one step to the next?
-(method.md section 4, issue 13; the answer decides ``train.kd_scale_source``, docs/losses.md.)
+(docs/method.md, "Dynamic KD/CE scaling"; the answer decides ``train.kd_scale_source``, docs/losses.md.)
 
 Set-up (CPU, real tokenizers): a tiny Llama student (llama3 tokenizer, 128k vocab), a tiny Qwen3
 teacher (qwen3 tokenizer, P-KL through the real W, alpha 0.7) and a tiny Llama teacher (llama3

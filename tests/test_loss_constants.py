@@ -1,4 +1,4 @@
-"""Loss values must mean something (method.md 3.1, issue 13): no logged KD loss, no dynamic scale
+"""Loss values must mean something (docs/method.md, "Trainable part and constant"): no logged KD loss, no dynamic scale
 and no gradient may depend on a clamp or an epsilon.
 
 Two structural zeros on the student side make a KL term infinite in exact math: the rest bucket of

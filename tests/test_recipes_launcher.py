@@ -1,4 +1,4 @@
-"""Recipes (every run of method.md section 5), the derived parallel layout, and the rendered
+"""Recipes (every run of docs/method.md, "The paper's runs"), the derived parallel layout, and the rendered
 sbatch scripts (bash -n, directives, embedded config). Fast: no training, no SLURM."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""W (method.md 3.2) and the coverage audit on the real built-in tokenizers."""
+"""W (docs/method.md, "The projection matrix W") and the coverage audit on the real built-in tokenizers."""
 
 import json
 
@@ -51,7 +51,7 @@ def test_multi_token_weights_as_in_the_method(w_qwen, w_phi, llama3, qwen3, phi4
     assert _named_row(w_phi, llama3, phi4mini, "Hundreds") == {"Hund": 0.9091, "reds": 0.0909}
     assert _named_row(w_phi, llama3, phi4mini, "201") == {"201": 1.0}
     # a 4-piece row carries (0.9000, 0.0900, 0.0090, 0.0009)
-    # (the exact values are 0.9 * 0.1^i / 0.9999; method.md prints them to 4 places)
+    # (the exact values are 0.9 * 0.1^i / 0.9999; docs/method.md prints them to 4 places)
     four = torch.nonzero(w_qwen.row_nnz() == 4).squeeze(1)
     distinct = [int(s) for s in four if len(set(w_qwen.indices[s].tolist())) == 4]
     assert distinct, "expected some 4-piece rows"

@@ -1,4 +1,4 @@
-"""Span alignment of two tokenizations of one text (method.md 3.1).
+"""Span alignment of two tokenizations of one text (docs/method.md, "Span alignment and chunks").
 
     from xtoken_nemo.align import align_text, align_ids
     aligned = align_text("Hundreds of 2024 cats", load_tokenizer("llama3"), load_tokenizer("qwen3"))

@@ -13,7 +13,7 @@ Design rules:
   training code can add groups (CUDA RNG tracker, ``device="cuda"`` redirection, ...) here later
   without touching callers: ``install_cpu_shims(groups=("core", "rng"))``.
 
-Measured needs (megatron-core 0.16.1, torch 2.13 CPU): see ../shared/design.md, "Megatron-core on CPU".
+Measured needs (megatron-core 0.16.1, torch 2.13 CPU): see docs/architecture.md, "Megatron-core on CPU".
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``xtoken report RUN_DIRS...``: one row per run in the paper's layout (method.md section 5),
+"""``xtoken report RUN_DIRS...``: one row per run in the paper's layout (docs/method.md, "The paper's runs"),
 our scores beside the paper's GSM8k and average."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Recipes: one short module per run of the paper (method.md section 5) plus ``debug-1gpu`` and
+"""Recipes: one short module per run of the paper (docs/method.md, "The paper's runs") plus ``debug-1gpu`` and
 ``cpu-tiny``. Each module defines ``RECIPE``, a :class:`Recipe` whose ``config(root)`` returns the
 run's :class:`~xtoken_nemo.distill.config.DistillConfig`.
 

@@ -56,7 +56,7 @@ def default_root() -> Path:
 
 @dataclass(frozen=True)
 class PaperRow:
-    """The row of method.md section 5 a recipe reproduces (None: the paper gives no figure)."""
+    """The row of docs/method.md, "The paper's runs", a recipe reproduces (None: the paper gives no figure)."""
 
     setting: str
     method: str

@@ -1,5 +1,5 @@
 """Coverage audit: which student-token categories land in the strict common set C, and the
-loss it recommends for a teacher (method.md 3.3).
+loss it recommends for a teacher (docs/method.md, "Coverage audit: choosing P-KL or H-KL").
 
 For each category, ``total`` counts the category's strings that are single student tokens and
 ``covered`` those whose teacher counterpart is an exact canonical match. Rule: if a *critical*

@@ -1,4 +1,4 @@
-"""Builds W from the two tokenizers alone (method.md 3.2).
+"""Builds W from the two tokenizers alone (docs/method.md, "The projection matrix W").
 
 Pass 1: W[s, t] = 1 where the canonical forms are equal (special tokens by role).
 Pass 2: a student token without an exact match is tokenized by the teacher as mid-text; n <= 4
