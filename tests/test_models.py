@@ -384,7 +384,7 @@ def test_padded_vocab_must_divide_tp(built):
 
 
 def test_tokenizer_larger_than_model_vocab_is_refused(built, llama3, capsys):
-    from xtoken_nemo.models.cli import add_score_parser
+    from xtoken_nemo.cli.models import add_score_parser
 
     parser = argparse.ArgumentParser()
     add_score_parser(parser.add_subparsers())
@@ -397,7 +397,7 @@ def test_tokenizer_larger_than_model_vocab_is_refused(built, llama3, capsys):
 
 
 def _parser():
-    from xtoken_nemo.models.cli import add_convert_parser, add_score_parser
+    from xtoken_nemo.cli.models import add_convert_parser, add_score_parser
 
     parser = argparse.ArgumentParser(prog="xtoken")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -1,4 +1,4 @@
-"""`xtoken convert ...` and `xtoken score ...` subcommands (wired into xtoken_nemo/cli.py).
+"""`xtoken convert ...` and `xtoken score ...` subcommands (wired into xtoken_nemo/cli/__init__.py).
 
     xtoken convert hf-to-mcore --hf DIR --out DIR [--tp N] [--vocab-divisor 128] [--dtype bfloat16]
     xtoken convert mcore-to-hf --mcore DIR --out DIR [--like HF_DIR]

@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from xtoken_nemo.distill.checkpointing import latest_checkpoint
+    from xtoken_nemo.distill.run_checkpoints import latest_checkpoint
     from xtoken_nemo.models.convert import mcore_to_hf
 
     source = latest_checkpoint(args.checkpoint)
@@ -64,7 +64,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_init_model(args: argparse.Namespace) -> int:
     from xtoken_nemo.distill.config import ModelConfig
-    from xtoken_nemo.distill.models import save_random_checkpoint
+    from xtoken_nemo.distill.model_setup import save_random_checkpoint
     from xtoken_nemo.models.runtime import ensure_model_parallel
     from xtoken_nemo.tokenizers import load_tokenizer
 
