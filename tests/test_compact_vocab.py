@@ -1,4 +1,5 @@
-"""Compact vocabularies (tokenizers/compact.py): the real tokenizers restricted to a corpus's ids.
+"""Compact vocabularies (tokenizers/compact.py; W on them: vocab/compact.py): the real tokenizers
+restricted to a corpus's ids.
 
 What the demo relies on: the same segmentation and character offsets as the full tokenizer (so the
 alignment is the full one), the common set and W equal to the full ones restricted, and a clear
@@ -12,14 +13,10 @@ import pytest
 
 from xtoken_nemo.errors import TokenizerError
 from xtoken_nemo.tokenizers import load_tokenizer
-from xtoken_nemo.tokenizers.compact import (
-    CompactTokenizer,
-    corpus_ids,
-    projection_support,
-    restrict_projection,
-)
+from xtoken_nemo.tokenizers.compact import CompactTokenizer, corpus_ids
 from xtoken_nemo.vocab.build import build_projection_matrix
 from xtoken_nemo.vocab.canonical import exact_matches
+from xtoken_nemo.vocab.compact import projection_support, restrict_projection
 
 TEXTS = ["The room of Alice is 47.", "The room of Zoe is 98.\nEvery room has a number.", "Counting 1, 12, 123 and 1234."]
 

@@ -29,6 +29,9 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from xtoken_nemo.demo.runs import RunSpec, run_dir_name
+from xtoken_nemo.distill.config import KDMode
+
 log = logging.getLogger(__name__)
 
 STUDENT_TOK = "llama3"
@@ -83,32 +86,18 @@ def fast_config() -> DemoConfig:
     )
 
 
-@dataclass
-class RunSpec:
-    """One student configuration (trained once per seed as ``<name>-s<seed>``)."""
-
-    name: str
-    setting: str  # table grouping
-    method: str
-    teachers: list = field(default_factory=list)  # [(teacher_tok, mode, alpha)]
-
-
 def student_runs(recommended: dict[str, str], alphas: tuple = (0.5, 0.5)) -> list[RunSpec]:
     runs = [RunSpec("ce-only", "no teacher", "CE only")]
     label = {"gold": "GOLD", "uld": "ULD", "pkl": "X-Token P-KL", "hkl": "X-Token H-KL"}
     for t in TEACHER_TOKS:
         for mode in MODES:
             method = label[mode]
-            if mode in ("pkl", "hkl"):
+            if KDMode(mode).needs_projection:
                 method += " (audit's pick)" if recommended[t] == mode else " (other mode)"
             runs.append(RunSpec(f"{t}-{mode}", t, method, [(t, mode, 1.0)]))
     multi = [(t, recommended[t], a) for t, a in zip(TEACHER_TOKS, alphas)]
     runs.append(RunSpec("multi-xtoken", "qwen3 + phi4mini", f"X-Token two teachers (audit's modes, alpha {alphas[0]:g}/{alphas[1]:g})", multi))
     return runs
-
-
-def run_dir_name(run: str, seed: int) -> str:
-    return f"{run}-s{seed}"
 
 
 class Demo:
@@ -257,12 +246,8 @@ class Demo:
         """Each tokenizer restricted to the ids the demo's text uses; a teacher's also keeps the ids
         W's rows for the student's kept ids reach, so the restricted W loses no mass."""
         from xtoken_nemo.tokenizers import load_tokenizer
-        from xtoken_nemo.tokenizers.compact import (
-            CompactTokenizer,
-            corpus_ids,
-            projection_support,
-            restrict_projection,
-        )
+        from xtoken_nemo.tokenizers.compact import CompactTokenizer, corpus_ids
+        from xtoken_nemo.vocab.compact import projection_support, restrict_projection
 
         full = {t: load_tokenizer(t) for t in (STUDENT_TOK, *TEACHER_TOKS)}
         student_ids = corpus_ids(full[STUDENT_TOK], texts)
@@ -421,7 +406,7 @@ class Demo:
             for run in runs:
                 tcs = [
                     TeacherConfig(
-                        name=t, mode=mode, alpha=alpha, projection=str(self.w_path(t)) if mode in ("pkl", "hkl") else None,
+                        name=t, mode=mode, alpha=alpha, projection=str(self.w_path(t)) if KDMode(mode).needs_projection else None,
                         # the exact sort: at 174-256 ids it is far cheaper than the histogram's
                         # 12,800 bins per row (built for 128k-200k vocabularies)
                         uld_method="sort",

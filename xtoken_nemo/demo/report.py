@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from xtoken_nemo.demo.evaluate import bootstrap_indices, paired_difference, summarize
+from xtoken_nemo.demo.runs import run_dir_name
 
 METRICS = ("numeral_exact_match", "first_digit_match", "answer_nll", "numeral_ce", "heldout_ce")
 PERCENT = {"numeral_exact_match", "first_digit_match"}
@@ -58,8 +59,6 @@ def _verdict(diff: float, ci: list[float], sign: int, at_least: bool) -> str:
 
 
 def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals, timings, echo=print) -> dict:
-    from xtoken_nemo.demo.pipeline import run_dir_name
-
     first = next(iter(evals.values()))
     idx = bootstrap_indices(len(first.doc_nll), len(first.correct), cfg.bootstrap, seed=cfg.seed)
     per_run = {r.name: [evals[run_dir_name(r.name, s)] for s in cfg.seeds] for r in runs}
@@ -245,8 +244,6 @@ def plot_losses(out: Path, cfg, runs, teachers, students) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from xtoken_nemo.demo.pipeline import run_dir_name
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for t, rec in teachers.items():

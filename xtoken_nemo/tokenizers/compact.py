@@ -14,7 +14,8 @@ with a token outside the kept ids is an error naming the token: nothing is silen
 
 Because a compact tokenizer has the same segmentation, character offsets and surfaces, the
 alignment (character spans) and the exact-match common set computed on it are the full ones
-restricted to the kept ids; W built on the full tokenizers is restricted by :func:`restrict_projection`.
+restricted to the kept ids; W built on the full tokenizers is restricted by
+:func:`xtoken_nemo.vocab.compact.restrict_projection`.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-
-import torch
 
 from xtoken_nemo.errors import TokenizerError
 from xtoken_nemo.tokenizers.base import Encoding, Tokenizer
@@ -45,7 +44,6 @@ class CompactTokenizer(Tokenizer):
         self.vocab_size = len(kept)
         self.adds_bos_by_default = base.adds_bos_by_default
         self._to_compact = {b: c for c, b in enumerate(kept)}
-        self._to_base = torch.tensor(kept, dtype=torch.int64)
         self.special_tokens = {self._to_compact[b]: s for b, s in base.special_tokens.items() if b in self._to_compact}
         self.special_ids = {role: self._to_compact[b] for role, b in base.special_ids.items() if b in self._to_compact}
 
@@ -119,41 +117,3 @@ def corpus_ids(tokenizer: Tokenizer, texts: list[str]) -> set[int]:
     for row in tokenizer.encode_batch(texts):
         ids.update(row)
     return ids
-
-
-def restrict_projection(W, student: CompactTokenizer, teacher: CompactTokenizer):
-    """W [V_S, V_T] built on the full tokenizers -> W [n_S, n_T] on the compact ones.
-
-    Every teacher id a kept student row reaches must be kept (build the teacher's compact
-    vocabulary with :func:`projection_support`), so no row loses mass."""
-    from xtoken_nemo.vocab import ProjectionMatrix
-
-    W.check_tokenizers(student.base, teacher.base)
-    rows = torch.tensor(student.kept_ids, dtype=torch.int64)
-    indices, values = W.indices[rows].clone(), W.values[rows].clone()
-    lookup = torch.full((teacher.base.vocab_size,), -1, dtype=torch.int64)
-    lookup[teacher._to_base] = torch.arange(teacher.vocab_size)
-    used = indices >= 0
-    mapped = torch.where(used, lookup[indices.clamp(min=0)], indices)
-    lost = used & (mapped < 0)
-    if bool(lost.any()):
-        r = int(lost.nonzero()[0, 0])
-        raise TokenizerError(
-            f"W row of student token {student.token_text(r)!r} reaches teacher id {int(indices[lost][0])} "
-            f"({teacher.base.token_text(int(indices[lost][0]))!r}) outside the compact teacher vocabulary '{teacher.name}'; "
-            "build it with projection_support()"
-        )
-    meta = dict(W.metadata)
-    meta.update(
-        student_name=student.name, student_fingerprint=student.fingerprint,
-        teacher_name=teacher.name, teacher_fingerprint=teacher.fingerprint,
-        restricted_from=f"{W.metadata.get('student_name', '?')} x {W.metadata.get('teacher_name', '?')}",
-    )
-    return ProjectionMatrix(mapped, values, teacher.vocab_size, meta)
-
-
-def projection_support(W, student_base_ids: set[int]) -> set[int]:
-    """Teacher ids that W's rows for ``student_base_ids`` reach."""
-    rows = torch.tensor(sorted(student_base_ids), dtype=torch.int64)
-    cols = W.indices[rows]
-    return set(cols[cols >= 0].tolist())
