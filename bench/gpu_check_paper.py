@@ -1,11 +1,12 @@
 """Part 2 of the GPU check: the paper-shape distillation step through the real ``Trainer``.
 
-Every figure comes from the trainer's own code: ``Trainer.train_step`` runs unchanged; the split
-of the step is measured by *wrapping* objects at run time (CUDA-synchronized timers around the
-student's and teachers' forward, ``xtoken_nemo.distill.kd.student_ce``/``teacher_kd_loss``, the
-DDP's ``finish_grad_sync`` and the optimizer's ``step``; identity autograd taps time the KD loss's
-backward and the student's backward). Clean steps (no wrappers, no extra synchronization) give
-tokens/s; instrumented steps after them give the split.
+Every figure comes from the trainer's own code: ``Trainer.train_step`` runs unchanged. Clean steps
+give tokens/s; profiled steps after them (``torch.profiler``, CPU and, where there is one, CUDA
+activity) give the split, read from the profiler ranges the trainer and ``distill/kd.py`` mark:
+``xtoken/student_forward``, ``xtoken/teacher_forward/<teacher>``, ``xtoken/ce_forward``,
+``xtoken/kd/<teacher>``, ``xtoken/grad_sync`` and ``xtoken/optimizer_step`` (kernel time on CUDA,
+wall time on CPU). The backward of the student and of the KD losses is the time of the autograd
+nodes created inside the student-forward and KD ranges (matched by the autograd sequence number).
 
 Shapes (random weights; real tokenizers, so real vocabularies):
 
@@ -19,6 +20,7 @@ Shapes (random weights; real tokenizers, so real vocabularies):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import time
@@ -70,136 +72,79 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-class Clock:
+#: the profiler ranges of the trainer and distill/kd.py (a name, or a prefix ending in "/") -> part
+RANGES = {
+    "xtoken/student_forward": "student_forward",
+    "xtoken/teacher_forward/": "teacher_forward",
+    "xtoken/ce_forward": "ce_forward",
+    "xtoken/kd/": "kd_forward",
+    "xtoken/grad_sync": "optimizer",
+    "xtoken/optimizer_step": "optimizer",
+}
+#: forward parts whose autograd nodes' backward is timed, and the part that time goes to
+BACKWARD_OF = {"student_forward": "student_backward", "kd_forward": "kd_backward"}
+_BACKWARD_NODE = "autograd::engine::evaluate_function: "
+
+
+def _part(name: str) -> str | None:
+    for prefix, part in RANGES.items():
+        if name == prefix or (prefix.endswith("/") and name.startswith(prefix)):
+            return part
+    return None
+
+
+class StepProfile:
+    """A ``torch.profiler.profile`` around one step (a context manager); ``split()`` turns its
+    ranges into the step's parts in seconds."""
+
     def __init__(self) -> None:
-        self.reset()
+        from torch.profiler import ProfilerActivity
 
-    def reset(self) -> None:
-        self.acc: dict[str, float] = {}
-        self.marks: dict[str, list[float]] = {}
+        self.cuda = torch.cuda.is_available()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        self.profiler = torch.profiler.profile(activities=activities)
 
-    def add(self, key: str, seconds: float) -> None:
-        self.acc[key] = self.acc.get(key, 0.0) + seconds
+    def __enter__(self) -> StepProfile:
+        self.profiler.__enter__()
+        return self
 
-    def mark(self, key: str) -> None:
-        sync()
-        self.marks.setdefault(key, []).append(time.perf_counter())
+    def __exit__(self, *exc) -> None:
+        self.profiler.__exit__(*exc)
 
-
-class _Tap(torch.autograd.Function):
-    """Identity; its backward marks the time when the gradient of its output is complete."""
-
-    @staticmethod
-    def forward(ctx, x, key, clock):
-        ctx.key, ctx.clock = key, clock
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        ctx.clock.mark(ctx.key)
-        return grad, None, None
-
-
-def _timed(fn, key: str, clock: Clock, enabled: dict):
-    def wrapper(*a, **k):
-        if not enabled["on"]:
-            return fn(*a, **k)
-        sync()
-        t0 = time.perf_counter()
-        out = fn(*a, **k)
-        sync()
-        clock.add(key, time.perf_counter() - t0)
-        return out
-
-    return wrapper
-
-
-class Instrument:
-    """Wraps a live Trainer's objects (switchable); ``split()`` turns one step's clock into shares."""
-
-    def __init__(self, trainer) -> None:
-        import xtoken_nemo.distill.kd as kd
-
-        self.clock = Clock()
-        self.enabled = {"on": False}
-        self._kd = kd
-        self._orig = {"student_ce": kd.student_ce, "teacher_kd_loss": kd.teacher_kd_loss}
-        clock, enabled = self.clock, self.enabled
-        for teacher in trainer.teachers:
-            teacher.forward = _timed(teacher.forward, "teacher_forward", clock, enabled)
-        kd.student_ce = _timed(kd.student_ce, "ce_forward", clock, enabled)
-        original_kd = kd.teacher_kd_loss
-        counter = {"i": 0}
-
-        def teacher_kd_loss(spec, student_logits, *rest, **kw):
-            if not enabled["on"]:
-                return original_kd(spec, student_logits, *rest, **kw)
-            i = counter["i"]
-            counter["i"] += 1
-            s = _Tap.apply(student_logits, f"kd_in{i}", clock)
-            sync()
-            t0 = time.perf_counter()
-            loss, n, merged = original_kd(spec, s, *rest, **kw)
-            sync()
-            clock.add("kd_forward", time.perf_counter() - t0)
-            if loss.requires_grad:
-                loss = _Tap.apply(loss, f"kd_out{i}", clock)
-            return loss, n, merged
-
-        kd.teacher_kd_loss = teacher_kd_loss
-        self._counter = counter
-        model_forward = trainer.model.forward
-
-        def student_forward(*a, **k):
-            if not enabled["on"]:
-                return model_forward(*a, **k)
-            sync()
-            t0 = time.perf_counter()
-            out = model_forward(*a, **k)
-            sync()
-            clock.add("student_forward", time.perf_counter() - t0)
-            return _Tap.apply(out, "logits_grad", clock)
-
-        trainer.model.forward = student_forward
-        fgs = trainer.model.finish_grad_sync
-
-        def finish_grad_sync(*a, **k):
-            if enabled["on"]:
-                clock.mark("finish_grad_sync")
-            return _timed(fgs, "optimizer", clock, enabled)(*a, **k)
-
-        trainer.model.finish_grad_sync = finish_grad_sync
-        trainer.optimizer.step = _timed(trainer.optimizer.step, "optimizer", clock, enabled)
-
-    def restore_module(self) -> None:
-        self._kd.student_ce = self._orig["student_ce"]
-        self._kd.teacher_kd_loss = self._orig["teacher_kd_loss"]
-
-    def start(self) -> None:
-        self.clock.reset()
-        self._counter["i"] = 0
-        self.enabled["on"] = True
-
-    def stop(self) -> None:
-        self.enabled["on"] = False
+    def _seconds(self, event) -> float:
+        return (event.device_time_total if self.cuda else event.cpu_time_total) / 1e6
 
     def split(self, total: float) -> dict:
-        acc, marks = self.clock.acc, self.clock.marks
-        kd_bwd = 0.0
-        for key, ins in marks.items():
-            if key.startswith("kd_in"):
-                outs = marks.get("kd_out" + key[5:], [])
-                if ins and outs:
-                    kd_bwd += max(0.0, ins[-1] - outs[-1])
-        student_bwd = 0.0
-        if marks.get("logits_grad") and marks.get("finish_grad_sync"):
-            student_bwd = max(0.0, marks["finish_grad_sync"][-1] - marks["logits_grad"][-1])
+        events = self.profiler.events()
+        acc: dict[str, float] = {}
+        timed_ranges = []  # (thread, start, end, backward part) of the ranges whose backward is timed
+        for e in events:
+            part = _part(e.name)
+            if part is None:
+                continue
+            acc[part] = acc.get(part, 0.0) + self._seconds(e)
+            if part in BACKWARD_OF:
+                timed_ranges.append((e.thread, e.time_range.start, e.time_range.end, BACKWARD_OF[part]))
+        # the autograd nodes created inside those ranges, by (forward thread, sequence number)
+        owner: dict[tuple[int, int], str] = {}
+        for e in events:
+            if e.sequence_nr < 0 or e.name.startswith(_BACKWARD_NODE):
+                continue
+            for thread, start, end, part in timed_ranges:
+                if e.thread == thread and start <= e.time_range.start and e.time_range.end <= end:
+                    owner[(e.thread, e.sequence_nr)] = part
+                    break
+        for e in events:
+            if e.name.startswith(_BACKWARD_NODE) and e.sequence_nr >= 0:
+                part = owner.get((e.fwd_thread, e.sequence_nr))
+                if part is not None:
+                    acc[part] = acc.get(part, 0.0) + self._seconds(e)
         parts = {
             "student_forward_s": acc.get("student_forward", 0.0),
-            "student_backward_s": student_bwd,
+            "student_backward_s": acc.get("student_backward", 0.0),
             "teacher_forward_s": acc.get("teacher_forward", 0.0),
             "kd_forward_s": acc.get("kd_forward", 0.0),
-            "kd_backward_s": kd_bwd,
+            "kd_backward_s": acc.get("kd_backward", 0.0),
             "ce_forward_s": acc.get("ce_forward", 0.0),
             "optimizer_s": acc.get("optimizer", 0.0),
         }
@@ -278,7 +223,6 @@ def run_paper(kind: str, args, report, prep: dict, deadline: float) -> None:
     for spec, teacher in zip(trainer.teacher_specs, trainer.teachers):
         report.measure(f"{kind}.teacher.{spec.config.name}.params_M", round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1),
                        note=f"mode {spec.config.mode}, head_dim {trainer.teacher_archs[trainer.teachers.index(teacher)].head_dim}")
-    inst = Instrument(trainer)
     step = 0
     clean, instrumented, metrics = [], [], {}
     try:
@@ -287,25 +231,22 @@ def run_paper(kind: str, args, report, prep: dict, deadline: float) -> None:
                 if time.time() > deadline - 5:
                     report.skip(f"{kind}.{phase}_step{step}", "budget")
                     break
-                if phase == "instrumented":
-                    inst.start()
-                sync()
-                t = time.perf_counter()
-                metrics = trainer.train_step(step)
-                sync()
-                dt = time.perf_counter() - t
-                inst.stop()
+                profile = StepProfile() if phase == "instrumented" else contextlib.nullcontext()
+                with profile:
+                    sync()
+                    t = time.perf_counter()
+                    metrics = trainer.train_step(step)
+                    sync()
+                    dt = time.perf_counter() - t
                 step += 1
                 if phase == "clean":
                     clean.append(dt)
                 elif phase == "instrumented":
-                    instrumented.append(inst.split(dt))
+                    instrumented.append(profile.split(dt))
                 report.say(f"[gpu_check] {kind} {phase} step {step}: {dt:.3f} s  total={metrics.get('total', float('nan')):.4g} "
                            f"ce={metrics.get('ce', float('nan')):.4g} kd={metrics.get('kd', float('nan')):.4g} grad_norm={metrics.get('grad_norm', float('nan')):.3g}")
     except Exception as exc:  # noqa: BLE001
         report.error(f"{kind}.step{step}", exc)
-    finally:
-        inst.restore_module()
     import math
 
     finite = bool(metrics) and all(math.isfinite(metrics.get(k, 0.0)) for k in ("total", "ce", "kd"))
@@ -331,7 +272,8 @@ def run_paper(kind: str, args, report, prep: dict, deadline: float) -> None:
             "ce_forward": split["ce_forward_s"] / total,
             "other": split["other_s"] / total,
         }
-        report.measure(f"{kind}.split_s", {k: round(v, 4) for k, v in split.items()}, note="instrumented steps (synchronized timers)")
+        report.measure(f"{kind}.split_s", {k: round(v, 4) for k, v in split.items()},
+                       note="profiled steps (torch.profiler ranges)")
         report.measure(f"{kind}.split_share", {k: round(v, 3) for k, v in shares.items()})
         report.say(f"[gpu_check] {kind} split: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) + f" of {total:.3f} s")
         if kind in ("paper_pkl", "paper_hkl"):
@@ -366,7 +308,7 @@ def _te() -> bool:
 # P-KL vs KL on [4096, V] logits
 # ----------------------------------------------------------------------------------------------
 def run_pkl_vs_kl(args, report, prep: dict, deadline: float) -> None:
-    from xtoken_nemo.losses import parallel as P
+    from xtoken_nemo import losses as P
     from xtoken_nemo.vocab import ProjectionMatrix
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"

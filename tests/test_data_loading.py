@@ -259,7 +259,7 @@ def test_kd_loss_of_a_padded_batch_equals_the_unpadded(built, monkeypatch):
         with torch.no_grad():
             for m, teacher in enumerate(teachers):
                 outputs.append((teacher(batch[f"teacher{m}_tokens"] % V), batch[f"teacher{m}_labels"] % V, batch[f"teacher{m}_chunks"]))
-        losses = kd.distillation_loss(s_logits, batch["labels"] % V, batch["loss_mask"], V, specs, outputs, "dynamic", "static", 1.0, 16)
+        losses = kd.distillation_loss(s_logits, batch["labels"] % V, batch["loss_mask"], V, specs, outputs, kd.KDOptions("dynamic", "static", 1.0, 16))
         student.zero_grad()
         losses.total.backward()
         results.append((losses, student.emb.grad.clone()))

@@ -336,3 +336,19 @@ def test_bf16_mixed_precision_trains_and_checkpoints(sp_pair, tmp_path):
     for got, want in zip(out["history"], ref["history"]):
         assert got["total"] == pytest.approx(want["total"], rel=1e-2)
     assert Path(cfg.checkpoint.dir, "latest.txt").read_text().strip() == "2"
+
+
+def test_every_kd_mode_has_its_loss_in_the_registry_and_kl_needs_the_students_tokenizer():
+    from types import SimpleNamespace
+
+    from xtoken_nemo.distill.config import KD_MODES, ConfigError, KDMode, TeacherConfig
+    from xtoken_nemo.distill.teacher_loss import MODE_LOSSES, build_teacher_spec
+
+    assert set(MODE_LOSSES) == set(KDMode) and KD_MODES == tuple(m.value for m in KDMode)
+    assert [m.value for m in KDMode if m.needs_projection] == ["pkl", "hkl"]
+    student = SimpleNamespace(name="a", fingerprint="fa", vocab_size=10)
+    other = SimpleNamespace(name="b", fingerprint="fb", vocab_size=12)
+    with pytest.raises(ConfigError, match="has mode kl but tokenizer b differs"):
+        build_teacher_spec(TeacherConfig(name="t", mode="kl"), student, other, 10, 12)
+    spec = build_teacher_spec(TeacherConfig(name="t", mode="uld"), student, other, 10, 12)
+    assert spec.vocab_size == 12 and spec.W is None and spec.projection is None and spec.common_pairs is None

@@ -67,8 +67,8 @@ def _cut(path: Path, nbytes: int) -> int:
 
 
 def _open_like_the_trainer(path: Path):
-    from xtoken_nemo.distill.config import DataConfig, DistillConfig
     from xtoken_nemo.distill.batches import build_dataset
+    from xtoken_nemo.distill.config import DataConfig, DistillConfig
 
     cfg = DistillConfig(data=DataConfig(paths=[str(path)], seq_length=SEQ))
     return build_dataset(cfg, None, None)

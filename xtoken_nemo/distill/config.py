@@ -13,7 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from xtoken_nemo.errors import XTokenError
-
+from xtoken_nemo.losses import MERGE_MODES, ULD_METHODS
 
 
 class KDMode(enum.StrEnum):
@@ -33,7 +33,6 @@ class KDMode(enum.StrEnum):
 
 
 KD_MODES = tuple(m.value for m in KDMode)
-MERGE_MODES = ("chain", "logmean", "first")
 SCALINGS = ("dynamic", "kd_heavy", "balanced", "ce_heavy", "ce_only")
 ALPHA_MODES = ("static", "ce", "entropy", "maxprob")
 KD_SCALE_SOURCES = ("previous_step", "micro_batch")
@@ -266,13 +265,13 @@ class DistillConfig:
                 raise ConfigError(f"{where}.mode={tc.mode!r}; choose one of {KD_MODES}")
             if tc.merge not in MERGE_MODES:
                 raise ConfigError(f"{where}.merge={tc.merge!r}; choose one of {MERGE_MODES}")
-            if tc.uld_method not in ("hist", "sort"):
+            if tc.uld_method not in ULD_METHODS:
                 raise ConfigError(f"{where}.uld_method={tc.uld_method!r}; choose 'hist' (default) or 'sort'")
             if tc.uld_topk is not None and tc.uld_topk < 1:
                 raise ConfigError(f"{where}.uld_topk={tc.uld_topk} must be a positive int or null (exact)")
             if tc.alpha < 0:
                 raise ConfigError(f"{where}.alpha={tc.alpha} must be >= 0")
-            if tc.mode in ("pkl", "hkl") and not tc.projection:
+            if tc.needs_projection and not tc.projection:
                 raise ConfigError(
                     f"{where}.mode={tc.mode} needs {where.split(' ')[0]}.projection, a W file: "
                     f"`xtoken build-w --student {self.student.tokenizer} --teacher {tc.model.tokenizer} --out W.safetensors`"

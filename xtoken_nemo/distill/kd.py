@@ -12,10 +12,15 @@ chunk has a log-mass (the probability of the chunk's later actual tokens); the p
 then ``c_T * L_shape + KL_Bernoulli(c_T || c_S)`` (:func:`chunk_mass_kl_parts`), which is the KL of the
 unnormalized chain-rule vectors. For ``first``/``logmean`` it is the shape loss alone.
 
-Every teacher's loss is split (method.md 3.1, docs/losses.md): the part that trains (KL over the
-outcomes the student can reach) is what enters L_KD and the dynamic scale; the gradient-free
+Every teacher's loss is split (docs/method.md, "Trainable part and constant"; docs/losses.md): the
+part that trains (KL over the outcomes the student can reach) is what enters L_KD and the dynamic scale; the gradient-free
 constant of the unreachable outcomes (P-KL's teacher columns no W row reaches, the rest bucket of
 a chunk whose student side is one token) and the teacher mass on them are only reported.
+
+Each teacher's mode-specific loss comes from :mod:`xtoken_nemo.distill.teacher_loss` (its spec and
+the mode registry). Profiler ranges (``torch.profiler.record_function``; nearly free when no
+profiler runs) mark ``xtoken/ce_forward`` and ``xtoken/kd/<teacher name>``, the parts of the step
+that bench/gpu_check_paper.py reports.
 """
 
 from __future__ import annotations
@@ -23,38 +28,54 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from torch.profiler import record_function
 
-from xtoken_nemo.distill.config import TeacherConfig
-from xtoken_nemo.losses.weighting import FIXED_WEIGHTINGS, dynamic_kd_scale
+from xtoken_nemo.distill.config import TrainConfig
+from xtoken_nemo.distill.teacher_loss import TeacherLossSpec, mode_loss
 from xtoken_nemo.losses import (
-    LocalProjection,
     adaptive_alphas,
-    LossParts,
     chunk_log_mass_parallel,
     chunk_mass_kl_parts,
-    gold_loss_parallel,
-    hkl_loss_parallel,
-    kl_loss_parallel,
     merge_chunks_parallel,
-    pkl_loss_parallel_parts,
     scale_kd_ce,
     teacher_confidence_parallel,
-    uld_loss_parallel,
 )
+from xtoken_nemo.losses.weighting import FIXED_WEIGHTINGS, dynamic_kd_scale
 
 #: value written into padded vocabulary columns before any softmax
 PAD_LOGIT = -1e4
 
 
-@dataclass
-class TeacherLossSpec:
-    """What the loss needs about one teacher besides its logits."""
+@dataclass(frozen=True)
+class KDOptions:
+    """The run's loss settings (``train.*``), fixed for the run."""
 
-    config: TeacherConfig
-    vocab_size: int  # real teacher vocab (W columns); padded logit columns are masked
-    projection: LocalProjection | None = None  # pkl
-    W: object | None = None  # ProjectionMatrix, hkl
-    common_pairs: torch.Tensor | None = None  # gold: [P, 2] exact (student, teacher) pairs
+    kd_scaling: str = "dynamic"
+    alpha_mode: str = "static"
+    alpha_temperature: float = 1.0
+    block_size: int = 1024  # train.loss_block_size
+
+    @classmethod
+    def from_config(cls, train: TrainConfig) -> KDOptions:
+        return cls(
+            kd_scaling=train.kd_scaling,
+            alpha_mode=train.alpha_mode,
+            alpha_temperature=train.alpha_temperature,
+            block_size=train.loss_block_size,
+        )
+
+
+@dataclass
+class TeacherKD:
+    """One teacher's KD loss on one micro-batch: chunk means (0-dim) of the trainable part (in
+    L_KD), of the gradient-free constant and of the teacher mass out of the student's reach
+    (both detached; :class:`~xtoken_nemo.losses.LossParts`), and the teacher's merged chunk
+    logits [N, V_T_pad/tp] (for confidences; None without chunks)."""
+
+    trainable: torch.Tensor
+    constant: torch.Tensor
+    uncovered: torch.Tensor
+    teacher_chunks: torch.Tensor | None
 
 
 @dataclass
@@ -69,7 +90,6 @@ class StepLosses:
     kd_scale: torch.Tensor | None = None  # the factor that multiplies L_KD in total (relative to L_CE)
     kd_abs: torch.Tensor | None = None  # |L_KD| (detached): the denominator of the batch's dynamic ratio
     confidences: dict[str, torch.Tensor] = field(default_factory=dict)  # adaptive alphas' scores (0-dim, detached)
-    num_chunks: dict[str, int] = field(default_factory=dict)
 
 
 def student_ce(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -81,11 +101,12 @@ def student_ce(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tens
     from xtoken_nemo.models.build import mask_padded_vocab
 
     rank = parallel_state.get_tensor_model_parallel_rank()
-    # a new tensor either way: vocab_parallel_cross_entropy modifies its fp32 input in place
-    masked = mask_padded_vocab(logits.float(), vocab_size, rank, fill=PAD_LOGIT)
-    per_token = vocab_parallel_cross_entropy(masked if masked is not logits else logits.clone(), labels)
-    mask = loss_mask.float()
-    return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
+    with record_function("xtoken/ce_forward"):
+        # a new tensor either way: vocab_parallel_cross_entropy modifies its fp32 input in place
+        masked = mask_padded_vocab(logits.float(), vocab_size, rank, fill=PAD_LOGIT)
+        per_token = vocab_parallel_cross_entropy(masked if masked is not logits else logits.clone(), labels)
+        mask = loss_mask.float()
+        return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
 def _flat_chunks(chunks: torch.Tensor, s_len: int, t_len: int) -> tuple[list[range], list[range]]:
@@ -109,25 +130,15 @@ def teacher_kd_loss(
     teacher_labels: torch.Tensor,
     chunks: torch.Tensor,
     block_size: int,
-    parts: dict | None = None,
-) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """(mean trainable KD loss over this micro-batch's chunks, number of chunks, the teacher's chunk
-    logits [N, V_T_pad/tp] (for confidences)).
-
-    ``parts``, if given, receives ``"constant"`` and ``"uncovered"``: the chunk means of the
-    gradient-free constant and of the teacher mass out of the student's reach (0-dim, detached;
-    :class:`~xtoken_nemo.losses.reference.LossParts`). A dict argument rather than a longer tuple,
-    so that wrappers of this function (bench/gpu_check_paper.py times it) keep working.
-    """
+) -> TeacherKD:
+    """One teacher's KD loss over this micro-batch's chunks (means over the chunks)."""
     cfg = spec.config
     B, S, Vs = student_logits.shape
     T = teacher_logits.shape[1]
     s_pos, t_pos = _flat_chunks(chunks, S, T)
     if not s_pos:
         zero = student_logits.sum() * 0.0
-        if parts is not None:
-            parts.update(constant=zero.detach(), uncovered=zero.detach())
-        return zero, 0, None
+        return TeacherKD(zero, zero.detach(), zero.detach(), None)
     s_flat, t_flat = student_logits.reshape(B * S, Vs), teacher_logits.reshape(B * T, -1)
     s_targets, t_targets = student_labels.reshape(-1), teacher_labels.reshape(-1)
     if cfg.merge == "logmean":
@@ -146,21 +157,12 @@ def teacher_kd_loss(
             with torch.no_grad():
                 t_mass = chunk_log_mass_parallel(t_flat, t_pos, spec.vocab_size, t_targets)
     kw = dict(temperature=cfg.temperature, block_size=block_size, reduction="none")
-    if cfg.mode == "kl":
-        per_chunk = LossParts.of(kl_loss_parallel(s, t, student_vocab_size, **kw))
-    elif cfg.mode == "pkl":
-        per_chunk = pkl_loss_parallel_parts(s, t, spec.projection, student_vocab_size, spec.vocab_size, **kw)
-    elif cfg.mode == "hkl":
-        per_chunk = LossParts.of(hkl_loss_parallel(s, t, spec.W, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, uld_method=cfg.uld_method, **kw))
-    elif cfg.mode == "gold":
-        per_chunk = LossParts.of(gold_loss_parallel(s, t, spec.common_pairs, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, uld_method=cfg.uld_method, **kw))
-    else:
-        per_chunk = LossParts.of(uld_loss_parallel(s, t, student_vocab_size, spec.vocab_size, uld_topk=cfg.uld_topk, uld_method=cfg.uld_method, **kw))
+    per_chunk = mode_loss(spec, s, t, student_vocab_size, kw)
     if cfg.merge == "chain":
         per_chunk = chunk_mass_kl_parts(s_mass, t_mass, per_chunk, reduction="none")
-    if parts is not None:
-        parts.update(constant=per_chunk.constant.detach().mean(), uncovered=per_chunk.uncovered.detach().mean())
-    return per_chunk.trainable.mean(), len(s_pos), t
+    return TeacherKD(
+        per_chunk.trainable.mean(), per_chunk.constant.detach().mean(), per_chunk.uncovered.detach().mean(), t
+    )
 
 
 def distillation_loss(
@@ -170,14 +172,13 @@ def distillation_loss(
     student_vocab_size: int,
     teachers: list[TeacherLossSpec],
     teacher_outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    kd_scaling: str,
-    alpha_mode: str,
-    alpha_temperature: float,
-    block_size: int,
+    options: KDOptions,
+    *,
     kd_scale: float | None = None,
     alphas: list[float] | None = None,
 ) -> StepLosses:
-    """Total loss of one micro-batch. teacher_outputs[m] = (logits, labels, chunks).
+    """Total loss of one micro-batch. teacher_outputs[m] = (logits, labels, chunks); ``options``:
+    the run's loss settings.
 
     ``kd_scale`` (dynamic scaling only) and ``alphas`` (adaptive alphas only), when given, are
     used instead of this micro-batch's own ratio ``sg(L_CE / |L_KD|)`` and its own softmax of
@@ -186,17 +187,19 @@ def distillation_loss(
     needs no host-to-device copy. The confidences are computed (and returned) either way, so the
     trainer can form the next step's alphas.
     """
+    kd_scaling, alpha_mode = options.kd_scaling, options.alpha_mode
     ce = student_ce(student_logits, labels, loss_mask, student_vocab_size)
     if not teachers or kd_scaling == "ce_only":
         return StepLosses(total=ce, ce=ce, kd=None)
-    losses, consts, uncovered, counts, confidences = {}, {}, {}, {}, []
+    losses, consts, uncovered, confidences = {}, {}, {}, []
     for spec, (t_logits, t_labels, chunks) in zip(teachers, teacher_outputs):
-        parts: dict = {}
-        loss, n, merged_teacher = teacher_kd_loss(
-            spec, student_logits, labels, student_vocab_size, t_logits, t_labels, chunks, block_size, parts=parts
-        )
-        losses[spec.config.name], counts[spec.config.name] = loss, n
-        consts[spec.config.name], uncovered[spec.config.name] = parts["constant"], parts["uncovered"]
+        name = spec.config.name
+        with record_function(f"xtoken/kd/{name}"):
+            out = teacher_kd_loss(
+                spec, student_logits, labels, student_vocab_size, t_logits, t_labels, chunks, options.block_size
+            )
+        losses[name], consts[name], uncovered[name] = out.trainable, out.constant, out.uncovered
+        merged_teacher = out.teacher_chunks
         if alpha_mode != "static" and merged_teacher is not None:
             # confidence, higher = more sure: mean log-prob of the chunks' first actual tokens
             # ("ce"), negative entropy, or mean max-probability of the merged teacher chunks
@@ -205,7 +208,7 @@ def distillation_loss(
     names = [spec.config.name for spec in teachers]
     adaptive = alpha_mode != "static" and len(confidences) == len(teachers)
     if adaptive and alphas is None:
-        alpha_vec = adaptive_alphas(confidences, alpha_temperature).to(ce.device)
+        alpha_vec = adaptive_alphas(confidences, options.alpha_temperature).to(ce.device)
     else:
         given = alphas if adaptive else [spec.config.alpha for spec in teachers]
         # fill kernels, not a host-to-device copy (which would wait for the device on GPU)
@@ -228,7 +231,7 @@ def distillation_loss(
     return StepLosses(
         total=total, ce=ce, kd=kd, per_teacher=losses, per_teacher_const=consts,
         per_teacher_uncovered=uncovered, kd_scale=applied, kd_abs=kd.detach().abs(),
-        alphas={n: a for n, a in zip(names, alpha_vec.detach())}, num_chunks=counts,
+        alphas={n: a for n, a in zip(names, alpha_vec.detach())},
         confidences=dict(zip(names, (c.detach().float().reshape(()) for c in confidences))) if adaptive else {},
     )
 

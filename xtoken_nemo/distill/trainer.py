@@ -21,10 +21,12 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 from xtoken_nemo.distill.config import DistillConfig
 from xtoken_nemo.distill.preemption import PreemptionFlag
 from xtoken_nemo.errors import XTokenError
+from xtoken_nemo.losses import adaptive_alphas
 from xtoken_nemo.models.runtime import collective_device
 
 log = logging.getLogger(__name__)
@@ -140,22 +142,17 @@ class Trainer:
 
         from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
         from xtoken_nemo.distill.batches import MicroBatches, build_dataset
-        from xtoken_nemo.distill.kd import TeacherLossSpec
+        from xtoken_nemo.distill.kd import KDOptions
         from xtoken_nemo.distill.model_setup import build_model
-        from xtoken_nemo.losses import prepare_projection
+        from xtoken_nemo.distill.teacher_loss import build_teacher_spec, check_teacher_tokenizer
         from xtoken_nemo.tokenizers import load_tokenizer
-        from xtoken_nemo.vocab import ProjectionMatrix
-        from xtoken_nemo.vocab.canonical import exact_matches
 
         cfg = self.cfg
+        self.kd_options = KDOptions.from_config(cfg.train)
         self.student_tok = load_tokenizer(cfg.student.tokenizer)
         self.teacher_toks = [load_tokenizer(t.model.tokenizer) for t in cfg.teachers]
         for tc, tok in zip(cfg.teachers, self.teacher_toks):
-            if tc.mode == "kl" and tok.fingerprint != self.student_tok.fingerprint:
-                raise TrainingError(
-                    f"teacher '{tc.name}' has mode kl but tokenizer {tok.name} differs from the student's "
-                    f"{self.student_tok.name}: use pkl/hkl/gold/uld for a cross-tokenizer teacher"
-                )
+            check_teacher_tokenizer(tc, self.student_tok, tok)  # before any model loads
 
         kernels = cfg.parallel.kernel_options()  # resolved per model against this machine (one log line)
         student, self.student_arch, s_padded = build_model(cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True, kernels=kernels)
@@ -164,15 +161,7 @@ class Trainer:
         self.teachers, self.teacher_specs, self.teacher_archs = [], [], []
         for tc, tok in zip(cfg.teachers, self.teacher_toks):
             model, arch, t_padded = build_model(tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False, kernels=kernels)
-            spec = TeacherLossSpec(config=tc, vocab_size=tok.vocab_size)
-            s_local, t_local = s_padded // self.tp, t_padded // self.tp
-            if tc.mode in ("pkl", "hkl"):
-                W = ProjectionMatrix.load(tc.projection, self.student_tok, tok)
-                spec.W = W
-                if tc.mode == "pkl":
-                    spec.projection = prepare_projection(W, s_local, t_local)
-            if tc.mode == "gold":
-                spec.common_pairs = torch.tensor(exact_matches(self.student_tok, tok).pairs(), dtype=torch.int64)
+            spec = build_teacher_spec(tc, self.student_tok, tok, s_padded // self.tp, t_padded // self.tp)
             self.teachers.append(model)
             self.teacher_specs.append(spec)
             self.teacher_archs.append(arch)
@@ -239,14 +228,16 @@ class Trainer:
         B, S = tokens.shape
         device = next(self.student.parameters()).device
         position_ids = torch.arange(S, device=device)[None].expand(B, S)
-        student_logits = model(tokens.to(device), position_ids, causal_mask(B, S, device))
+        with record_function("xtoken/student_forward"):
+            student_logits = model(tokens.to(device), position_ids, causal_mask(B, S, device))
         teacher_outputs = []
         with torch.no_grad():
-            for m, teacher in enumerate(self.teachers):
+            for m, (teacher, spec) in enumerate(zip(self.teachers, self.teacher_specs)):
                 t_tokens = batch[f"teacher{m}_tokens"].to(device)
                 T = t_tokens.shape[1]
                 t_pos = torch.arange(T, device=device)[None].expand(B, T)
-                t_logits = teacher(t_tokens, t_pos, causal_mask(B, T, device))
+                with record_function(f"xtoken/teacher_forward/{spec.config.name}"):
+                    t_logits = teacher(t_tokens, t_pos, causal_mask(B, T, device))
                 # bf16 on GPU as they come: the losses accumulate in fp32 block by block
                 teacher_outputs.append((t_logits, batch[f"teacher{m}_labels"].to(device), batch[f"teacher{m}_chunks"]))
         t = self.cfg.train
@@ -255,7 +246,7 @@ class Trainer:
         with nonfinite_checks_deferred():
             losses = distillation_loss(
                 student_logits, labels.to(device), loss_mask.to(device), self.student_vocab,
-                self.teacher_specs, teacher_outputs, t.kd_scaling, t.alpha_mode, t.alpha_temperature, t.loss_block_size,
+                self.teacher_specs, teacher_outputs, self.kd_options,
                 kd_scale=self._step_kd_scale, alphas=self._step_alphas,
             )
         # a sum is finite iff every entry is: one pass per tensor, no [tokens, V] boolean temporaries
@@ -342,11 +333,11 @@ class Trainer:
             self.state.kd_scale = ratio
         names = [spec.config.name for spec in self.teacher_specs]
         if conf and all(counts.get(n, 0.0) > 0 for n in names):
-            means = [conf[n] / counts[n] / self.cfg.train.alpha_temperature for n in names]
-            if all(math.isfinite(m) for m in means):
-                top = max(means)
-                weights = [math.exp(m - top) for m in means]
-                self.state.alphas = [w / sum(weights) for w in weights]
+            temperature = self.cfg.train.alpha_temperature
+            means = [conf[n] / counts[n] for n in names]
+            if all(math.isfinite(m / temperature) for m in means):
+                # the losses' own softmax, on the host (a CPU tensor: no device work)
+                self.state.alphas = adaptive_alphas(torch.tensor(means, dtype=torch.float64), temperature).tolist()
 
     @staticmethod
     def _loss_func(metrics: dict, output_tensor: torch.Tensor):
@@ -398,7 +389,8 @@ class Trainer:
             else:
                 # gradients were reduced by finalize_model_grads inside the schedule (every rank,
                 # every step, skipped or not: the collectives never depend on the values)
-                ok, grad_norm, _ = self.optimizer.step()
+                with record_function("xtoken/optimizer_step"):
+                    ok, grad_norm, _ = self.optimizer.step()
                 if not ok:
                     raise TrainingError(f"optimizer step {step + 1} failed (grad norm {grad_norm})")
                 self.state.consecutive_nonfinite = 0
@@ -458,8 +450,8 @@ class Trainer:
         """Train to ``train.train_steps``; returns a summary (losses per step, status)."""
         from tqdm.auto import tqdm
 
-        from xtoken_nemo.distill.run_checkpoints import finalize_pending_save
         from xtoken_nemo.distill.progress import ProgressLog
+        from xtoken_nemo.distill.run_checkpoints import finalize_pending_save
 
         cfg = self.cfg
         self.resume()
@@ -543,7 +535,12 @@ def _hook_grad_sync_into_schedule(student, ddp_model, ddp_config) -> None:
     if ddp_config.overlap_grad_reduce:
         config.no_sync_func = ddp_model.no_sync
         config.grad_sync_func = ddp_model.start_grad_sync  # pipeline schedules only; set as Megatron-LM does
-    config.finalize_model_grads_func = finalize_model_grads
+
+    def finalize_model_grads_in_range(*args, **kwargs):
+        with record_function("xtoken/grad_sync"):  # a profiler range (bench/gpu_check_paper.py)
+            return finalize_model_grads(*args, **kwargs)
+
+    config.finalize_model_grads_func = finalize_model_grads_in_range
     if ddp_config.overlap_param_gather:
         sharded_state_dict = student.sharded_state_dict
 

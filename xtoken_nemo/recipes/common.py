@@ -24,6 +24,7 @@ from xtoken_nemo.distill.config import (
     CheckpointConfig,
     DataConfig,
     DistillConfig,
+    KDMode,
     ModelConfig,
     OptimConfig,
     TeacherConfig,
@@ -96,7 +97,7 @@ def teacher(root: Path, key: str, mode: str, alpha: float = 1.0, merge: str = "c
     (GOLD and ULD need none, but GOLD's exact common set is computed from the tokenizers)."""
     mc = model(root, key)
     name = key.replace("-", "_")
-    projection = w_file(root, mc.tokenizer) if mode in ("pkl", "hkl") else None
+    projection = w_file(root, mc.tokenizer) if KDMode(mode).needs_projection else None
     return TeacherConfig(name=name, model=mc, mode=mode, alpha=alpha, projection=projection, merge=merge)
 
 

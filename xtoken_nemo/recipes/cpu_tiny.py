@@ -4,7 +4,16 @@ text. (H-KL/GOLD/ULD sort the 200k-wide distributions for their ULD part, about 
 CPU cores even at this size, so the CPU recipe leaves them to the GPU recipes and the tests.) `xtoken prepare-cpu-tiny` writes its inputs to $XTOKEN_ROOT/cpu-tiny
 first. Same code path as the paper runs; minutes on a laptop, CI or a one-node SLURM test."""
 
-from xtoken_nemo.distill.config import CheckpointConfig, DataConfig, DistillConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig
+from xtoken_nemo.distill.config import (
+    CheckpointConfig,
+    DataConfig,
+    DistillConfig,
+    KDMode,
+    ModelConfig,
+    OptimConfig,
+    TeacherConfig,
+    TrainConfig,
+)
 from xtoken_nemo.recipes.common import Recipe
 
 # shapes written by `xtoken prepare-cpu-tiny` (xtoken_nemo.recipes.prepare)
@@ -20,7 +29,8 @@ def build(root):
     base = root / "cpu-tiny"
     teachers = [
         TeacherConfig(name=name, model=ModelConfig(tokenizer=tok, family=family, checkpoint=str(base / "ckpt" / f"{name}-tiny"), **TINY),
-                      mode=mode, alpha=alpha, projection=str(base / "w" / f"W_llama3_{tok}.safetensors") if mode in ("pkl", "hkl") else None)
+                      mode=mode, alpha=alpha,
+                      projection=str(base / "w" / f"W_llama3_{tok}.safetensors") if KDMode(mode).needs_projection else None)
         for name, tok, family, mode, alpha in TEACHERS
     ]
     run = root / "runs" / "cpu-tiny"

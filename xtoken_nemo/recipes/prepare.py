@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 def prepare_cpu_tiny(root: str | Path, documents: int = 60, progress: bool = False) -> dict:
     from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
     from xtoken_nemo.data.synthetic import documents as synthetic_documents
-    from xtoken_nemo.distill.config import ModelConfig
+    from xtoken_nemo.distill.config import KDMode, ModelConfig
     from xtoken_nemo.distill.model_setup import save_random_checkpoint
     from xtoken_nemo.models.runtime import ensure_model_parallel
     from xtoken_nemo.recipes.cpu_tiny import SEQ_LENGTH, TEACHERS, TINY
@@ -33,7 +33,7 @@ def prepare_cpu_tiny(root: str | Path, documents: int = 60, progress: bool = Fal
             save_random_checkpoint(mc, load_tokenizer(tok).vocab_size, str(out), pad_for_tp=2)
             written[f"ckpt/{name}"] = str(out)
     for _, tok, _, mode, _ in TEACHERS:
-        if mode not in ("pkl", "hkl"):
+        if not KDMode(mode).needs_projection:
             continue
         out = base / "w" / f"W_llama3_{tok}.safetensors"
         if not out.is_file():

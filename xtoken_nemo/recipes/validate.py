@@ -22,7 +22,7 @@ def check_files(cfg: DistillConfig) -> list[str]:
             problems.append(f"data: {path} is not a preprocessed dataset (no manifest.json): run `xtoken preprocess ... --out {path}`")
     student_tok = None
     for i, tc in enumerate(cfg.teachers):
-        if tc.mode not in ("pkl", "hkl") or not tc.projection:
+        if not tc.needs_projection or not tc.projection:
             continue
         where = f"teachers.{i} ({tc.name})"
         command = f"`xtoken build-w --student {cfg.student.tokenizer} --teacher {tc.model.tokenizer} --out {tc.projection}`"
