@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import xtoken_nemo.distill.kd as kd
+import xtoken_nemo.distill.teacher_loss as teacher_loss
 from test_losses_parallel import make_W
 from xtoken_nemo.distill.config import TeacherConfig
 from xtoken_nemo.losses import parallel as P
@@ -75,8 +76,8 @@ def _move_floors(monkeypatch, factor: float) -> None:
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, default * factor)
     for name in ("pkl_loss_parallel_parts", "pkl_loss_parallel"):  # eps is a keyword of P-KL
-        if hasattr(kd, name):
-            monkeypatch.setattr(kd, name, partial(getattr(kd, name), eps=R.DEFAULT_EPS * factor))
+        if hasattr(teacher_loss, name):  # the mode registry's P-KL calls it from there
+            monkeypatch.setattr(teacher_loss, name, partial(getattr(teacher_loss, name), eps=R.DEFAULT_EPS * factor))
 
 
 def _step(c: dict, merge: str = "chain", mode: str = "pkl") -> dict:
@@ -84,7 +85,7 @@ def _step(c: dict, merge: str = "chain", mode: str = "pkl") -> dict:
     outputs = [(c["t"], c["t_labels"], c["chunks"]), (c["t_same"], c["labels"], c["same_chunks"])]
     losses = kd.distillation_loss(
         student, c["labels"], torch.ones(1, S), VS, _specs(c, merge, mode), outputs,
-        kd_scaling="dynamic", alpha_mode="static", alpha_temperature=1.0, block_size=3,
+        kd.KDOptions(kd_scaling="dynamic", alpha_mode="static", alpha_temperature=1.0, block_size=3),
     )
     losses.total.backward()
     out = {"kd": losses.kd.detach(), "kd_scale": losses.kd_scale.detach(), "grad": student.grad.clone()}
