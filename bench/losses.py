@@ -79,8 +79,8 @@ class _RssSampler:
 def run_child(args: argparse.Namespace) -> dict:
     import torch
 
-    from xtoken_nemo.losses import parallel as P
-    from xtoken_nemo.losses.reference import hkl_pairs
+    from xtoken_nemo import losses as P
+    from xtoken_nemo.losses import hkl_pairs
     from xtoken_nemo.vocab.projection import ProjectionMatrix
 
     torch.set_num_threads(args.threads)

@@ -20,8 +20,9 @@ import torch
 import xtoken_nemo.distill.kd as kd
 import xtoken_nemo.distill.teacher_loss as teacher_loss
 from test_losses_parallel import make_W
+from xtoken_nemo import losses as P
 from xtoken_nemo.distill.config import TeacherConfig
-from xtoken_nemo.losses import parallel as P
+from xtoken_nemo.losses import hybrid, pkl
 from xtoken_nemo.losses import reference as R
 
 VS, VT = 37, 45
@@ -71,7 +72,7 @@ def _simple_ce(logits, labels, loss_mask, vocab_size):
 
 def _move_floors(monkeypatch, factor: float) -> None:
     """Scale every clamp/eps/floor of the KD path by ``factor`` (those that exist in this code)."""
-    for module in (R, P):
+    for module in (R, pkl, hybrid):  # the modules that read MASS_CLAMP / PROB_FLOOR when they run
         for name, default in (("MASS_CLAMP", 1e-12), ("PROB_FLOOR", 1e-30)):
             if hasattr(module, name):
                 monkeypatch.setattr(module, name, default * factor)

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
+import xtoken_nemo.losses as P
 from xtoken_nemo.errors import LossInputError
-from xtoken_nemo.losses import parallel as P
 from xtoken_nemo.losses import reference as R
 from xtoken_nemo.vocab.projection import ProjectionMatrix
 
@@ -189,11 +189,11 @@ def run_cases(c: dict, rank: int, ws: int, group=None) -> dict:
 def _tp2_worker(rank: int, world_size: int, seed: int) -> dict:
     from megatron.core import parallel_state
 
-    from xtoken_nemo.losses import uld_hist
+    from xtoken_nemo.losses import hybrid, uld_hist
 
     # TP=2 runs GOLD/H-KL/ULD with 2-row passes (common-pair slots, ULD keys), TP=1 with the defaults:
     # the comparison below also checks that the pass size does not change the result
-    P.COMMON_ROWS, uld_hist.KEY_ROWS = 2, 2
+    hybrid.COMMON_ROWS, uld_hist.KEY_ROWS = 2, 2
     c = make_case(seed)
     group = parallel_state.get_tensor_model_parallel_group()
     return run_cases(c, parallel_state.get_tensor_model_parallel_rank(), world_size, group=None) | {"_group_ok": group is not None}

@@ -12,7 +12,7 @@ from test_losses_parallel import VS, VT, exact_pairs, make_case, make_W
 from xtoken_nemo.errors import LossInputError, XTokenError
 from xtoken_nemo.losses import reference as R
 from xtoken_nemo.losses import weighting as Wt
-from xtoken_nemo.losses.parallel import gold_loss_parallel, pkl_loss_parallel
+from xtoken_nemo.losses import gold_loss_parallel, pkl_loss_parallel
 from xtoken_nemo.vocab.projection import ProjectionMatrix
 
 

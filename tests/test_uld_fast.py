@@ -11,8 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import xtoken_nemo.losses as P
 from xtoken_nemo.errors import LossInputError
-from xtoken_nemo.losses import parallel as P
+from xtoken_nemo.losses import hybrid
 from xtoken_nemo.losses import reference as R
 from xtoken_nemo.losses.uld_hist import Grid, sorted_l1_hist, uld_block
 
@@ -209,7 +210,7 @@ def test_hybrid_row_passes_do_not_change_the_result(monkeypatch):
     from xtoken_nemo.losses import uld_hist
 
     default = _hybrid_runs()
-    monkeypatch.setattr(P, "COMMON_ROWS", 2)
+    monkeypatch.setattr(hybrid, "COMMON_ROWS", 2)
     monkeypatch.setattr(uld_hist, "KEY_ROWS", 3)
     small = _hybrid_runs()
     for key, (v, gr) in default.items():

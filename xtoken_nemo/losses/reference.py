@@ -4,20 +4,20 @@ All distribution losses take *chunk-merged logits* ``[N, V]`` (N aligned chunks;
 :func:`merge_chunks`) and return the mean over chunks (``reduction="none"``: the ``[N]`` vector).
 Inputs may be any float dtype; the math runs in float32 (float64 stays float64, for gradcheck).
 
-Conventions and choices (see also ../../shared/method.md sections 2-4):
+Conventions and choices (see also docs/method.md, "The losses" and "Chunk merge"):
 
 - ``temperature`` divides both sides' logits; losses are *not* multiplied by T^2 (leave that to
   the caller's weight).
 - KL direction is always forward, KL(p_T || p_S) (teacher mass-covering), as in the paper.
-- Loss values mean something (method.md 3.1): a term whose student side is *structurally* zero
-  (a teacher column no W row reaches, the "rest" bucket of a chain-merged chunk whose student side
-  has no later token) is infinite in exact math and has no gradient. Such terms are not in the
-  loss: :class:`LossParts` splits every KD loss into ``trainable`` (the KL over the outcomes the
-  student can reach, shifted by a teacher-only constant so that it is >= 0 and 0 at the best fit
-  the student can reach), ``constant`` (the gradient-free rest, with ``eps`` / ``MASS_CLAMP``
-  standing in for log 0, reported only) and ``uncovered`` (the teacher mass the student cannot
-  reach). The loss functions return the trainable part; ``*_parts`` return all three. See
-  docs/losses.md.
+- Loss values mean something (docs/method.md, "Trainable part and constant"): a term whose
+  student side is *structurally* zero (a teacher column no W row reaches, the "rest" bucket of a
+  chain-merged chunk whose student side has no later token) is infinite in exact math and has no
+  gradient. Such terms are not in the loss: :class:`LossParts` splits every KD loss into
+  ``trainable`` (the KL over the outcomes the student can reach, shifted by a teacher-only
+  constant so that it is >= 0 and 0 at the best fit the student can reach), ``constant`` (the
+  gradient-free rest, with ``eps`` / ``MASS_CLAMP`` standing in for log 0, reported only) and
+  ``uncovered`` (the teacher mass the student cannot reach). The loss functions return the
+  trainable part; ``*_parts`` return all three. See docs/losses.md.
 - ``log`` of a probability that is reachable but may underflow is taken of ``max(q, PROB_FLOOR)``
   (1e-30: far below any probability that moves a loss). Terms with ``p_T == 0`` contribute exactly
   0 (xlogy).
@@ -41,13 +41,16 @@ GOLD semantics (following TRL's ``GOLDTrainer``/``ULDLoss`` hybrid mode, see :fu
   twice and M_C(T) <= 1. For 1-to-1 pairs (GOLD) this is exactly TRL's term.
 
 Chunk merging (chain / logmean / first): see :func:`merge_chunks`.
+
+The types, constants and small helpers this module shares with the vocab-parallel losses
+(``LossParts``, ``MergedChunks``, the floors, ``MERGE_MODES``, ``hkl_pairs``, ...) live in
+:mod:`xtoken_nemo.losses.common`; the vocab-parallel losses import nothing from this module.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,78 +66,26 @@ from xtoken_nemo.losses.checks import (
     check_temperature,
     reduce_chunks,
 )
+from xtoken_nemo.losses.common import (
+    DEFAULT_EPS,
+    MASS_CLAMP,
+    MERGE_MODES,
+    PROB_FLOOR,
+    LossParts,
+    MergedChunks,
+    chunk_index,
+    compute_dtype,
+    hkl_pairs,
+    hybrid_weights,
+    split_parts,
+    unsplit_parts,
+)
 from xtoken_nemo.vocab.projection import ProjectionMatrix
-
-DEFAULT_EPS = 1e-8
-"""Stands in for P-KL's structural zeros (q = 0 on teacher columns no W row reaches) in the
-*reported* constant only (``LossParts.constant``); no trainable value or gradient depends on it."""
-
-PROB_FLOOR = 1e-30
-"""Underflow guard under a reachable probability before its log (P-KL's reached columns, GOLD's and
-H-KL's common student mass). Changes a value only where q < 1e-30 (an fp32 softmax that underflowed)."""
-
-MASS_CLAMP = 1e-12
-"""Stands in for 1 - c_S = 0 (a chain-merged chunk whose student side is one token) in the
-*reported* constant of :func:`chunk_mass_kl_parts` only."""
-
-
-@dataclass
-class LossParts:
-    """A KD loss split into the part that trains and the gradient-free constant (per chunk [N] or
-    reduced to 0-dim).
-
-    trainable: the KL over the outcomes the student can reach (teacher columns some W row reaches;
-               a chunk's rest bucket when the student side has later tokens), minus M log M with M
-               the teacher's mass on those outcomes: = M * KL(teacher renormalized to them || student),
-               >= 0 and 0 at the best fit the student can reach. Carries the gradient; independent
-               of every floor/clamp (up to PROB_FLOOR underflow guards).
-    constant:  the rest of the (clamped) KL, no gradient: the terms of the outcomes the student
-               gives probability exactly 0, with ``log eps`` / ``log MASS_CLAMP`` in place of log 0,
-               plus M log M. Depends on eps/MASS_CLAMP by construction: reported, never trained on.
-    uncovered: 1 - M, the teacher mass on outcomes the student cannot reach (no floor involved).
-    """
-
-    trainable: torch.Tensor
-    constant: torch.Tensor
-    uncovered: torch.Tensor
-
-    @property
-    def total(self) -> torch.Tensor:
-        """trainable + constant: the clamped KL as computed before the split (for comparison)."""
-        return self.trainable + self.constant
-
-    def reduce(self, reduction: str) -> "LossParts":
-        return LossParts(*(reduce_chunks(x, reduction) for x in (self.trainable, self.constant, self.uncovered)))
-
-    @staticmethod
-    def of(loss: torch.Tensor) -> "LossParts":
-        """A loss with every outcome reachable (KL, GOLD, H-KL, ULD): no constant."""
-        zero = torch.zeros_like(loss.detach())
-        return LossParts(loss, zero, zero)
-
-
-def split_parts(reach_kl: torch.Tensor, unreach_const: torch.Tensor, uncovered: torch.Tensor) -> LossParts:
-    """[N] KL over the reachable outcomes, the clamped terms of the unreachable ones, and the teacher
-    mass on those -> :class:`LossParts` (moves M log M, M = 1 - uncovered, to the constant)."""
-    m = (1.0 - uncovered).detach()
-    shift = torch.xlogy(m, m)
-    return LossParts(reach_kl - shift, unreach_const + shift, uncovered)
-
-
-def _unsplit(parts: LossParts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`split_parts`."""
-    m = (1.0 - parts.uncovered).detach()
-    shift = torch.xlogy(m, m)
-    return parts.trainable + shift, parts.constant - shift, parts.uncovered
-
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[N, V] -> [N, V] log-softmax in fp32 (fp64 kept) after dividing by the temperature."""
-    return F.log_softmax(logits.to(_compute_dtype(logits)) / temperature, dim=-1)
+    return F.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -202,17 +153,6 @@ def common_kl(
     return (torch.xlogy(pt_c, pt_c) - torch.xlogy(pt_c, q_c.clamp_min(eps))).sum(-1)
 
 
-def _hybrid_weights(weighting: str | tuple[float, float], num_common_teacher: int, teacher_vocab: int) -> tuple[float, float]:
-    if weighting == "sum":
-        return 1.0, 1.0
-    if weighting == "vocab_overlap":  # TRL's default when no weights are configured
-        w = num_common_teacher / max(1, teacher_vocab)
-        return w, 1.0 - w
-    if isinstance(weighting, (tuple, list)) and len(weighting) == 2:
-        return float(weighting[0]), float(weighting[1])
-    raise LossInputError(f"weighting must be 'sum', 'vocab_overlap' or (matched, unmatched) floats, got {weighting!r}")
-
-
 def gold_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -243,24 +183,8 @@ def gold_loss(
     teacher_uncommon[pairs[:, 1]] = False
     uld = sorted_l1(log_ps.exp()[:, student_uncommon], log_pt.exp()[:, teacher_uncommon])
 
-    w_c, w_u = _hybrid_weights(weighting, int(teacher_uncommon.numel() - teacher_uncommon.sum()), v_t)
+    w_c, w_u = hybrid_weights(weighting, int(teacher_uncommon.numel() - teacher_uncommon.sum()), v_t)
     return reduce_chunks(w_c * common + w_u * uld, reduction)
-
-
-def hkl_pairs(W: ProjectionMatrix | torch.Tensor, min_weight: float = 0.0) -> torch.Tensor:
-    """[P, 2] H-KL common set: (s, argmax_t W[s, t]) for every non-zero row with max weight >= min_weight.
-
-    Exact matches (weight 1) are kept; NeMo-RL's public code uses min_weight = 0.6.
-    """
-    if isinstance(W, ProjectionMatrix):
-        best_val, best = W.values.max(dim=1)
-        teacher = W.indices.gather(1, best[:, None]).squeeze(1)
-        keep = (teacher >= 0) & (best_val > 0) & (best_val >= min_weight)
-    else:
-        best_val, teacher = W.max(dim=1)
-        keep = (best_val > 0) & (best_val >= min_weight)
-    rows = torch.nonzero(keep).squeeze(1)
-    return torch.stack([rows, teacher[rows]], dim=1)
 
 
 def hkl_loss(
@@ -318,7 +242,7 @@ def pkl_loss_parts(
     """P-KL split into the part that trains and the constant (:class:`LossParts`).
 
     student [N, V_S], teacher [N, V_T], W [V_S, V_T]. q = W^T p_S is used as it is (student mass on
-    zero rows of W is lost, not renormalized: method.md 3.3). On the reached columns R:
+    zero rows of W is lost, not renormalized: docs/method.md, "P-KL"). On the reached columns R:
     trainable = sum_R p_T (log p_T - log q) - M log M, M = sum_R p_T. On the other columns q = 0:
     uncovered = sum_{not R} p_T and constant = sum_{not R} p_T (log p_T - log eps) + M log M.
     """
@@ -364,43 +288,6 @@ def pkl_loss(
 # ------------------------------------------------------------------------------------------
 # Chunk merging
 # ------------------------------------------------------------------------------------------
-@dataclass
-class MergedChunks:
-    """Chunk-level distributions, split into a normalized shape and a total log-mass.
-
-    logits:   [N, V] log-probabilities (log-softmax normalized): the chunk distribution's shape.
-              Every loss takes these as its logits.
-    log_mass: [N] log of the total mass of the merged (unnormalized) vector, <= 0:
-              the unnormalized chunk vector of the paper/TRL is ``exp(logits + log_mass[:, None])``.
-    """
-
-    logits: torch.Tensor
-    log_mass: torch.Tensor
-
-    def log_values(self) -> torch.Tensor:
-        """[N, V] log of the unnormalized merged vector (what TRL's merge returns, in log space)."""
-        return self.logits + self.log_mass[:, None]
-
-
-MERGE_MODES = ("chain", "logmean", "first")
-
-
-def _chunk_index(chunks: Sequence[Sequence[int]], num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Positions and their chunk id, flattened: ([T'], [T']); validates the chunk list."""
-    if len(chunks) == 0:
-        raise LossInputError("empty chunk list: the alignment produced no chunk; skip this sequence")
-    pos, cid = [], []
-    for k, chunk in enumerate(chunks):
-        chunk = [int(i) for i in chunk]
-        if not chunk:
-            raise LossInputError(f"chunk {k} is empty; every aligned chunk needs at least one position")
-        if min(chunk) < 0 or max(chunk) >= num_positions:
-            raise LossInputError(f"chunk {k} names positions outside [0, {num_positions})")
-        pos.extend(chunk)
-        cid.extend([k] * len(chunk))
-    return torch.tensor(pos, dtype=torch.int64), torch.tensor(cid, dtype=torch.int64)
-
-
 def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[L, V] logits, [L] ids -> [L] log-softmax at the targets, accurate near 0.
 
@@ -410,7 +297,7 @@ def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     merge needs it: log(1 - c) of a chunk's log-mass c must be exactly -inf only when the chunk has
     no later token (:func:`chunk_mass_kl_parts`).
     """
-    y = logits.to(_compute_dtype(logits))
+    y = logits.to(compute_dtype(logits))
     targets = torch.as_tensor(targets, dtype=torch.int64, device=y.device)[:, None]
     m = y.detach().max(dim=-1).values
     d = y.gather(1, targets).squeeze(1) - m
@@ -444,7 +331,7 @@ def merge_chunks(
     if mode not in MERGE_MODES:
         raise LossInputError(f"unknown chunk merge {mode!r}; choose one of {MERGE_MODES}")
     check_logits("per-position logits", logits)
-    pos, cid = _chunk_index(chunks, logits.shape[0])
+    pos, cid = chunk_index(chunks, logits.shape[0])
     n = len(chunks)
     logp = log_probs(logits)
     first = torch.tensor([int(c[0]) for c in chunks], dtype=torch.int64)
@@ -486,13 +373,13 @@ def chunk_mass_kl_parts(
     per-chunk :class:`LossParts` of P-KL); None: the Bernoulli term alone.
     """
     check_reduction(reduction)
-    log_ct = teacher_log_mass.to(_compute_dtype(teacher_log_mass))
+    log_ct = teacher_log_mass.to(compute_dtype(teacher_log_mass))
     log_cs = student_log_mass.to(log_ct.dtype)
     if shape_loss is None:
         shape_loss = LossParts.of(torch.zeros_like(log_ct))
     elif isinstance(shape_loss, torch.Tensor):
         shape_loss = LossParts.of(shape_loss)
-    l_r, c_u, u = (x.to(log_ct.dtype) for x in _unsplit(shape_loss))
+    l_r, c_u, u = (x.to(log_ct.dtype) for x in unsplit_parts(shape_loss))
     m_shape = 1.0 - u  # teacher mass on the shape's reachable columns
     c_t = log_ct.exp()
     one_m_ct = -torch.expm1(log_ct)  # 1 - c_T, exactly 0 when c_T = 1

@@ -3,7 +3,7 @@
 For two non-negative vectors a (student) and b (teacher), sorted decreasingly and zero-padded,
 
     sum_i |a_(i) - b_(i)| = integral over x > 0 of |D(x)| dx,   D(x) = N_a(x) - N_b(x),
-    N_a(x) = #{i : a_i > x}                                                  (method.md 3.4)
+    N_a(x) = #{i : a_i > x}                  (docs/method.md, "ULD and the histogram ULD")
 
 and, with s(x) = sign D(x) (+1 where D = 0) and G(y) = integral_0^y s(x) dx, the integral is
 ``sum_i G(a_i) - sum_i G(b_i)``; the derivative with respect to a_j is s just above a_j, i.e.

@@ -1,4 +1,5 @@
-"""Multi-teacher combination and KD/CE scaling (method.md section 4).
+"""Multi-teacher combination and KD/CE scaling (docs/method.md, "Multi-teacher weighting" and
+"Dynamic KD/CE scaling").
 
     L_KD = sum_m alpha_m * L_m,   L_m = mean over teacher m's chunks of its per-chunk loss
     L    = sg(L_CE / L_KD) * L_KD + L_CE                        (dynamic scaling, the default)
@@ -7,7 +8,7 @@
 Alphas are static (given, non-negative, summing to 1) or adaptive: a softmax over teachers of a
 confidence score divided by a temperature, computed without gradient. Scores come from
 :func:`teacher_confidence` (reference, unsharded) or
-:func:`xtoken_nemo.losses.parallel.teacher_confidence_parallel` (vocab-parallel):
+:func:`xtoken_nemo.losses.merge.teacher_confidence_parallel` (vocab-parallel):
 
 - ``ce``:      mean cross-entropy of the teacher on the target chunk tokens (lower = more confident)
 - ``entropy``: mean entropy of the teacher's chunk distributions (lower = more confident)
