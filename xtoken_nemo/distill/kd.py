@@ -1,7 +1,7 @@
 """Per-micro-batch distillation loss on vocab-sharded logits: CE + each teacher's KD loss.
 
 Everything here works on this rank's vocabulary shard; the collectives live in
-:mod:`xtoken_nemo.losses.parallel`. Shapes:
+:mod:`xtoken_nemo.losses` (``kl``, ``pkl``, ``hybrid``, ``merge``). Shapes:
 
 - student logits [B, S, V_S_pad/tp], labels/loss_mask [B, S]
 - teacher m logits [B, T_m, V_Tm_pad/tp], labels [B, T_m], chunks [B, K, 4] (-1 padded) with rows

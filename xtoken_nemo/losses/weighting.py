@@ -58,9 +58,12 @@ def teacher_confidence(teacher_logits: torch.Tensor, kind: str, targets: torch.T
 
 
 def adaptive_alphas(confidences: Sequence[torch.Tensor | float], temperature: float = 1.0) -> torch.Tensor:
-    """[M] alphas = softmax(confidence / temperature) over teachers (stop-gradient)."""
+    """[M] alphas = softmax(confidence / temperature) over teachers (stop-gradient); float32, or
+    float64 when the confidences are (the trainer's host-side means of the previous step)."""
     check_temperature(temperature)
-    c = torch.stack([torch.as_tensor(x, dtype=torch.float32).detach().reshape(()) for x in confidences])
+    wide = any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in confidences)
+    dtype = torch.float64 if wide else torch.float32
+    c = torch.stack([torch.as_tensor(x, dtype=dtype).detach().reshape(()) for x in confidences])
     check_finite("teacher confidences", c)
     return torch.softmax(c / temperature, dim=0)
 
