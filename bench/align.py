@@ -72,8 +72,10 @@ def main(argv=None) -> int:
     t_ids = teacher.encode_batch(docs)
     surface_table(student), surface_table(teacher)  # build the lookup tables outside the timing
     n_tokens = sum(len(x) for x in s_ids)
-    print(f"text: {len(text.encode()) / 1024:.0f} KB, {len(docs)} documents, {n_tokens:,} {args.student} tokens, "
-          f"{sum(len(x) for x in t_ids):,} {args.teacher} tokens")
+    print(
+        f"text: {len(text.encode()) / 1024:.0f} KB, {len(docs)} documents, {n_tokens:,} {args.student} tokens, "
+        f"{sum(len(x) for x in t_ids):,} {args.teacher} tokens"
+    )
 
     def run_exact():
         for a, b in zip(s_ids, t_ids):
@@ -114,9 +116,11 @@ def main(argv=None) -> int:
         exact_set = set(map(tuple, ex.chunks.tolist()))
         same_chunks += sum(tuple(c) in exact_set for c in dp.chunks.tolist())
         total_chunks += len(ex)
-    print(f"  DP chunks identical to exact chunks: {same_chunks:,}/{total_chunks:,} "
-          f"({100 * same_chunks / total_chunks:.2f}%; the rest sit around chunks of more than 4 tokens,"
-          " e.g. Greek words Qwen3 spells with 6 byte tokens)")
+    print(
+        f"  DP chunks identical to exact chunks: {same_chunks:,}/{total_chunks:,} "
+        f"({100 * same_chunks / total_chunks:.2f}%; the rest sit around chunks of more than 4 tokens,"
+        " e.g. Greek words Qwen3 spells with 6 byte tokens)"
+    )
 
     # ---- preprocessing end to end -------------------------------------------------------------
     from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
@@ -127,8 +131,13 @@ def main(argv=None) -> int:
             for d in docs:
                 f.write(json.dumps({"text": d}) + "\n")
         cfg = PreprocessConfig(
-            inputs=[str(src)], student=args.student, teachers=[args.teacher], out=str(Path(tmp) / "out"),
-            seq_length=4096, docs_per_shard=max(1, len(docs) // 4), progress=False,
+            inputs=[str(src)],
+            student=args.student,
+            teachers=[args.teacher],
+            out=str(Path(tmp) / "out"),
+            seq_length=4096,
+            docs_per_shard=max(1, len(docs) // 4),
+            progress=False,
         )
         import megatron.core.datasets.indexed_dataset  # noqa: F401  (import cost outside the timing)
 
@@ -139,9 +148,14 @@ def main(argv=None) -> int:
     busy = sum(sec.values())
     tokens = manifest["student"]["tokens"] + sum(t["tokens"] for t in manifest["teachers"])
     print("\npreprocessing end to end (1 worker, student + 1 teacher, JSONL -> .bin/.idx)")
-    print(f"  {manifest['student']['tokens']:,} student tokens in {wall:.2f} s wall (incl. tokenizer setup): "
-          f"{manifest['student']['tokens'] / wall:,.0f} student tokens/s, {tokens / wall:,.0f} tokens/s all sides")
-    print(f"  shard work {busy:.2f} s = {tokens / busy:,.0f} tokens/s all sides: " + ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in sec.items()))
+    print(
+        f"  {manifest['student']['tokens']:,} student tokens in {wall:.2f} s wall (incl. tokenizer setup): "
+        f"{manifest['student']['tokens'] / wall:,.0f} student tokens/s, {tokens / wall:,.0f} tokens/s all sides"
+    )
+    print(
+        f"  shard work {busy:.2f} s = {tokens / busy:,.0f} tokens/s all sides: "
+        + ", ".join(f"{k} {100 * v / busy:.0f}%" for k, v in sec.items())
+    )
     print(f"  tokenize / align time ratio {sec['tokenize'] / max(sec['align'], 1e-9):.1f}x")
     return 0
 

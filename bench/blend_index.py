@@ -65,13 +65,26 @@ def main() -> None:
         f"~{old_s:.0f} s ({old_s / 60:.1f} min) extrapolated; {old_s / new_s:.0f}x; "
         f"same positions as the loop: {same:.1%}"
     )
-    print(json.dumps({
-        "bench": "blend_index", "datasets": len(w), "weights": w.tolist(), "size": args.size,
-        "vectorized_s": round(new_s, 3), "vectorized_cpu_s": round(new_cpu, 3),
-        "loop_size": args.loop_size, "loop_s": round(loop_s, 3), "loop_cpu_s": round(loop_cpu, 3),
-        "loop_extrapolated_s": round(old_s, 1), "speedup": round(old_s / new_s, 1),
-        "counts": counts, "same_positions_as_loop": same, "peak_rss_gb": round(peak_gb, 2),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "blend_index",
+                "datasets": len(w),
+                "weights": w.tolist(),
+                "size": args.size,
+                "vectorized_s": round(new_s, 3),
+                "vectorized_cpu_s": round(new_cpu, 3),
+                "loop_size": args.loop_size,
+                "loop_s": round(loop_s, 3),
+                "loop_cpu_s": round(loop_cpu, 3),
+                "loop_extrapolated_s": round(old_s, 1),
+                "speedup": round(old_s / new_s, 1),
+                "counts": counts,
+                "same_positions_as_loop": same,
+                "peak_rss_gb": round(peak_gb, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -66,9 +66,16 @@ def create(out: str, hidden: int, layers: int, vocab: int) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256), tie_word_embeddings=False,
-                      max_position_embeddings=4096)
+    cfg = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=max(1, hidden // 256),
+        tie_word_embeddings=False,
+        max_position_embeddings=4096,
+    )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     model.save_pretrained(out)
     print(json.dumps({"params": sum(p.numel() for p in model.parameters())}))
@@ -103,8 +110,22 @@ def main() -> None:
         return run(args._step, args._src, args._dst)
 
     def sub(step: str, src: str, dst: str) -> dict:
-        cmd = [sys.executable, __file__, "--_step", step, "--_src", src, "--_dst", dst,
-               "--hidden", str(args.hidden), "--layers", str(args.layers), "--vocab", str(args.vocab)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--_step",
+            step,
+            "--_src",
+            src,
+            "--_dst",
+            dst,
+            "--hidden",
+            str(args.hidden),
+            "--layers",
+            str(args.layers),
+            "--vocab",
+            str(args.vocab),
+        ]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         return json.loads(out.strip().splitlines()[-1])
 
@@ -117,9 +138,11 @@ def main() -> None:
             r = sub(step, src, dst)
             growth = r["peak_mib"] - r["baseline_mib"]
             anon = r["anon_growth_mib"]
-            print(f"{step:12s} peak RSS growth {growth:7.0f} MiB = {growth / model_mib:.2f} x model "
-                  f"(incl. page cache of the mmapped input); private (RssAnon) growth {anon:7.0f} MiB = "
-                  f"{anon / model_mib:.2f} x model (-> ~{anon / model_mib * 8.0:.1f} GB private for a 4B model in bf16)")
+            print(
+                f"{step:12s} peak RSS growth {growth:7.0f} MiB = {growth / model_mib:.2f} x model "
+                f"(incl. page cache of the mmapped input); private (RssAnon) growth {anon:7.0f} MiB = "
+                f"{anon / model_mib:.2f} x model (-> ~{anon / model_mib * 8.0:.1f} GB private for a 4B model in bf16)"
+            )
 
 
 if __name__ == "__main__":

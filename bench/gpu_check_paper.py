@@ -31,21 +31,72 @@ import torch
 H100_USABLE_GIB = 79.0  # an 80 GB H100 shows 81,559 MiB; keep ~0.6 GiB for the CUDA context
 
 PAPER = {
-    "student": dict(tokenizer="llama3", family="llama", num_layers=16, hidden_size=2048, num_attention_heads=32,
-                    num_query_groups=8, ffn_hidden_size=8192, tie_embeddings=True, init_seed=1),
-    "qwen3": dict(tokenizer="qwen3", family="qwen3", num_layers=36, hidden_size=2560, num_attention_heads=32,
-                  num_query_groups=8, ffn_hidden_size=9728, tie_embeddings=False, init_seed=2, head_dim=128),
-    "phi4mini": dict(tokenizer="phi4mini", family="phi3", num_layers=32, hidden_size=3072, num_attention_heads=24,
-                     num_query_groups=8, ffn_hidden_size=8192, tie_embeddings=True, init_seed=3),
-    "llama3b": dict(tokenizer="llama3", family="llama", num_layers=28, hidden_size=3072, num_attention_heads=24,
-                    num_query_groups=8, ffn_hidden_size=8192, tie_embeddings=True, init_seed=4),
+    "student": dict(
+        tokenizer="llama3",
+        family="llama",
+        num_layers=16,
+        hidden_size=2048,
+        num_attention_heads=32,
+        num_query_groups=8,
+        ffn_hidden_size=8192,
+        tie_embeddings=True,
+        init_seed=1,
+    ),
+    "qwen3": dict(
+        tokenizer="qwen3",
+        family="qwen3",
+        num_layers=36,
+        hidden_size=2560,
+        num_attention_heads=32,
+        num_query_groups=8,
+        ffn_hidden_size=9728,
+        tie_embeddings=False,
+        init_seed=2,
+        head_dim=128,
+    ),
+    "phi4mini": dict(
+        tokenizer="phi4mini",
+        family="phi3",
+        num_layers=32,
+        hidden_size=3072,
+        num_attention_heads=24,
+        num_query_groups=8,
+        ffn_hidden_size=8192,
+        tie_embeddings=True,
+        init_seed=3,
+    ),
+    "llama3b": dict(
+        tokenizer="llama3",
+        family="llama",
+        num_layers=28,
+        hidden_size=3072,
+        num_attention_heads=24,
+        num_query_groups=8,
+        ffn_hidden_size=8192,
+        tie_embeddings=True,
+        init_seed=4,
+    ),
 }
 TINY = {
-    "student": dict(PAPER["student"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128),
+    "student": dict(
+        PAPER["student"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128
+    ),
     # head_dim 32 != hidden/heads (16), as in Qwen3-4B (128 != 80)
-    "qwen3": dict(PAPER["qwen3"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128, head_dim=32),
-    "phi4mini": dict(PAPER["phi4mini"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128),
-    "llama3b": dict(PAPER["llama3b"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128),
+    "qwen3": dict(
+        PAPER["qwen3"],
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        ffn_hidden_size=128,
+        head_dim=32,
+    ),
+    "phi4mini": dict(
+        PAPER["phi4mini"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128
+    ),
+    "llama3b": dict(
+        PAPER["llama3b"], num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128
+    ),
 }
 
 
@@ -156,13 +207,26 @@ class StepProfile:
 # ----------------------------------------------------------------------------------------------
 # configurations
 # ----------------------------------------------------------------------------------------------
-def distill_config(kind: str, prep: dict, run_dir: Path, tiny: bool, total_steps: int, seq: int | None = None, data: str = "data_paper"):
-    from xtoken_nemo.distill.config import CheckpointConfig, DataConfig, DistillConfig, OptimConfig, TeacherConfig, TrainConfig
+def distill_config(
+    kind: str, prep: dict, run_dir: Path, tiny: bool, total_steps: int, seq: int | None = None, data: str = "data_paper"
+):
+    from xtoken_nemo.distill.config import (
+        CheckpointConfig,
+        DataConfig,
+        DistillConfig,
+        OptimConfig,
+        TeacherConfig,
+        TrainConfig,
+    )
 
     m = shapes(tiny)["models"]
     seq = seq or prep.get("seq") or shapes(tiny)["seq"]
-    qwen = lambda alpha: TeacherConfig(name="qwen3", model=model_config(m["qwen3"]), mode="pkl", alpha=alpha, projection=prep["W_qwen3"])  # noqa: E731
-    phi = lambda alpha: TeacherConfig(name="phi4mini", model=model_config(m["phi4mini"]), mode="hkl", alpha=alpha, projection=prep["W_phi4mini"])  # noqa: E731
+    qwen = lambda alpha: TeacherConfig(
+        name="qwen3", model=model_config(m["qwen3"]), mode="pkl", alpha=alpha, projection=prep["W_qwen3"]
+    )  # noqa: E731
+    phi = lambda alpha: TeacherConfig(
+        name="phi4mini", model=model_config(m["phi4mini"]), mode="hkl", alpha=alpha, projection=prep["W_phi4mini"]
+    )  # noqa: E731
     llama3b = lambda alpha: TeacherConfig(name="llama3b", model=model_config(m["llama3b"]), mode="kl", alpha=alpha)  # noqa: E731
     teachers = {
         "paper_pkl": lambda: [qwen(1.0)],
@@ -176,9 +240,13 @@ def distill_config(kind: str, prep: dict, run_dir: Path, tiny: bool, total_steps
         teachers=teachers,
         data=DataConfig(paths=[prep[data]], seq_length=seq),
         optim=OptimConfig(lr=1e-5, warmup_fraction=0.0),
-        train=TrainConfig(train_steps=total_steps, global_batch_size=1, micro_batch_size=1,
-                          precision="bf16" if torch.cuda.is_available() else "auto",
-                          kd_scaling="ce_only" if kind == "paper_ce" else "dynamic"),
+        train=TrainConfig(
+            train_steps=total_steps,
+            global_batch_size=1,
+            micro_batch_size=1,
+            precision="bf16" if torch.cuda.is_available() else "auto",
+            kd_scaling="ce_only" if kind == "paper_ce" else "dynamic",
+        ),
         checkpoint=CheckpointConfig(dir=str(run_dir / "ckpt"), save_interval=10**9, resume=False),
         log_dir=str(run_dir / "logs"),
     )
@@ -186,11 +254,18 @@ def distill_config(kind: str, prep: dict, run_dir: Path, tiny: bool, total_steps
 
 def _memory(report, prefix: str) -> dict:
     if torch.cuda.is_available():
-        out = {"peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30, "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
+        out = {
+            "peak_allocated_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30,
+        }
     else:
         import psutil
 
-        out = {"peak_allocated_gib": None, "peak_reserved_gib": None, "cpu_rss_gib": psutil.Process().memory_info().rss / 2**30}
+        out = {
+            "peak_allocated_gib": None,
+            "peak_reserved_gib": None,
+            "cpu_rss_gib": psutil.Process().memory_info().rss / 2**30,
+        }
     for k, v in out.items():
         report.measure(f"{prefix}.{k}", None if v is None else round(v, 3), "GiB")
     return out
@@ -221,8 +296,11 @@ def run_paper(kind: str, args, report, prep: dict, deadline: float) -> None:
     n_params = sum(p.numel() for p in trainer.student.parameters())
     report.measure(f"{kind}.student_params_M", round(n_params / 1e6, 1))
     for spec, teacher in zip(trainer.teacher_specs, trainer.teachers):
-        report.measure(f"{kind}.teacher.{spec.config.name}.params_M", round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1),
-                       note=f"mode {spec.config.mode}, head_dim {trainer.teacher_archs[trainer.teachers.index(teacher)].head_dim}")
+        report.measure(
+            f"{kind}.teacher.{spec.config.name}.params_M",
+            round(sum(p.numel() for p in teacher.parameters()) / 1e6, 1),
+            note=f"mode {spec.config.mode}, head_dim {trainer.teacher_archs[trainer.teachers.index(teacher)].head_dim}",
+        )
     step = 0
     clean, instrumented, metrics = [], [], {}
     try:
@@ -243,21 +321,28 @@ def run_paper(kind: str, args, report, prep: dict, deadline: float) -> None:
                     clean.append(dt)
                 elif phase == "instrumented":
                     instrumented.append(profile.split(dt))
-                report.say(f"[gpu_check] {kind} {phase} step {step}: {dt:.3f} s  total={metrics.get('total', float('nan')):.4g} "
-                           f"ce={metrics.get('ce', float('nan')):.4g} kd={metrics.get('kd', float('nan')):.4g} grad_norm={metrics.get('grad_norm', float('nan')):.3g}")
+                report.say(
+                    f"[gpu_check] {kind} {phase} step {step}: {dt:.3f} s  total={metrics.get('total', float('nan')):.4g} "
+                    f"ce={metrics.get('ce', float('nan')):.4g} kd={metrics.get('kd', float('nan')):.4g} grad_norm={metrics.get('grad_norm', float('nan')):.3g}"
+                )
     except Exception as exc:  # noqa: BLE001
         report.error(f"{kind}.step{step}", exc)
     import math
 
     finite = bool(metrics) and all(math.isfinite(metrics.get(k, 0.0)) for k in ("total", "ce", "kd"))
-    report.check(f"{kind}.steps_finite", finite and step == warm + steps + instr_steps,
-                 detail=f"{step} steps ran; last total={metrics.get('total')} skipped={metrics.get('skipped')}")
+    report.check(
+        f"{kind}.steps_finite",
+        finite and step == warm + steps + instr_steps,
+        detail=f"{step} steps ran; last total={metrics.get('total')} skipped={metrics.get('skipped')}",
+    )
     mem = _memory(report, kind)
     tokens = seq * cfg.train.global_batch_size
     if clean:
         step_s = statistics.median(clean)
         tps = tokens / step_s
-        report.measure(f"{kind}.step_s", round(step_s, 4), "s", f"median of {len(clean)} clean steps after {warm} warm-up")
+        report.measure(
+            f"{kind}.step_s", round(step_s, 4), "s", f"median of {len(clean)} clean steps after {warm} warm-up"
+        )
         report.measure(f"{kind}.tokens_per_s", round(tps, 1), "tokens/s/GPU")
     else:
         step_s = tps = None
@@ -272,30 +357,62 @@ def run_paper(kind: str, args, report, prep: dict, deadline: float) -> None:
             "ce_forward": split["ce_forward_s"] / total,
             "other": split["other_s"] / total,
         }
-        report.measure(f"{kind}.split_s", {k: round(v, 4) for k, v in split.items()},
-                       note="profiled steps (torch.profiler ranges)")
+        report.measure(
+            f"{kind}.split_s", {k: round(v, 4) for k, v in split.items()}, note="profiled steps (torch.profiler ranges)"
+        )
         report.measure(f"{kind}.split_share", {k: round(v, 3) for k, v in shares.items()})
-        report.say(f"[gpu_check] {kind} split: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) + f" of {total:.3f} s")
+        report.say(
+            f"[gpu_check] {kind} split: " + ", ".join(f"{k} {v:.0%}" for k, v in shares.items()) + f" of {total:.3f} s"
+        )
         if kind in ("paper_pkl", "paper_hkl"):
-            report.aim(f"{kind}.kd_loss_share", round(shares["kd_loss_fwd_bwd"], 4), "<= 0.15 of a one-teacher step", shares["kd_loss_fwd_bwd"] <= 0.15)
+            report.aim(
+                f"{kind}.kd_loss_share",
+                round(shares["kd_loss_fwd_bwd"], 4),
+                "<= 0.15 of a one-teacher step",
+                shares["kd_loss_fwd_bwd"] <= 0.15,
+            )
     if kind in ("paper_pkl", "paper_hkl") and tps is not None:
-        report.aim(f"{kind}.tokens_per_s", round(tps, 1), ">= 3700 tokens/s per GPU (2x NeMo-RL's ~1.84k)", tps >= 3700,
-                   note="local megatron spec (no TE): unfused attention" if not _te() else "")
+        report.aim(
+            f"{kind}.tokens_per_s",
+            round(tps, 1),
+            ">= 3700 tokens/s per GPU (2x NeMo-RL's ~1.84k)",
+            tps >= 3700,
+            note="local megatron spec (no TE): unfused attention" if not _te() else "",
+        )
     if not _te():
         # megatron's local spec (no TE) runs unfused attention: per student layer it keeps the fp32
         # softmax output and the bf16 probabilities, [b, heads, s, s], for backward; flash
         # attention (TE) keeps none of it. An estimate, to read the peak against a TE run.
         arch = trainer.student_arch
         est = arch.num_layers * arch.num_attention_heads * seq * seq * cfg.train.micro_batch_size * 6 / 2**30
-        report.measure(f"{kind}.est_unfused_attention_gib", round(est, 2), "GiB",
-                       "student layers x heads x s^2 x 6 B: saved by the local spec's attention, not by TE's")
+        report.measure(
+            f"{kind}.est_unfused_attention_gib",
+            round(est, 2),
+            "GiB",
+            "student layers x heads x s^2 x 6 B: saved by the local spec's attention, not by TE's",
+        )
     if mem.get("peak_reserved_gib") is not None:
         fits = mem["peak_reserved_gib"] < H100_USABLE_GIB
-        report.measure(f"{kind}.fits_h100_80gb", fits, note=f"peak reserved {mem['peak_reserved_gib']:.1f} GiB vs ~{H100_USABLE_GIB} GiB usable")
+        report.measure(
+            f"{kind}.fits_h100_80gb",
+            fits,
+            note=f"peak reserved {mem['peak_reserved_gib']:.1f} GiB vs ~{H100_USABLE_GIB} GiB usable",
+        )
         if kind == "three":
-            report.aim("three.peak_memory_gib", round(mem["peak_reserved_gib"], 2), f"< {H100_USABLE_GIB} GiB (an 80 GB H100) at micro-batch 1", fits)
+            report.aim(
+                "three.peak_memory_gib",
+                round(mem["peak_reserved_gib"], 2),
+                f"< {H100_USABLE_GIB} GiB (an 80 GB H100) at micro-batch 1",
+                fits,
+            )
     elif kind == "three":
-        report.aim("three.peak_memory_gib", None, f"< {H100_USABLE_GIB} GiB (an 80 GB H100)", None, note="no CUDA: not measured")
+        report.aim(
+            "three.peak_memory_gib",
+            None,
+            f"< {H100_USABLE_GIB} GiB (an 80 GB H100)",
+            None,
+            note="no CUDA: not measured",
+        )
 
 
 def _te() -> bool:
@@ -345,7 +462,12 @@ def run_pkl_vs_kl(args, report, prep: dict, deadline: float) -> None:
                 samples.append(time.perf_counter() - t0)
         if samples:
             times[name] = statistics.median(samples)
-            report.measure(f"pkl_vs_kl.{name}_fwd_bwd_s", round(times[name], 5), "s", f"[{n}, {vs_pad}] {str(dtype).split('.')[-1]} logits, block {block}")
+            report.measure(
+                f"pkl_vs_kl.{name}_fwd_bwd_s",
+                round(times[name], 5),
+                "s",
+                f"[{n}, {vs_pad}] {str(dtype).split('.')[-1]} logits, block {block}",
+            )
     if "kl" in times and "pkl" in times:
         ratio = times["pkl"] / times["kl"]
         report.aim("pkl_vs_kl.time_ratio", round(ratio, 3), "<= 1.3x plain KL on the same logits", ratio <= 1.3)

@@ -46,17 +46,45 @@ def _setup(work: Path, seq: int, docs: int) -> None:
     from xtoken_nemo.vocab.build import build_projection_matrix
 
     if not (work / "W.safetensors").is_file():
-        build_projection_matrix(load_tokenizer("llama3"), load_tokenizer("qwen3"), progress=False).save(work / "W.safetensors")
+        build_projection_matrix(load_tokenizer("llama3"), load_tokenizer("qwen3"), progress=False).save(
+            work / "W.safetensors"
+        )
     corpus = work / "docs.jsonl"
     if not corpus.is_file():
         corpus.write_text("\n".join(json.dumps({"text": t}) for t in documents(docs, seed=7, max_sentences=20)))
     out = work / f"data{seq}"
     if not (out / "manifest.json").is_file():
-        preprocess(PreprocessConfig(inputs=[str(corpus)], student="llama3", teachers=["qwen3", "llama3"], out=str(out), seq_length=seq, progress=False))
+        preprocess(
+            PreprocessConfig(
+                inputs=[str(corpus)],
+                student="llama3",
+                teachers=["qwen3", "llama3"],
+                out=str(out),
+                seq_length=seq,
+                progress=False,
+            )
+        )
 
 
-def _config(work: Path, name: str, seq: int, steps: int, micro: int, teachers: list, lr: float, shape: dict, student_seed: int = 1):
-    from xtoken_nemo.distill.config import CheckpointConfig, DataConfig, DistillConfig, ModelConfig, OptimConfig, TrainConfig
+def _config(
+    work: Path,
+    name: str,
+    seq: int,
+    steps: int,
+    micro: int,
+    teachers: list,
+    lr: float,
+    shape: dict,
+    student_seed: int = 1,
+):
+    from xtoken_nemo.distill.config import (
+        CheckpointConfig,
+        DataConfig,
+        DistillConfig,
+        ModelConfig,
+        OptimConfig,
+        TrainConfig,
+    )
 
     return DistillConfig(
         name=name,
@@ -64,14 +92,22 @@ def _config(work: Path, name: str, seq: int, steps: int, micro: int, teachers: l
         teachers=teachers,
         data=DataConfig(paths=[str(work / f"data{seq}")], seq_length=seq),
         optim=OptimConfig(lr=lr, warmup_fraction=0.0),
-        train=TrainConfig(train_steps=steps, global_batch_size=micro, micro_batch_size=1, loss_block_size=seq,
-                          kd_scaling="ce_only" if not teachers else "dynamic", kd_scale_source="micro_batch"),
+        train=TrainConfig(
+            train_steps=steps,
+            global_batch_size=micro,
+            micro_batch_size=1,
+            loss_block_size=seq,
+            kd_scaling="ce_only" if not teachers else "dynamic",
+            kd_scale_source="micro_batch",
+        ),
         checkpoint=CheckpointConfig(dir=str(work / name / "ckpt"), save_interval=10**9, resume=False),
         log_dir=str(work / name / "logs"),
     )
 
 
-def _pretrain(work: Path, seq: int, tokenizer: str, family: str, seed: int, steps: int, micro: int, shape: dict, lr: float) -> dict:
+def _pretrain(
+    work: Path, seq: int, tokenizer: str, family: str, seed: int, steps: int, micro: int, shape: dict, lr: float
+) -> dict:
     """CE-only training of one tiny model; returns its state dict."""
     import torch
 
@@ -86,11 +122,27 @@ def _pretrain(work: Path, seq: int, tokenizer: str, family: str, seed: int, step
 
         out = Path(cfg.data.paths[0])
         if not (out / "manifest.json").is_file():
-            preprocess(PreprocessConfig(inputs=[str(work / "docs.jsonl")], student=tokenizer, teachers=[tokenizer], out=str(out), seq_length=seq, progress=False))
+            preprocess(
+                PreprocessConfig(
+                    inputs=[str(work / "docs.jsonl")],
+                    student=tokenizer,
+                    teachers=[tokenizer],
+                    out=str(out),
+                    seq_length=seq,
+                    progress=False,
+                )
+            )
     trainer = Trainer(cfg, progress=False)
     hist = [trainer.train_step(step) for step in range(steps)]  # no checkpoints
-    print(f"  pre-trained {tokenizer}/{family} seed {seed}: ce {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f} in {steps} steps", flush=True)
-    return {k: v.detach().clone() for k, v in trainer.student.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    print(
+        f"  pre-trained {tokenizer}/{family} seed {seed}: ce {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f} in {steps} steps",
+        flush=True,
+    )
+    return {
+        k: v.detach().clone()
+        for k, v in trainer.student.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 def _record_run(cfg, teacher_states: list[dict], student_state: dict | None) -> list[list[dict]]:
@@ -108,11 +160,15 @@ def _record_run(cfg, teacher_states: list[dict], student_state: dict | None) -> 
 
     def recording(*a, **k):
         out = real(*a, **k)
-        steps[-1].append({
-            "ce": float(out.ce.detach()), "kd_abs": float(out.kd.detach().abs()), "scale": float(out.kd_scale),
-            "alphas": {n: float(v) for n, v in out.alphas.items()},
-            "conf": {n: float(v) for n, v in out.confidences.items()},
-        })
+        steps[-1].append(
+            {
+                "ce": float(out.ce.detach()),
+                "kd_abs": float(out.kd.detach().abs()),
+                "scale": float(out.kd_scale),
+                "alphas": {n: float(v) for n, v in out.alphas.items()},
+                "conf": {n: float(v) for n, v in out.confidences.items()},
+            }
+        )
         return out
 
     kd.distillation_loss = recording
@@ -145,7 +201,8 @@ def _ratio_stats(steps: list[list[dict]], skip: int) -> dict:
         "step_change_sampling": sampling,
         "step_change_drift": math.sqrt(max(0.0, change * change - sampling * sampling)) if changes else float("nan"),
         "cv_micro": math.sqrt(statistics.fmean([c * c for c in cvs[kept]])),
-        "weight_min": min(rel_min[kept]), "weight_max": max(rel_max[kept]),
+        "weight_min": min(rel_min[kept]),
+        "weight_max": max(rel_max[kept]),
         "step_change": math.sqrt(statistics.fmean([c * c for c in changes])) if changes else float("nan"),
         "step_change_max": max(changes) if changes else float("nan"),
         "global_ratio": [round(g, 4) for g in globals_],
@@ -181,7 +238,9 @@ def main() -> None:
     parser.add_argument("--pre-lr", type=float, default=1e-2)
     parser.add_argument("--lr", type=float, default=1e-3, help="distillation learning rate")
     parser.add_argument("--hidden", type=int, default=32)
-    parser.add_argument("--alpha-mode", default="entropy", help="adaptive alphas measured in one extra run; 'none' to skip")
+    parser.add_argument(
+        "--alpha-mode", default="entropy", help="adaptive alphas measured in one extra run; 'none' to skip"
+    )
     parser.add_argument("--work", default=None)
     args = parser.parse_args()
 
@@ -194,29 +253,50 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="xtoken-kd-scale-"))
     work.mkdir(parents=True, exist_ok=True)
     seqs = [int(s) for s in args.seqs.split(",")]
-    results = {"steps": args.steps, "micro": args.micro, "teacher_steps": args.teacher_steps, "student_steps": args.student_steps, "by_seq": {}}
+    results = {
+        "steps": args.steps,
+        "micro": args.micro,
+        "teacher_steps": args.teacher_steps,
+        "student_steps": args.student_steps,
+        "by_seq": {},
+    }
     pre_seq = seqs[0]
     for seq in seqs:
         _setup(work, seq, docs=400)
     print(f"pre-training on {pre_seq}-token windows (CE only)", flush=True)
     qwen_state = _pretrain(work, pre_seq, "qwen3", "qwen3", 21, args.teacher_steps, 8, shape, args.pre_lr)
     llama_state = _pretrain(work, pre_seq, "llama3", "llama", 22, args.teacher_steps, 8, shape, args.pre_lr)
-    student_state = _pretrain(work, pre_seq, "llama3", "llama", 1, args.student_steps, 8, shape, args.pre_lr) if args.student_steps else None
+    student_state = (
+        _pretrain(work, pre_seq, "llama3", "llama", 1, args.student_steps, 8, shape, args.pre_lr)
+        if args.student_steps
+        else None
+    )
 
     def teachers():
         return [
-            TeacherConfig(name="qwen3", model=ModelConfig(tokenizer="qwen3", family="qwen3", init_seed=21, **shape), mode="pkl", alpha=0.7, projection=str(work / "W.safetensors")),
-            TeacherConfig(name="llama", model=ModelConfig(tokenizer="llama3", init_seed=22, **shape), mode="kl", alpha=0.3),
+            TeacherConfig(
+                name="qwen3",
+                model=ModelConfig(tokenizer="qwen3", family="qwen3", init_seed=21, **shape),
+                mode="pkl",
+                alpha=0.7,
+                projection=str(work / "W.safetensors"),
+            ),
+            TeacherConfig(
+                name="llama", model=ModelConfig(tokenizer="llama3", init_seed=22, **shape), mode="kl", alpha=0.3
+            ),
         ]
 
     for seq in seqs:
         cfg = _config(work, f"kd{seq}", seq, args.steps, args.micro, teachers(), args.lr, shape)
         stats = _ratio_stats(_record_run(cfg, [qwen_state, llama_state], student_state), args.skip)
         results["by_seq"][seq] = stats
-        print(f"seq {seq:4d}: cv of the micro-batch ratio around the step's {stats['cv_micro']:.4f} "
-              f"(r_i/R in [{stats['weight_min']:.3f}, {stats['weight_max']:.3f}]); step-to-step change of R "
-              f"{stats['step_change']:.4f} (max {stats['step_change_max']:.4f}; sampling part {stats['step_change_sampling']:.4f}, "
-              f"drift part {stats['step_change_drift']:.4f}); R = {stats['global_ratio']}", flush=True)
+        print(
+            f"seq {seq:4d}: cv of the micro-batch ratio around the step's {stats['cv_micro']:.4f} "
+            f"(r_i/R in [{stats['weight_min']:.3f}, {stats['weight_max']:.3f}]); step-to-step change of R "
+            f"{stats['step_change']:.4f} (max {stats['step_change_max']:.4f}; sampling part {stats['step_change_sampling']:.4f}, "
+            f"drift part {stats['step_change_drift']:.4f}); R = {stats['global_ratio']}",
+            flush=True,
+        )
     if args.alpha_mode != "none":
         cfg = _config(work, "alphas", seqs[0], args.steps, args.micro, teachers(), args.lr, shape)
         cfg.train.alpha_mode = args.alpha_mode
@@ -224,16 +304,23 @@ def main() -> None:
         a = _alpha_stats(steps, args.skip)
         a.update({f"ratio_{k}": v for k, v in _ratio_stats(steps, args.skip).items() if k != "global_ratio"})
         results["alphas"] = {"mode": args.alpha_mode, "seq": seqs[0], **a}
-        print(f"alphas ({args.alpha_mode}, seq {seqs[0]}): sd of the micro-batch alphas around the step's {a['alpha_sd_micro']:.4f}, "
-              f"step-to-step change {a['alpha_step_change']:.4f}; global alphas {a['global_alphas'][-3:]}", flush=True)
+        print(
+            f"alphas ({args.alpha_mode}, seq {seqs[0]}): sd of the micro-batch alphas around the step's {a['alpha_sd_micro']:.4f}, "
+            f"step-to-step change {a['alpha_step_change']:.4f}; global alphas {a['global_alphas'][-3:]}",
+            flush=True,
+        )
     # extrapolation: cv ~ tokens^-p fitted on the sweep
-    pts = [(math.log(s), math.log(results["by_seq"][s]["cv_micro"])) for s in seqs if results["by_seq"][s]["cv_micro"] > 0]
+    pts = [
+        (math.log(s), math.log(results["by_seq"][s]["cv_micro"])) for s in seqs if results["by_seq"][s]["cv_micro"] > 0
+    ]
     if len(pts) >= 2:
         mx, my = statistics.fmean(p[0] for p in pts), statistics.fmean(p[1] for p in pts)
         slope = sum((x - mx) * (y - my) for x, y in pts) / sum((x - mx) ** 2 for x, _ in pts)
         results["cv_fit_exponent"] = slope
         results["cv_at_4096_extrapolated"] = math.exp(my + slope * (math.log(4096) - mx))
-        print(f"cv ~ seq^{slope:.2f}: extrapolated to one 4,096-token micro-batch: {results['cv_at_4096_extrapolated']:.4f}")
+        print(
+            f"cv ~ seq^{slope:.2f}: extrapolated to one 4,096-token micro-batch: {results['cv_at_4096_extrapolated']:.4f}"
+        )
     print(json.dumps(results))
 
 

@@ -202,8 +202,20 @@ def main() -> None:
         results = {}
         for loss in losses:
             cmd = [
-                sys.executable, __file__, "--child", loss, "--w-path", str(w_path), "--chunks", str(args.chunks),
-                "--block", str(args.block), "--dtype", args.dtype, "--threads", str(args.threads),
+                sys.executable,
+                __file__,
+                "--child",
+                loss,
+                "--w-path",
+                str(w_path),
+                "--chunks",
+                str(args.chunks),
+                "--block",
+                str(args.block),
+                "--dtype",
+                args.dtype,
+                "--threads",
+                str(args.threads),
             ]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True)
             res = json.loads(out.stdout.strip().splitlines()[-1])

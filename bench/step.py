@@ -32,7 +32,13 @@ def main() -> None:
     from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
     from xtoken_nemo.data.synthetic import documents
     from xtoken_nemo.distill.config import (
-        CheckpointConfig, DataConfig, DistillConfig, ModelConfig, OptimConfig, TeacherConfig, TrainConfig,
+        CheckpointConfig,
+        DataConfig,
+        DistillConfig,
+        ModelConfig,
+        OptimConfig,
+        TeacherConfig,
+        TrainConfig,
     )
     from xtoken_nemo.distill.trainer import Trainer
     from xtoken_nemo.tokenizers import load_tokenizer
@@ -41,13 +47,30 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="xtoken-bench-step-"))
     docs = work / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": t}) for t in documents(200, seed=2)))
-    preprocess(PreprocessConfig(inputs=[str(docs)], student="llama3", teachers=["qwen3", "llama3"], out=str(work / "data"), seq_length=args.seq, progress=False))
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(docs)],
+            student="llama3",
+            teachers=["qwen3", "llama3"],
+            out=str(work / "data"),
+            seq_length=args.seq,
+            progress=False,
+        )
+    )
     W = work / "W.safetensors"
     build_projection_matrix(load_tokenizer("llama3"), load_tokenizer("qwen3"), progress=False).save(W)
 
     shape = dict(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=4)
-    qwen = TeacherConfig(name="qwen3", model=ModelConfig(tokenizer="qwen3", family="qwen3", init_seed=2, **shape), mode="pkl", alpha=0.8, projection=str(W))
-    llama = TeacherConfig(name="llama3", model=ModelConfig(tokenizer="llama3", init_seed=3, **shape), mode="kl", alpha=0.2)
+    qwen = TeacherConfig(
+        name="qwen3",
+        model=ModelConfig(tokenizer="qwen3", family="qwen3", init_seed=2, **shape),
+        mode="pkl",
+        alpha=0.8,
+        projection=str(W),
+    )
+    llama = TeacherConfig(
+        name="llama3", model=ModelConfig(tokenizer="llama3", init_seed=3, **shape), mode="kl", alpha=0.2
+    )
     runs = {"ce_only": [], "one_teacher": [qwen], "two_teachers": [qwen, llama]}
     results = {}
     for name, teachers in runs.items():
@@ -59,8 +82,12 @@ def main() -> None:
             teachers=teachers,
             data=DataConfig(paths=[str(work / "data")], seq_length=args.seq),
             optim=OptimConfig(lr=1e-4),
-            train=TrainConfig(train_steps=args.steps + 1, global_batch_size=2 * args.micro, micro_batch_size=args.micro,
-                              kd_scaling="ce_only" if not teachers else "dynamic"),
+            train=TrainConfig(
+                train_steps=args.steps + 1,
+                global_batch_size=2 * args.micro,
+                micro_batch_size=args.micro,
+                kd_scaling="ce_only" if not teachers else "dynamic",
+            ),
             checkpoint=CheckpointConfig(dir=str(work / name / "ckpt"), save_interval=10**9, resume=False),
             log_dir=str(work / name / "logs"),
         )
@@ -85,7 +112,9 @@ def main() -> None:
                 step_times.append(time.perf_counter() - t0)
                 teacher_times.append(teacher_time["s"])
         results[name] = {"step_s": statistics.median(step_times), "teacher_forward_s": statistics.median(teacher_times)}
-        print(f"{name:<13} {results[name]['step_s']:.3f} s/step (teacher forwards {results[name]['teacher_forward_s']:.3f} s)")
+        print(
+            f"{name:<13} {results[name]['step_s']:.3f} s/step (teacher forwards {results[name]['teacher_forward_s']:.3f} s)"
+        )
 
     base = results["ce_only"]["step_s"]
     for name in ("one_teacher", "two_teachers"):
@@ -99,9 +128,22 @@ def main() -> None:
                 "kd_loss": round(loss_s / r["step_s"], 3),
             },
         )
-        print(f"{name:<13} {r['overhead_vs_ce']:.2f}x the CE-only step; share of the step: student {r['split']['student_fwd_bwd_ce_optim']:.0%}, "
-              f"teacher forward {r['split']['teacher_forward']:.0%}, KD loss {r['split']['kd_loss']:.0%}")
-    print(json.dumps({"bench": "step", "seq": args.seq, "hidden": args.hidden, "layers": args.layers, "micro_batch": args.micro, "results": results}))
+        print(
+            f"{name:<13} {r['overhead_vs_ce']:.2f}x the CE-only step; share of the step: student {r['split']['student_fwd_bwd_ce_optim']:.0%}, "
+            f"teacher forward {r['split']['teacher_forward']:.0%}, KD loss {r['split']['kd_loss']:.0%}"
+        )
+    print(
+        json.dumps(
+            {
+                "bench": "step",
+                "seq": args.seq,
+                "hidden": args.hidden,
+                "layers": args.layers,
+                "micro_batch": args.micro,
+                "results": results,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

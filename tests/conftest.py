@@ -36,8 +36,16 @@ def sp_model_path(tmp_path_factory):
     corpus = out / "corpus.txt"
     corpus.write_text("\n".join(lines), encoding="utf-8")
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(out / "tiny"), vocab_size=600, model_type="bpe",
-        byte_fallback=True, character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=3,
+        input=str(corpus),
+        model_prefix=str(out / "tiny"),
+        vocab_size=600,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=3,
         minloglevel=2,
     )
     return out / "tiny.model"

@@ -36,7 +36,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _entry(rank: int, world_size: int, tp: int, port: int, outdir: str, fn: Callable, args: tuple, threads: int) -> None:
+def _entry(
+    rank: int, world_size: int, tp: int, port: int, outdir: str, fn: Callable, args: tuple, threads: int
+) -> None:
     out = Path(outdir) / f"rank{rank}.pt"
     repo = str(Path(__file__).resolve().parents[1])
     if repo not in sys.path:  # the package may be used from the checkout without being installed
@@ -97,4 +99,3 @@ def run_distributed(
         if error is not None:
             raise RuntimeError(f"distributed run failed: {error}")
         return results
-

@@ -69,7 +69,12 @@ def test_exact_chunks_are_exact_on_mixed_text(llama, qwen, phi):
             al = aligned.alignment
             check_alignment(al, len(aligned.student_ids), len(aligned.teacher_ids))
             assert tuple(al.chunks[0]) == (0, 1, 0, 0)  # Llama's BOS: a gap
-            assert tuple(al.chunks[-1]) == (len(aligned.student_ids) - 1, len(aligned.student_ids), len(aligned.teacher_ids) - 1, len(aligned.teacher_ids))  # EOS pair
+            assert tuple(al.chunks[-1]) == (
+                len(aligned.student_ids) - 1,
+                len(aligned.student_ids),
+                len(aligned.teacher_ids) - 1,
+                len(aligned.teacher_ids),
+            )  # EOS pair
             if al.unit == "char":
                 # Qwen3's NFC normalizer rewrites "e\u0301": its bytes differ from the text, so
                 # the exact path runs on character offsets into the original text instead
@@ -273,7 +278,9 @@ def _run_cli(argv, capsys):
 
 
 def test_align_cli(capsys, llama, qwen):
-    code, out = _run_cli(["align", "--student", "llama3", "--teacher", "qwen3", "--text", "Hundreds of 2024", "--json"], capsys)
+    code, out = _run_cli(
+        ["align", "--student", "llama3", "--teacher", "qwen3", "--text", "Hundreds of 2024", "--json"], capsys
+    )
     assert code == 0
     recs = json.loads(out.out)
     assert recs[0] == {"student": [0, 1], "teacher": [0, 0], "text": ""}

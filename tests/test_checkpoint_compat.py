@@ -72,7 +72,9 @@ def emulate_te(model):
         if leaf in LINEARS or leaf == "core_attention":
             module.__class__ = _te_class(type(module), core_attention=leaf == "core_attention")
             module._load_state_dict_pre_hooks.clear()  # the local linears' "default _extra_state=None" hook
-            module._te_extra_state = torch.frombuffer(bytearray(pickle.dumps({"fp8_meta": name})), dtype=torch.uint8).clone()
+            module._te_extra_state = torch.frombuffer(
+                bytearray(pickle.dumps({"fp8_meta": name})), dtype=torch.uint8
+            ).clone()
             module._te_received = "nothing"
     return model
 
@@ -101,7 +103,9 @@ def _arch():
     from xtoken_nemo.distill.model_setup import hf_config_for
     from xtoken_nemo.models.config import arch_from_hf_config
 
-    mc = ModelConfig(family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128)
+    mc = ModelConfig(
+        family="llama", num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128
+    )
     return arch_from_hf_config(hf_config_for(mc, VOCAB))
 
 
@@ -116,7 +120,11 @@ def _model(seed: int = 0, te: bool = False):
 
 
 def _params(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -147,8 +155,12 @@ class _Trainable:
         mark_tensor_parallel_params(self.model)
         self.model.train()
         with cuda_to_cpu():
-            self.ddp = DistributedDataParallel(self.model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.model)
-            self.optimizer = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-2, params_dtype=torch.float32), [self.ddp])
+            self.ddp = DistributedDataParallel(
+                self.model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), self.model
+            )
+            self.optimizer = get_megatron_optimizer(
+                OptimizerConfig(optimizer="adam", lr=1e-2, params_dtype=torch.float32), [self.ddp]
+            )
 
     def step(self, seed: int) -> None:
         from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
@@ -163,8 +175,17 @@ class _Trainable:
             self.optimizer.step()
 
     def adam_state(self) -> dict:
-        inner = self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer.chained_optimizers[0].optimizer
-        return {(i, k): v.detach().clone() for i, s in enumerate(inner.state.values()) for k, v in s.items() if isinstance(v, torch.Tensor)}
+        inner = (
+            self.optimizer.optimizer
+            if hasattr(self.optimizer, "optimizer")
+            else self.optimizer.chained_optimizers[0].optimizer
+        )
+        return {
+            (i, k): v.detach().clone()
+            for i, s in enumerate(inner.state.values())
+            for k, v in s.items()
+            if isinstance(v, torch.Tensor)
+        }
 
 
 # ---- Task 1: converted checkpoints --------------------------------------------------------------
@@ -217,7 +238,9 @@ def test_checkpoint_missing_a_weight_is_refused_in_one_line(tmp_path):
 
     src = _model(seed=5)
     original = src.sharded_state_dict
-    src.sharded_state_dict = lambda *a, **k: {n: v for n, v in original(*a, **k).items() if n != "decoder.final_layernorm.weight"}
+    src.sharded_state_dict = lambda *a, **k: {
+        n: v for n, v in original(*a, **k).items() if n != "decoder.final_layernorm.weight"
+    }
     ckpt = _save_converted(src, tmp_path / "ckpt")
     with pytest.raises(ModelError) as err:
         load_into_model(_model(seed=6, te=True), ckpt)
@@ -266,7 +289,13 @@ def two_checkpoints(tmp_path_factory):
 def _copy(root: Path, dst: Path, only: tuple[int, ...] | None = None) -> Path:
     import shutil
 
-    shutil.copytree(root, dst, ignore=None if only is None else (lambda d, names: [n for n in names if n.startswith("iter_") and int(n[5:]) not in only]))
+    shutil.copytree(
+        root,
+        dst,
+        ignore=None
+        if only is None
+        else (lambda d, names: [n for n in names if n.startswith("iter_") and int(n[5:]) not in only]),
+    )
     if only is not None:
         (dst / "latest.txt").write_text(f"{max(only)}\n")
     return dst
@@ -291,9 +320,18 @@ def test_corrupt_latest_falls_back_to_the_previous_checkpoint(two_checkpoints, t
     _assert_same(_params(t.model), params_1)
     _assert_same(t.adam_state(), adam_1)
     errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
-    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "resuming from" in r.getMessage()]
-    assert len(errors) == 1 and str(root / "iter_0000002") in errors[0] and "EOFError" in errors[0] and "\n" not in errors[0]
-    assert warnings == [f"resuming from iter_0000001 instead of corrupt iter_0000002: 1 steps will be recomputed; delete or move {root / 'iter_0000002'}"]
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelno == logging.WARNING and "resuming from" in r.getMessage()
+    ]
+    assert (
+        len(errors) == 1
+        and str(root / "iter_0000002") in errors[0]
+        and "EOFError" in errors[0]
+        and "\n" not in errors[0]
+    )
+    assert warnings == [
+        f"resuming from iter_0000001 instead of corrupt iter_0000002: 1 steps will be recomputed; delete or move {root / 'iter_0000002'}"
+    ]
 
 
 def test_corrupt_latest_without_fallback_is_a_one_line_error(two_checkpoints, tmp_path):
@@ -319,8 +357,14 @@ def test_latest_naming_a_missing_directory_falls_back(two_checkpoints, tmp_path,
     t = _Trainable(seed=99)
     with caplog.at_level(logging.WARNING, logger="xtoken_nemo"):
         assert resume_latest(root, t.model, t.optimizer, fallback=True) == (2, {"step": 2})
-    assert any("iter_0000005" in r.getMessage() and "FileNotFoundError" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
-    assert any("resuming from iter_0000002 instead of corrupt iter_0000005: 3 steps" in r.getMessage() for r in caplog.records)
+    assert any(
+        "iter_0000005" in r.getMessage() and "FileNotFoundError" in r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.ERROR
+    )
+    assert any(
+        "resuming from iter_0000002 instead of corrupt iter_0000005: 3 steps" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_only_checkpoint_corrupt_and_no_checkpoint(two_checkpoints, tmp_path):

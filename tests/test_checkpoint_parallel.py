@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_distributed
 from test_distill import _run_until, sp_config, sp_pair  # noqa: F401  (module-scoped fixture, rebuilt here)
 
@@ -55,7 +54,11 @@ class _CountReads:
 
 
 def _params(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 def _optim_state(optimizer) -> list[torch.Tensor]:
@@ -115,9 +118,18 @@ def _dp2_worker(rank, world_size, pair, run_dir):
     published = []
     for iteration in (1, 2, 3):
         snapshot = _params(trainer.student)
-        ck.save_checkpoint(root, iteration, trainer.student, trainer.optimizer, dict(trainer.state.__dict__, step=iteration),
-                           async_save=True, keep_last=2)
-        published.append((ck.pending_saves(), (root / "latest.txt").read_text().strip() if (root / "latest.txt").exists() else None))
+        ck.save_checkpoint(
+            root,
+            iteration,
+            trainer.student,
+            trainer.optimizer,
+            dict(trainer.state.__dict__, step=iteration),
+            async_save=True,
+            keep_last=2,
+        )
+        published.append(
+            (ck.pending_saves(), (root / "latest.txt").read_text().strip() if (root / "latest.txt").exists() else None)
+        )
         with torch.no_grad():
             for p in trainer.student.parameters():
                 p.add_(1.0)  # "training" goes on while the writer runs
@@ -156,8 +168,14 @@ def test_each_dp_rank_writes_its_part(dp2):
 
 def test_each_dp_rank_reads_its_part_on_resume(dp2):
     r0, r1 = dp2["ranks"]
-    print("bytes read per rank on resume: without the wrapper", r0["read_serial"], r1["read_serial"],
-          "with it", r0["read_parallel"], r1["read_parallel"])
+    print(
+        "bytes read per rank on resume: without the wrapper",
+        r0["read_serial"],
+        r1["read_serial"],
+        "with it",
+        r0["read_parallel"],
+        r1["read_parallel"],
+    )
     total = r0["read_serial"]
     assert r1["read_serial"] == pytest.approx(total, rel=0.02)  # before: each rank reads it all
     assert r0["read_parallel"] + r1["read_parallel"] == pytest.approx(total, rel=0.05)
@@ -169,7 +187,9 @@ def test_dp2_resume_is_exact(dp2):
     for res in dp2["ranks"]:
         assert [h["step"] for h in res["resumed"]] == [3, 4]
         for key in KEYS:
-            assert [h[key] for h in res["resumed"]] == pytest.approx([h[key] for h in res["straight"][2:]], rel=1e-6, abs=1e-9), key
+            assert [h[key] for h in res["resumed"]] == pytest.approx(
+                [h[key] for h in res["straight"][2:]], rel=1e-6, abs=1e-9
+            ), key
 
 
 def test_async_save_publishes_on_finalize_and_keeps_last_two(dp2):
@@ -195,7 +215,9 @@ def test_keep_last_retention(sp_pair, tmp_path):  # noqa: F811
     root = tmp_path / "keep"
 
     def save(i, keep):
-        return save_checkpoint(root, i, trainer.student, trainer.optimizer, dict(trainer.state.__dict__, step=i), keep_last=keep)
+        return save_checkpoint(
+            root, i, trainer.student, trainer.optimizer, dict(trainer.state.__dict__, step=i), keep_last=keep
+        )
 
     def listing():
         return sorted(p.name for p in root.iterdir())

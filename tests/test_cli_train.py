@@ -7,20 +7,47 @@ import json
 
 import pytest
 import torch
-
 from test_distill import TINY, sp_pair  # noqa: F401  (fixture)
+
 from xtoken_nemo.cli import main
 
 
 def test_init_train_score_export(sp_pair, tmp_path, capsys):  # noqa: F811
     student_init = tmp_path / "student_init"
-    assert main(["init-model", "--tokenizer", sp_pair["student"], "--num-layers", "1", "--hidden-size", "32",
-                 "--num-attention-heads", "2", "--seed", "3", "--pad-for-tp", "2", "--out", str(student_init)]) == 0
+    assert (
+        main(
+            [
+                "init-model",
+                "--tokenizer",
+                sp_pair["student"],
+                "--num-layers",
+                "1",
+                "--hidden-size",
+                "32",
+                "--num-attention-heads",
+                "2",
+                "--seed",
+                "3",
+                "--pad-for-tp",
+                "2",
+                "--out",
+                str(student_init),
+            ]
+        )
+        == 0
+    )
     config = {
         "name": "cli-run",
         "student": {"tokenizer": sp_pair["student"], "checkpoint": str(student_init)},
-        "teachers": [{"name": "cross", "mode": "pkl", "alpha": 1.0, "projection": sp_pair["W"],
-                      "model": {"tokenizer": sp_pair["teacher"], "checkpoint": sp_pair["ckpt"]["cross"]}}],
+        "teachers": [
+            {
+                "name": "cross",
+                "mode": "pkl",
+                "alpha": 1.0,
+                "projection": sp_pair["W"],
+                "model": {"tokenizer": sp_pair["teacher"], "checkpoint": sp_pair["ckpt"]["cross"]},
+            }
+        ],
         "data": {"paths": [sp_pair["data"]], "seq_length": 32},
         "train": {"train_steps": 3, "global_batch_size": 2, "micro_batch_size": 1},
         "checkpoint": {"dir": str(tmp_path / "ckpt"), "save_interval": 2},
@@ -37,10 +64,26 @@ def test_init_train_score_export(sp_pair, tmp_path, capsys):  # noqa: F811
     # the resolved config, with defaults filled in
     assert main(["train", "--config", str(cfg_file), "--print-config", "train.seed=7"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["train"]["seed"] == 7 and printed["optim"]["lr"] == 5e-5 and printed["teachers"][0]["merge"] == "chain"
+    assert (
+        printed["train"]["seed"] == 7 and printed["optim"]["lr"] == 5e-5 and printed["teachers"][0]["merge"] == "chain"
+    )
 
     text = "The international meeting started at 10:30 with 42 people."
-    assert main(["score", "--checkpoint", str(tmp_path / "ckpt" / "iter_0000003"), "--tokenizer", sp_pair["student"], "--text", text, "--json"]) == 0
+    assert (
+        main(
+            [
+                "score",
+                "--checkpoint",
+                str(tmp_path / "ckpt" / "iter_0000003"),
+                "--tokenizer",
+                sp_pair["student"],
+                "--text",
+                text,
+                "--json",
+            ]
+        )
+        == 0
+    )
     scored = json.loads(capsys.readouterr().out)
     assert len(scored["tokens"]) == len(scored["logprobs"]) > 5
 

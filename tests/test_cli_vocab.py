@@ -18,7 +18,9 @@ def test_audit_json_single_teacher(capsys):
 
 def test_audit_text_two_teachers_and_plot(capsys, tmp_path):
     plot = tmp_path / "audit.png"
-    assert main(["audit", "--student", "llama3", "--teacher", "qwen3", "--teacher", "phi4mini", "--plot", str(plot)]) == 0
+    assert (
+        main(["audit", "--student", "llama3", "--teacher", "qwen3", "--teacher", "phi4mini", "--plot", str(plot)]) == 0
+    )
     out = capsys.readouterr().out
     assert "recommended loss: PKL" in out and "recommended loss: HKL" in out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -37,7 +39,13 @@ def test_build_w_and_inspect(capsys, tmp_path):
     assert err.count("\n") == 0 and "rebuild W" in err
 
 
-@pytest.mark.parametrize("argv", [["audit", "--student", "nope", "--teacher", "qwen3"], ["build-w", "--student", "llama3", "--teacher", "/no/such/tokenizer.json", "--out", "x"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["audit", "--student", "nope", "--teacher", "qwen3"],
+        ["build-w", "--student", "llama3", "--teacher", "/no/such/tokenizer.json", "--out", "x"],
+    ],
+)
 def test_bad_tokenizer_is_one_line_error(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from torch.overrides import TorchFunctionMode
-
 from distributed_utils import run_distributed
 from test_distill import sp_config, sp_pair  # noqa: F401  (module-scoped fixture, rebuilt here)
+from torch.overrides import TorchFunctionMode
 
 SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 
@@ -35,7 +34,9 @@ def _calling_file() -> str:
     frame = sys._getframe(2)
     while frame is not None:
         name = frame.f_code.co_filename
-        if not (f"{os.sep}torch{os.sep}" in name or name == __file__ or name.endswith(f"compat{os.sep}cuda_redirect.py")):
+        if not (
+            f"{os.sep}torch{os.sep}" in name or name == __file__ or name.endswith(f"compat{os.sep}cuda_redirect.py")
+        ):
             return name
         frame = frame.f_back
     return ""
@@ -55,8 +56,13 @@ class SyncCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         # integer tensors here are host-side batch data (chunk tables, ids): reading them costs no
         # device sync; computed values (losses, logits, flags) are floating point or bool
-        if (self.active and getattr(func, "__name__", "") in SYNC_METHODS and args
-                and (args[0].is_floating_point() or args[0].dtype == torch.bool) and "xtoken_nemo" in _calling_file()):
+        if (
+            self.active
+            and getattr(func, "__name__", "") in SYNC_METHODS
+            and args
+            and (args[0].is_floating_point() or args[0].dtype == torch.bool)
+            and "xtoken_nemo" in _calling_file()
+        ):
             self.calls.append(func.__name__)
         return func(*args, **(kwargs or {}))
 
@@ -123,7 +129,9 @@ def test_process_group_options_bind_the_gpu_and_set_the_timeout():
 def _timeout_worker(rank: int, port: int, outdir: str) -> None:
     """torchrun's environment, init_distributed with a 3 s timeout; rank 1 never joins the
     collective (a hung rank). Rank 0 must fail within seconds, and close() must tear down."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     torch.set_num_threads(1)
     from xtoken_nemo.distill.trainer import destroy_distributed, init_distributed
 
@@ -208,8 +216,13 @@ def _nan_worker(rank: int, world_size: int, pair: dict, run_dir: str) -> dict:
     cfg.train.micro_batch_size = 1
     trainer = Trainer(cfg, progress=False)
     syncs = _count_syncs_per_step(trainer, 2)
-    return {"once": [h["skipped"] for h in once["history"]], "skipped": once["skipped_steps"], "finite": weights_finite,
-            "stopped": stopped, "syncs": syncs}
+    return {
+        "once": [h["skipped"] for h in once["history"]],
+        "skipped": once["skipped_steps"],
+        "finite": weights_finite,
+        "stopped": stopped,
+        "syncs": syncs,
+    }
 
 
 def test_nan_on_one_data_parallel_rank_skips_the_step_on_every_rank(sp_pair, tmp_path):  # noqa: F811
@@ -244,7 +257,19 @@ def test_progress_lines_in_a_log_that_is_not_a_terminal(sp_pair, tmp_path, caplo
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split(" ")[1] for line in lines] == ["2/4", "4/4"]
     for line in lines:
-        for part in ("ce ", "kd cross ", "same ", "kd_scale ", "total ", "lr ", "grad_norm ", "tok/s", "mem ", "GiB", "ETA "):
+        for part in (
+            "ce ",
+            "kd cross ",
+            "same ",
+            "kd_scale ",
+            "total ",
+            "lr ",
+            "grad_norm ",
+            "tok/s",
+            "mem ",
+            "GiB",
+            "ETA ",
+        ):
             assert part in line, (part, line)
 
 
@@ -261,7 +286,9 @@ def test_logged_kd_scale_is_the_factor_applied(sp_pair, tmp_path, kd_scaling):  
         w_ce = 0.5 if kd_scaling == "balanced" else 1.0
         assert h["total"] == pytest.approx(w_ce * (h["ce"] + h["kd_scale"] * h["kd"]), rel=1e-5)
     if kd_scaling == "dynamic":
-        assert [h["kd_scale"] for h in out["history"]] == pytest.approx([h["ce"] / abs(h["kd"]) for h in out["history"]], rel=1e-5)
+        assert [h["kd_scale"] for h in out["history"]] == pytest.approx(
+            [h["ce"] / abs(h["kd"]) for h in out["history"]], rel=1e-5
+        )
 
 
 def test_run_resumes_past_a_corrupt_latest_checkpoint(sp_pair, tmp_path, caplog):  # noqa: F811

@@ -63,8 +63,12 @@ def _free_port() -> int:
 def slurm(tmp_path_factory):
     """A one-node cluster (launcher/tests/setup_slurm.sh); skips only when SLURM cannot run here."""
     state = tmp_path_factory.mktemp("slurm")
-    proc = subprocess.run(["bash", str(SETUP), "start", str(state), str(_free_port()), str(_free_port())],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        ["bash", str(SETUP), "start", str(state), str(_free_port()), str(_free_port())],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if proc.returncode == 3:
         pytest.skip(proc.stderr.strip().splitlines()[-1])
     assert proc.returncode == 0, f"setup_slurm.sh failed: {proc.stdout}\n{proc.stderr}"
@@ -75,7 +79,9 @@ def slurm(tmp_path_factory):
     for job in jobs:
         subprocess.run(["scancel", job], env=env, capture_output=True)
     deadline = time.time() + 60
-    while jobs and time.time() < deadline and any(_job(env, j).get("JobState") in ("RUNNING", "COMPLETING") for j in jobs):
+    while (
+        jobs and time.time() < deadline and any(_job(env, j).get("JobState") in ("RUNNING", "COMPLETING") for j in jobs)
+    ):
         time.sleep(1)
     subprocess.run(["bash", str(SETUP), "stop", str(state)], capture_output=True, timeout=60)
 
@@ -87,9 +93,28 @@ def _job(env, job_id: str) -> dict:
 
 def _launch(slurm, root: Path, run: str, *overrides: str) -> tuple[str, Path]:
     ckpt = root / "runs" / run / "checkpoints"
-    cmd = [sys.executable, "-m", "xtoken_nemo.cli", "launch", "--recipe", "cpu-tiny", "--bare-metal", "--venv", sys.prefix,
-           "--root", str(root), "--nodes", "1", "--gpus-per-node", "0", "--time", "00:15:00",
-           f"checkpoint.dir={ckpt}", f"log_dir={root / 'runs' / run / 'tb'}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xtoken_nemo.cli",
+        "launch",
+        "--recipe",
+        "cpu-tiny",
+        "--bare-metal",
+        "--venv",
+        sys.prefix,
+        "--root",
+        str(root),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "0",
+        "--time",
+        "00:15:00",
+        f"checkpoint.dir={ckpt}",
+        f"log_dir={root / 'runs' / run / 'tb'}",
+        *overrides,
+    ]
     proc = subprocess.run(cmd, env=slurm["env"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     job_id = re.search(r"submitted job (\d+)", proc.stdout).group(1)
@@ -124,7 +149,11 @@ def test_slurm_job_completes_and_requeued_job_resumes(slurm, tiny_root):
     env = slurm["env"]
     # 1. the rendered script, submitted as is, runs the recipe to completion
     job, ckpt = _launch(slurm, tiny_root, "slurm-complete")
-    state = _wait("job 1 to finish", lambda: _job(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and _job(env, job), 240)
+    state = _wait(
+        "job 1 to finish",
+        lambda: _job(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and _job(env, job),
+        240,
+    )
     log = _output(ckpt, job)
     assert state["JobState"] == "COMPLETED", log
     assert "cpu-tiny: completed at step 4/4" in log and _latest(ckpt) == 4
@@ -147,7 +176,11 @@ def test_slurm_job_completes_and_requeued_job_resumes(slurm, tiny_root):
     _wait("a checkpoint after the resume", lambda: _latest(ckpt) > first, 240)
     subprocess.run(["scontrol", "requeue", job], env=env, check=True)
     _wait("the requeued job to resume", lambda: len(re.findall(r"resumed from", _output(ckpt, job))) >= 2, 240)
-    state = _wait("job 2 to finish", lambda: _job(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and _job(env, job), 240)
+    state = _wait(
+        "job 2 to finish",
+        lambda: _job(env, job).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED") and _job(env, job),
+        240,
+    )
     log = _output(ckpt, job)
     assert state["JobState"] == "COMPLETED", log
     assert int(state["Restarts"]) == 2
@@ -171,6 +204,7 @@ def lm_eval_installed():
     try:
         import accelerate  # noqa: F401
         import lm_eval  # noqa: F401
+
         return
     except ImportError:
         pass
@@ -242,10 +276,27 @@ def _reference_accuracy(hf_dir: Path) -> float:
 
 
 @pytest.mark.slow
-def test_eval_exports_and_runs_lm_eval_and_report_prints_the_paper_layout(tiny_run, lm_eval_installed, tmp_path, capsys):
+def test_eval_exports_and_runs_lm_eval_and_report_prints_the_paper_layout(
+    tiny_run, lm_eval_installed, tmp_path, capsys
+):
     tasks = _task_dir(tmp_path / "tasks")
-    assert main(["eval", "--checkpoint", str(tiny_run / "checkpoints"), "--tasks", "tiny_mc", "--include-path", str(tasks),
-                 "--num-fewshot", "0", "--json"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(tiny_run / "checkpoints"),
+                "--tasks",
+                "tiny_mc",
+                "--include-path",
+                str(tasks),
+                "--num-fewshot",
+                "0",
+                "--json",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     assert summary["name"] == "cpu-tiny" and summary["checkpoint"].endswith("iter_0000004")
     result = json.loads((tiny_run / "eval" / "results.json").read_text())
@@ -258,10 +309,19 @@ def test_eval_exports_and_runs_lm_eval_and_report_prints_the_paper_layout(tiny_r
     fake = tmp_path / "runs" / "multi-phi-llama" / "eval"
     fake.mkdir(parents=True)
     fake_tasks = {"mmlu": 0.3101, "gsm8k": 0.2039, "hendrycks_math": 0.05, "winogrande": 0.6, "hellaswag": 0.61}
-    (fake / "results.json").write_text(json.dumps({"name": "multi-phi-llama", "tasks": {t: {"metric": "acc", "value": v} for t, v in fake_tasks.items()}}))
+    (fake / "results.json").write_text(
+        json.dumps(
+            {"name": "multi-phi-llama", "tasks": {t: {"metric": "acc", "value": v} for t, v in fake_tasks.items()}}
+        )
+    )
     assert main(["report", str(fake.parent), str(tiny_run)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == "| setting | method | run | MMLU | GSM8k | MATH | Wino | HS | avg | paper GSM8k | paper avg | other |"
-    assert lines[2] == ("| Phi-mini 0.8 + Llama-3B 0.2 | X-Token multi-teacher | multi-phi-llama | 31.01 | 20.39 | 5.00 | 60.00 | 61.00 "
-                        "| 35.48 | 20.39 | 40.48 |  |")
+    assert (
+        lines[0]
+        == "| setting | method | run | MMLU | GSM8k | MATH | Wino | HS | avg | paper GSM8k | paper avg | other |"
+    )
+    assert lines[2] == (
+        "| Phi-mini 0.8 + Llama-3B 0.2 | X-Token multi-teacher | multi-phi-llama | 31.01 | 20.39 | 5.00 | 60.00 | 61.00 "
+        "| 35.48 | 20.39 | 40.48 |  |"
+    )
     assert lines[3].startswith("|  |  | cpu-tiny |") and f"tiny_mc {100 * acc['value']:.2f}" in lines[3]

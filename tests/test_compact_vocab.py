@@ -18,7 +18,11 @@ from xtoken_nemo.vocab.build import build_projection_matrix
 from xtoken_nemo.vocab.canonical import exact_matches
 from xtoken_nemo.vocab.compact import projection_support, restrict_projection
 
-TEXTS = ["The room of Alice is 47.", "The room of Zoe is 98.\nEvery room has a number.", "Counting 1, 12, 123 and 1234."]
+TEXTS = [
+    "The room of Alice is 47.",
+    "The room of Zoe is 98.\nEvery room has a number.",
+    "Counting 1, 12, 123 and 1234.",
+]
 
 
 @pytest.fixture(scope="module")

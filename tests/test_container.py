@@ -37,7 +37,10 @@ def test_base_image_is_a_pinned_ngc_pytorch_release_whose_python_fits():
     image = _arg("BASE_IMAGE")
     match = re.fullmatch(r"nvcr\.io/nvidia/pytorch:(\d{2})\.(\d{2})-py3", image)
     assert match, f"{image}: expected a dated NGC PyTorch tag (no 'latest')"
-    assert (int(match.group(1)), int(match.group(2))) >= (24, 12)  # Python 3.12 and torch >= 2.6 (pyproject: torch>=2.6)
+    assert (int(match.group(1)), int(match.group(2))) >= (
+        24,
+        12,
+    )  # Python 3.12 and torch >= 2.6 (pyproject: torch>=2.6)
     requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
     assert Version("3.12") in Requirement(f"python{requires}").specifier
     assert "Python 3.12" in _dockerfile()

@@ -216,9 +216,25 @@ def test_preprocess_cli_workers_and_errors(built, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="xtoken")
     add_preprocess_parser(parser.add_subparsers(dest="command"))
     argv = [
-        "preprocess", "--input", str(root / "a.jsonl"), str(root / "b.parquet"), "--student", "llama3",
-        "--teacher", "qwen3", "--teacher", "llama3", "--out", str(tmp_path / "o"), "--seq-length", str(SEQ),
-        "--workers", "2", "--docs-per-shard", "16", "--no-progress",
+        "preprocess",
+        "--input",
+        str(root / "a.jsonl"),
+        str(root / "b.parquet"),
+        "--student",
+        "llama3",
+        "--teacher",
+        "qwen3",
+        "--teacher",
+        "llama3",
+        "--out",
+        str(tmp_path / "o"),
+        "--seq-length",
+        str(SEQ),
+        "--workers",
+        "2",
+        "--docs-per-shard",
+        "16",
+        "--no-progress",
     ]
     args = parser.parse_args(argv)
     assert args.func(args) == 0
@@ -228,11 +244,35 @@ def test_preprocess_cli_workers_and_errors(built, tmp_path, capsys):
     # the worker pool writes the same bytes as the in-process run
     assert (tmp_path / "o" / "teacher0.chunks.bin").read_bytes() == (root / "out" / "teacher0.chunks.bin").read_bytes()
     args = parser.parse_args(
-        ["preprocess", "--input", str(root / "b.parquet"), "--student", "llama3", "--teacher", "qwen3",
-         "--out", str(tmp_path / "p"), "--text-field", "body", "--no-progress"]
+        [
+            "preprocess",
+            "--input",
+            str(root / "b.parquet"),
+            "--student",
+            "llama3",
+            "--teacher",
+            "qwen3",
+            "--out",
+            str(tmp_path / "p"),
+            "--text-field",
+            "body",
+            "--no-progress",
+        ]
     )
     assert args.func(args) == 2
     assert "has no column 'body'" in capsys.readouterr().err
-    args = parser.parse_args(["preprocess", "--input", str(tmp_path / "missing.jsonl"), "--student", "llama3", "--teacher", "qwen3", "--out", str(tmp_path / "q")])
+    args = parser.parse_args(
+        [
+            "preprocess",
+            "--input",
+            str(tmp_path / "missing.jsonl"),
+            "--student",
+            "llama3",
+            "--teacher",
+            "qwen3",
+            "--out",
+            str(tmp_path / "q"),
+        ]
+    )
     assert args.func(args) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -87,8 +87,13 @@ def built(tmp_path_factory):
         for d in documents(40, seed=11, max_sentences=10):
             f.write(json.dumps({"text": d}) + "\n")
     cfg = PreprocessConfig(
-        inputs=[str(root / "a.jsonl")], student="llama3", teachers=["qwen3", "llama3"], out=str(root / "out"),
-        seq_length=SEQ, docs_per_shard=16, progress=False,
+        inputs=[str(root / "a.jsonl")],
+        student="llama3",
+        teachers=["qwen3", "llama3"],
+        out=str(root / "out"),
+        seq_length=SEQ,
+        docs_per_shard=16,
+        progress=False,
     )
     preprocess(cfg)
     return root / "out"
@@ -161,11 +166,19 @@ def test_micro_batches_from_config_and_bad_values(built):
     cfg.train.global_batch_size, cfg.train.micro_batch_size = 8, 2
     mb = MicroBatches.from_config(cfg, ds, 0, 1)
     on_cuda = torch.cuda.is_available()
-    assert (mb.num_workers, mb.pin_memory, mb.teacher_pad_multiple) == (2 if on_cuda else 0, on_cuda, 128 if on_cuda else 1)
+    assert (mb.num_workers, mb.pin_memory, mb.teacher_pad_multiple) == (
+        2 if on_cuda else 0,
+        on_cuda,
+        128 if on_cuda else 1,
+    )
     cfg.data.num_workers, cfg.data.pin_memory, cfg.data.teacher_pad_multiple = 3, False, 8
     mb = MicroBatches.from_config(cfg, ds, 0, 1)
     assert (mb.num_workers, mb.pin_memory, mb.teacher_pad_multiple) == (3, False, 8)
-    for kwargs, field in (({"num_workers": -1}, "num_workers"), ({"prefetch_factor": 0}, "prefetch_factor"), ({"teacher_pad_multiple": 0}, "teacher_pad_multiple")):
+    for kwargs, field in (
+        ({"num_workers": -1}, "num_workers"),
+        ({"prefetch_factor": 0}, "prefetch_factor"),
+        ({"teacher_pad_multiple": 0}, "teacher_pad_multiple"),
+    ):
         with pytest.raises(ConfigError, match=field):
             MicroBatches(ds, 8, 2, 0, 1, **kwargs)
 
@@ -222,7 +235,10 @@ class _TinyCausalLM(torch.nn.Module):
         self.out = torch.nn.Parameter(torch.randn(hidden, vocab, generator=g, dtype=torch.float64))
 
     def forward(self, tokens):  # [B, T] -> [B, T, V]
-        h = torch.cumsum(self.emb[tokens], dim=1) / torch.arange(1, tokens.shape[1] + 1, dtype=torch.float64)[None, :, None]
+        h = (
+            torch.cumsum(self.emb[tokens], dim=1)
+            / torch.arange(1, tokens.shape[1] + 1, dtype=torch.float64)[None, :, None]
+        )
         return torch.tanh(h) @ self.out * 3
 
 
@@ -258,8 +274,22 @@ def test_kd_loss_of_a_padded_batch_equals_the_unpadded(built, monkeypatch):
         outputs = []
         with torch.no_grad():
             for m, teacher in enumerate(teachers):
-                outputs.append((teacher(batch[f"teacher{m}_tokens"] % V), batch[f"teacher{m}_labels"] % V, batch[f"teacher{m}_chunks"]))
-        losses = kd.distillation_loss(s_logits, batch["labels"] % V, batch["loss_mask"], V, specs, outputs, kd.KDOptions("dynamic", "static", 1.0, 16))
+                outputs.append(
+                    (
+                        teacher(batch[f"teacher{m}_tokens"] % V),
+                        batch[f"teacher{m}_labels"] % V,
+                        batch[f"teacher{m}_chunks"],
+                    )
+                )
+        losses = kd.distillation_loss(
+            s_logits,
+            batch["labels"] % V,
+            batch["loss_mask"],
+            V,
+            specs,
+            outputs,
+            kd.KDOptions("dynamic", "static", 1.0, 16),
+        )
         student.zero_grad()
         losses.total.backward()
         results.append((losses, student.emb.grad.clone()))

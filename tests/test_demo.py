@@ -11,8 +11,18 @@ from xtoken_nemo.demo.pipeline import fast_config
 from xtoken_nemo.tokenizers import load_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-RUNS = ["ce-only", "qwen3-gold", "qwen3-uld", "qwen3-pkl", "qwen3-hkl",
-        "phi4mini-gold", "phi4mini-uld", "phi4mini-pkl", "phi4mini-hkl", "multi-xtoken"]
+RUNS = [
+    "ce-only",
+    "qwen3-gold",
+    "qwen3-uld",
+    "qwen3-pkl",
+    "qwen3-hkl",
+    "phi4mini-gold",
+    "phi4mini-uld",
+    "phi4mini-pkl",
+    "phi4mini-hkl",
+    "multi-xtoken",
+]
 
 
 def test_lookup_keys_are_one_token_for_every_model():
@@ -32,7 +42,12 @@ def test_students_text_does_not_state_the_table():
     mentions = [line for d in scrambled for line in d.splitlines() if line.startswith("The room of")]
     agree = sum(int(line.split()[-1].rstrip(".")) == facts[line.split()[3]] for line in mentions)
     assert len(mentions) > 200 and agree / len(mentions) < 0.05  # chance: 1 in 90
-    assert all(int(line.split()[-1].rstrip(".")) == facts[line.split()[3]] for d in true_docs for line in d.splitlines() if line.startswith("The room of"))
+    assert all(
+        int(line.split()[-1].rstrip(".")) == facts[line.split()[3]]
+        for d in true_docs
+        for line in d.splitlines()
+        if line.startswith("The room of")
+    )
 
 
 def test_demo_fast_end_to_end(tmp_path, capsys):
@@ -62,8 +77,12 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert results["audit"]["phi4mini"]["recommended_loss"] == "hkl"
     assert results["audit"]["qwen3"]["categories"]["numerals_3"]["covered"] == 0
     assert {c["claim"] for c in results["claims"]} >= {
-        "teacher-knows-table", "kd-moves-knowledge", "pkl-beats-gold-qwen3", "gold-hurts-numerals",
-        "hkl-at-least-pkl-phi4mini", "two-teachers-at-least-best-single",
+        "teacher-knows-table",
+        "kd-moves-knowledge",
+        "pkl-beats-gold-qwen3",
+        "gold-hurts-numerals",
+        "hkl-at-least-pkl-phi4mini",
+        "two-teachers-at-least-best-single",
     }
     assert all(c["holds"] for c in results["claims"])
 
@@ -82,7 +101,10 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     per_seed = []
     for seed in seeds:
         configs = [json.loads((out / "runs" / f"{r}-s{seed}" / "config.json").read_text()) for r in RUNS]
-        keys = {(c["train"]["train_steps"], c["train"]["seed"], c["student"]["checkpoint"], tuple(c["data"]["paths"])) for c in configs}
+        keys = {
+            (c["train"]["train_steps"], c["train"]["seed"], c["student"]["checkpoint"], tuple(c["data"]["paths"]))
+            for c in configs
+        }
         assert len(keys) == 1
         per_seed.append(keys.pop())
         assert all(c["student"]["tokenizer"].endswith("llama3.subvocab.json") for c in configs)

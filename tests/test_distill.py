@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_distributed
+
 from xtoken_nemo.distill.config import (
     CheckpointConfig,
     ConfigError,
@@ -48,18 +48,45 @@ def sp_pair(tmp_path_factory):
     paths = {}
     for name, size, kind in (("student", 800, "bpe"), ("teacher", 600, "unigram")):
         spm.SentencePieceTrainer.train(
-            input=str(corpus), model_prefix=str(root / name), vocab_size=size, model_type=kind,
-            byte_fallback=True, character_coverage=0.995, bos_id=1, eos_id=2, unk_id=0, pad_id=3, minloglevel=2,
+            input=str(corpus),
+            model_prefix=str(root / name),
+            vocab_size=size,
+            model_type=kind,
+            byte_fallback=True,
+            character_coverage=0.995,
+            bos_id=1,
+            eos_id=2,
+            unk_id=0,
+            pad_id=3,
+            minloglevel=2,
         )
         paths[name] = str(root / f"{name}.model")
     jsonl = root / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t}) for t in docs))
     data = root / "data"
-    preprocess(PreprocessConfig(inputs=[str(jsonl)], student=paths["student"], teachers=[paths["teacher"], paths["student"]], out=str(data), seq_length=32, progress=False))
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(jsonl)],
+            student=paths["student"],
+            teachers=[paths["teacher"], paths["student"]],
+            out=str(data),
+            seq_length=32,
+            progress=False,
+        )
+    )
     # a handful of windows: a global batch can hold all of them, so every step sees the same text
     small_jsonl = root / "small.jsonl"
     small_jsonl.write_text("\n".join(json.dumps({"text": t}) for t in documents(4, seed=9, max_sentences=3)))
-    preprocess(PreprocessConfig(inputs=[str(small_jsonl)], student=paths["student"], teachers=[paths["teacher"], paths["student"]], out=str(root / "small"), seq_length=32, progress=False))
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(small_jsonl)],
+            student=paths["student"],
+            teachers=[paths["teacher"], paths["student"]],
+            out=str(root / "small"),
+            seq_length=32,
+            progress=False,
+        )
+    )
     W = build_projection_matrix(load_tokenizer(paths["student"]), load_tokenizer(paths["teacher"]), progress=False)
     W.save(root / "W.safetensors")
     # random models written once as checkpoints: the same weights at TP=1 and TP=2
@@ -68,28 +95,56 @@ def sp_pair(tmp_path_factory):
 
     ensure_model_parallel(1)
     ckpts = {}
-    for role, tok_path, family, seed in (("student", paths["student"], "llama", 10), ("cross", paths["teacher"], "qwen3", 11), ("same", paths["student"], "llama", 12)):
+    for role, tok_path, family, seed in (
+        ("student", paths["student"], "llama", 10),
+        ("cross", paths["teacher"], "qwen3", 11),
+        ("same", paths["student"], "llama", 12),
+    ):
         mc = ModelConfig(tokenizer=tok_path, family=family, init_seed=seed, **TINY)
-        ckpts[role] = save_random_checkpoint(mc, load_tokenizer(tok_path).vocab_size, str(root / f"init_{role}"), pad_for_tp=2)
-    return {"ckpt": ckpts, "student": paths["student"], "teacher": paths["teacher"], "data": str(data), "small": str(root / "small"), "W": str(root / "W.safetensors"), "root": root}
+        ckpts[role] = save_random_checkpoint(
+            mc, load_tokenizer(tok_path).vocab_size, str(root / f"init_{role}"), pad_for_tp=2
+        )
+    return {
+        "ckpt": ckpts,
+        "student": paths["student"],
+        "teacher": paths["teacher"],
+        "data": str(data),
+        "small": str(root / "small"),
+        "W": str(root / "W.safetensors"),
+        "root": root,
+    }
 
 
-def sp_config(pair, run_dir: Path, mode: str = "pkl", steps: int = 3, tp: int = 1, same_tok_teacher: bool = True) -> DistillConfig:
+def sp_config(
+    pair, run_dir: Path, mode: str = "pkl", steps: int = 3, tp: int = 1, same_tok_teacher: bool = True
+) -> DistillConfig:
     teachers = [
         TeacherConfig(
-            name="cross", model=ModelConfig(tokenizer=pair["teacher"], family="qwen3", checkpoint=pair["ckpt"]["cross"], **TINY),
-            mode=mode, alpha=0.7 if same_tok_teacher else 1.0, projection=pair["W"],
+            name="cross",
+            model=ModelConfig(tokenizer=pair["teacher"], family="qwen3", checkpoint=pair["ckpt"]["cross"], **TINY),
+            mode=mode,
+            alpha=0.7 if same_tok_teacher else 1.0,
+            projection=pair["W"],
         )
     ]
     if same_tok_teacher:
-        teachers.append(TeacherConfig(name="same", model=ModelConfig(tokenizer=pair["student"], checkpoint=pair["ckpt"]["same"], **TINY), mode="kl", alpha=0.3))
+        teachers.append(
+            TeacherConfig(
+                name="same",
+                model=ModelConfig(tokenizer=pair["student"], checkpoint=pair["ckpt"]["same"], **TINY),
+                mode="kl",
+                alpha=0.3,
+            )
+        )
     return DistillConfig(
         name=f"sp-{mode}",
         student=ModelConfig(tokenizer=pair["student"], checkpoint=pair["ckpt"]["student"], **TINY),
         teachers=teachers,
         data=DataConfig(paths=[pair["data"]], seq_length=32),
         optim=OptimConfig(lr=3e-3, warmup_fraction=0.0),
-        train=TrainConfig(train_steps=steps, global_batch_size=4, micro_batch_size=2, tensor_parallel=tp, loss_block_size=16),
+        train=TrainConfig(
+            train_steps=steps, global_batch_size=4, micro_batch_size=2, tensor_parallel=tp, loss_block_size=16
+        ),
         checkpoint=CheckpointConfig(dir=str(run_dir / "ckpt"), save_interval=100),
         log_dir=str(run_dir / "logs"),
     )
@@ -103,7 +158,11 @@ def _run(cfg: DistillConfig, **kw):
 
 
 def _params(model) -> dict:
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")}
+    return {
+        k: v.detach().clone()
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor) and not k.endswith("_extra_state")
+    }
 
 
 @pytest.mark.parametrize("mode", ["pkl", "hkl", "gold", "uld"])
@@ -207,17 +266,36 @@ def test_exact_resume_after_preemption_on_real_tokenizers(tmp_path):
 
     docs = tmp_path / "docs.jsonl"
     docs.write_text("\n".join(json.dumps({"text": t}) for t in documents(30, seed=5)))
-    preprocess(PreprocessConfig(inputs=[str(docs)], student="llama3", teachers=["qwen3"], out=str(tmp_path / "data"), seq_length=24, progress=False))
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(docs)],
+            student="llama3",
+            teachers=["qwen3"],
+            out=str(tmp_path / "data"),
+            seq_length=24,
+            progress=False,
+        )
+    )
     from xtoken_nemo.tokenizers import load_tokenizer
     from xtoken_nemo.vocab.build import build_projection_matrix
 
-    build_projection_matrix(load_tokenizer("llama3"), load_tokenizer("qwen3"), progress=False).save(tmp_path / "W.safetensors")
+    build_projection_matrix(load_tokenizer("llama3"), load_tokenizer("qwen3"), progress=False).save(
+        tmp_path / "W.safetensors"
+    )
 
     def cfg(run: str) -> DistillConfig:
         return DistillConfig(
             name=run,
             student=ModelConfig(tokenizer="llama3", **TINY),
-            teachers=[TeacherConfig(name="qwen", model=ModelConfig(tokenizer="qwen3", family="qwen3", **TINY), mode="pkl", alpha=1.0, projection=str(tmp_path / "W.safetensors"))],
+            teachers=[
+                TeacherConfig(
+                    name="qwen",
+                    model=ModelConfig(tokenizer="qwen3", family="qwen3", **TINY),
+                    mode="pkl",
+                    alpha=1.0,
+                    projection=str(tmp_path / "W.safetensors"),
+                )
+            ],
             data=DataConfig(paths=[str(tmp_path / "data")], seq_length=24),
             optim=OptimConfig(lr=1e-3, warmup_fraction=0.25),
             train=TrainConfig(train_steps=4, global_batch_size=2, micro_batch_size=1, loss_block_size=24),
@@ -232,7 +310,9 @@ def test_exact_resume_after_preemption_on_real_tokenizers(tmp_path):
     _, resumed = _run(cfg("resumed"))
     assert [h["step"] for h in resumed["history"]] == [3, 4]
     for key in ("total", "ce", "kd", "grad_norm", "lr"):
-        assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in straight["history"][2:]], rel=1e-6, abs=1e-9), key
+        assert [h[key] for h in resumed["history"]] == pytest.approx(
+            [h[key] for h in straight["history"][2:]], rel=1e-6, abs=1e-9
+        ), key
     # TensorBoard event files were written
     assert list(Path(tmp_path / "straight" / "logs").glob("events.out.tfevents.*"))
 
@@ -304,7 +384,17 @@ def test_nonfinite_steps_are_skipped_then_stop(sp_pair, tmp_path):
 
 def test_config_validation_and_overrides(sp_pair, tmp_path):
     cfg = sp_config(sp_pair, tmp_path)
-    apply_overrides(cfg, ["train.train_steps=7", "teachers.0.alpha=0.6", "teachers.1.alpha=0.4", "optim.lr=1e-4", "data.weights=[1.0]", "checkpoint.resume=false"])
+    apply_overrides(
+        cfg,
+        [
+            "train.train_steps=7",
+            "teachers.0.alpha=0.6",
+            "teachers.1.alpha=0.4",
+            "optim.lr=1e-4",
+            "data.weights=[1.0]",
+            "checkpoint.resume=false",
+        ],
+    )
     assert cfg.train.train_steps == 7 and cfg.teachers[0].alpha == 0.6 and cfg.optim.lr == 1e-4
     assert cfg.data.weights == [1.0] and cfg.checkpoint.resume is False
     cfg.validate(world_size=1)

@@ -38,15 +38,32 @@ def tiny(tmp_path_factory):
     paths = {}
     for name, size, kind in (("student", 800, "bpe"), ("teacher", 600, "unigram")):
         spm.SentencePieceTrainer.train(
-            input=str(root / "corpus.txt"), model_prefix=str(root / name), vocab_size=size, model_type=kind,
-            byte_fallback=True, character_coverage=0.995, bos_id=1, eos_id=2, unk_id=0, pad_id=3, minloglevel=2,
+            input=str(root / "corpus.txt"),
+            model_prefix=str(root / name),
+            vocab_size=size,
+            model_type=kind,
+            byte_fallback=True,
+            character_coverage=0.995,
+            bos_id=1,
+            eos_id=2,
+            unk_id=0,
+            pad_id=3,
+            minloglevel=2,
         )
         paths[name] = str(root / f"{name}.model")
     jsonl = root / "docs.jsonl"
     jsonl.write_text("\n".join(json.dumps({"text": t}) for t in docs))
     data = root / "data"
-    preprocess(PreprocessConfig(inputs=[str(jsonl)], student=paths["student"], teachers=[paths["teacher"], paths["student"]],
-                                out=str(data), seq_length=SEQ, progress=False))
+    preprocess(
+        PreprocessConfig(
+            inputs=[str(jsonl)],
+            student=paths["student"],
+            teachers=[paths["teacher"], paths["student"]],
+            out=str(data),
+            seq_length=SEQ,
+            progress=False,
+        )
+    )
     return {"root": root, "data": data, "jsonl": jsonl, **paths}
 
 
@@ -100,7 +117,10 @@ def test_truncated_bin_is_a_one_line_error_naming_the_file(tiny, tmp_path, name)
     assert "\n" not in msg
     assert f"{data / name} is truncated" in msg
     assert f"expected {size:,} bytes" in msg and f"found {size - 6:,}" in msg
-    assert f"delete {data} and rebuild it with `xtoken preprocess --input {tiny['jsonl']} --student {tiny['student']}" in msg
+    assert (
+        f"delete {data} and rebuild it with `xtoken preprocess --input {tiny['jsonl']} --student {tiny['student']}"
+        in msg
+    )
     assert f"--teacher {tiny['teacher']} --teacher {tiny['student']} --seq-length {SEQ} --out {data}`" in msg
 
 
@@ -126,8 +146,16 @@ def test_bin_disagreeing_with_the_manifest(tiny, tmp_path):
 def test_cut_shard_is_caught_at_the_merge_and_redone_after_deleting_it(tiny, tmp_path):
     from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
 
-    cfg = PreprocessConfig(inputs=[str(tiny["jsonl"])], student=tiny["student"], teachers=[tiny["teacher"]],
-                           out=str(tmp_path / "out"), seq_length=SEQ, docs_per_shard=40, progress=False, keep_shards=True)
+    cfg = PreprocessConfig(
+        inputs=[str(tiny["jsonl"])],
+        student=tiny["student"],
+        teachers=[tiny["teacher"]],
+        out=str(tmp_path / "out"),
+        seq_length=SEQ,
+        docs_per_shard=40,
+        progress=False,
+        keep_shards=True,
+    )
     preprocess(cfg)
     shard = tmp_path / "out" / "shards" / "shard-000001"
     (tmp_path / "out" / "manifest.json").unlink()
@@ -206,19 +234,45 @@ def _warn(message, category, module, filename="x.py", lineno=1):
 
 # (message, category, module) as each one is raised in a real run (see cli.KNOWN_WARNINGS)
 REAL_WARNINGS = [
-    ("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning, "torch.distributed.checkpoint.planner_helpers"),
-    ("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning, "xtoken_nemo.compat.cuda_redirect"),
-    ("`load_state_dict` is deprecated and will be removed in future versions. Please use `load` instead.", FutureWarning,
-     "megatron.core.dist_checkpointing.strategies.torch"),
-    ("Transformer Engine and Apex are not installed. Falling back to Torch optimizers.", UserWarning, "megatron.core.optimizer"),
-    ("Transformer Engine and Apex are not installed. Falling back to local implementations of multi_tensor_applier and "
-     "multi_tensor_scale", UserWarning, "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision"),
-    ("Transformer Engine and Apex are not installed. Falling back to local implementations of multi_tensor_applier, "
-     "multi_tensor_l2norm, and multi_tensor_scale", UserWarning, "megatron.core.optimizer.clip_grads"),
+    (
+        "Please use DTensor instead and we are deprecating ShardedTensor.",
+        FutureWarning,
+        "torch.distributed.checkpoint.planner_helpers",
+    ),
+    (
+        "Please use DTensor instead and we are deprecating ShardedTensor.",
+        FutureWarning,
+        "xtoken_nemo.compat.cuda_redirect",
+    ),
+    (
+        "`load_state_dict` is deprecated and will be removed in future versions. Please use `load` instead.",
+        FutureWarning,
+        "megatron.core.dist_checkpointing.strategies.torch",
+    ),
+    (
+        "Transformer Engine and Apex are not installed. Falling back to Torch optimizers.",
+        UserWarning,
+        "megatron.core.optimizer",
+    ),
+    (
+        "Transformer Engine and Apex are not installed. Falling back to local implementations of multi_tensor_applier and "
+        "multi_tensor_scale",
+        UserWarning,
+        "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision",
+    ),
+    (
+        "Transformer Engine and Apex are not installed. Falling back to local implementations of multi_tensor_applier, "
+        "multi_tensor_l2norm, and multi_tensor_scale",
+        UserWarning,
+        "megatron.core.optimizer.clip_grads",
+    ),
     ("Apex is not installed. Falling back to Torch Norm", UserWarning, "megatron.core.models.backends"),
     ("Apex is not installed. Falling back to Torch Norm", UserWarning, "megatron.core.models.gpt.gpt_layer_specs"),
-    ("full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer.", UserWarning,
-     "megatron.core.transformer.transformer_config"),
+    (
+        "full scope is deprecated. Use empty cuda_graph_scope to capture the whole layer.",
+        UserWarning,
+        "megatron.core.transformer.transformer_config",
+    ),
 ]
 
 
@@ -233,13 +287,24 @@ def test_known_third_party_warnings_are_filtered(console, message, category, mod
 def test_other_warnings_still_show_on_rank0_and_none_on_rank1(console):
     console(rank=0)
     with warnings.catch_warnings(record=True) as seen:
-        _warn("Converting a tensor with requires_grad=True to a scalar may lead to unexpected behavior.", UserWarning,
-              "xtoken_nemo.distill.trainer")  # ours: fixed at its source, never filtered
+        _warn(
+            "Converting a tensor with requires_grad=True to a scalar may lead to unexpected behavior.",
+            UserWarning,
+            "xtoken_nemo.distill.trainer",
+        )  # ours: fixed at its source, never filtered
         _warn("Apex is not installed. Falling back to Torch Norm", UserWarning, "somebody.else")  # module matters
-        _warn("`load_state_dict` is deprecated and will be removed in future versions.", DeprecationWarning,
-              "megatron.core.dist_checkpointing.strategies.torch")  # category matters
+        _warn(
+            "`load_state_dict` is deprecated and will be removed in future versions.",
+            DeprecationWarning,
+            "megatron.core.dist_checkpointing.strategies.torch",
+        )  # category matters
         _warn("something new", FutureWarning, "megatron.core.models.backends")  # message matters
-    assert [str(w.message)[:20] for w in seen] == ["Converting a tensor ", "Apex is not installe", "`load_state_dict` is", "something new"]
+    assert [str(w.message)[:20] for w in seen] == [
+        "Converting a tensor ",
+        "Apex is not installe",
+        "`load_state_dict` is",
+        "something new",
+    ]
     console(rank=1)
     with warnings.catch_warnings(record=True) as seen:
         _warn("something new", FutureWarning, "megatron.core.models.backends")
@@ -268,19 +333,35 @@ def test_tiny_train_console_has_no_warnings(tiny, tmp_path):
     root = tiny["root"]
     W = root / "W.safetensors"
     if not W.exists():
-        build_projection_matrix(load_tokenizer(tiny["student"]), load_tokenizer(tiny["teacher"]), progress=False).save(W)
+        build_projection_matrix(load_tokenizer(tiny["student"]), load_tokenizer(tiny["teacher"]), progress=False).save(
+            W
+        )
     ensure_model_parallel(1)
     ck = {}
     for role, tok, family, seed in (("student", tiny["student"], "llama", 10), ("cross", tiny["teacher"], "qwen3", 11)):
-        ck[role] = save_random_checkpoint(ModelConfig(tokenizer=tok, family=family, init_seed=seed, **TINY),
-                                          load_tokenizer(tok).vocab_size, str(tmp_path / f"init_{role}"), pad_for_tp=2)
+        ck[role] = save_random_checkpoint(
+            ModelConfig(tokenizer=tok, family=family, init_seed=seed, **TINY),
+            load_tokenizer(tok).vocab_size,
+            str(tmp_path / f"init_{role}"),
+            pad_for_tp=2,
+        )
     config = {
         "name": "quiet-run",
         "student": {"tokenizer": tiny["student"], "checkpoint": ck["student"], **TINY},
         "teachers": [
-            {"name": "cross", "mode": "pkl", "alpha": 0.7, "projection": str(W),
-             "model": {"tokenizer": tiny["teacher"], "family": "qwen3", "checkpoint": ck["cross"], **TINY}},
-            {"name": "same", "mode": "kl", "alpha": 0.3, "model": {"tokenizer": tiny["student"], "checkpoint": ck["student"], **TINY}},
+            {
+                "name": "cross",
+                "mode": "pkl",
+                "alpha": 0.7,
+                "projection": str(W),
+                "model": {"tokenizer": tiny["teacher"], "family": "qwen3", "checkpoint": ck["cross"], **TINY},
+            },
+            {
+                "name": "same",
+                "mode": "kl",
+                "alpha": 0.3,
+                "model": {"tokenizer": tiny["student"], "checkpoint": ck["student"], **TINY},
+            },
         ],
         "data": {"paths": [str(tiny["data"])], "seq_length": SEQ},
         "train": {"train_steps": 2, "global_batch_size": 2, "micro_batch_size": 1},
@@ -289,8 +370,14 @@ def test_tiny_train_console_has_no_warnings(tiny, tmp_path):
     }
     (tmp_path / "run.json").write_text(json.dumps(config))
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    proc = subprocess.run([sys.executable, "-m", "xtoken_nemo.cli", "train", "--config", str(tmp_path / "run.json"), "--quiet"],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "xtoken_nemo.cli", "train", "--config", str(tmp_path / "run.json"), "--quiet"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "quiet-run: completed at step 2/2" in proc.stdout
     bad = [line for line in proc.stderr.splitlines() if "FutureWarning" in line or "UserWarning" in line]

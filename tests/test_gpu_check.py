@@ -26,18 +26,30 @@ HAS_CUDA_DEVICE = any(Path("/dev").glob("nvidia[0-9]*"))
 def run(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, PYTHON=sys.executable, **(env or {}))
     full_env.pop("OUT", None)
-    return subprocess.run(["bash", str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
 
 
 def json_of(stdout: str) -> dict:
     lines = [l for l in stdout.splitlines() if l.startswith(gpu_check.JSON_PREFIX)]
     assert len(lines) == 1, stdout[-2000:]
     assert stdout.rstrip().splitlines()[-1] == lines[0], "the JSON line is the last line"
-    return json.loads(lines[0][len(gpu_check.JSON_PREFIX):])
+    return json.loads(lines[0][len(gpu_check.JSON_PREFIX) :])
 
 
-@pytest.mark.parametrize("args", [["--bogus"], ["--budget-s", "-3"], ["--budget-s", "x"], ["--parts", "nope"],
-                                  ["--parts", ""], ["--steps", "0"], ["--tiny"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--bogus"],
+        ["--budget-s", "-3"],
+        ["--budget-s", "x"],
+        ["--parts", "nope"],
+        ["--parts", ""],
+        ["--steps", "0"],
+        ["--tiny"],
+    ],
+)
 def test_bad_arguments_are_a_usage_error(args):
     res = run(*args, timeout=60)
     assert res.returncode == gpu_check.EXIT_USAGE, res.stderr
@@ -72,8 +84,14 @@ def test_no_cuda_check_does_not_import_megatron():
         "import sys; sys.path.insert(0, 'bench'); import gpu_check; rc = gpu_check.main([]); "
         "print(rc, any(m.split('.')[0] in ('megatron', 'xtoken_nemo') for m in sys.modules))"
     )
-    res = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env=dict(os.environ, XTOKEN_GPU_CHECK_PROBE_TORCH="1"))
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, XTOKEN_GPU_CHECK_PROBE_TORCH="1"),
+    )
     assert res.stdout.split() == [str(gpu_check.EXIT_NO_CUDA), "False"], res.stderr
 
 
@@ -96,14 +114,18 @@ def _wheel(folder: Path, name: str = "xtoken_gpu_probe", version: str = "0.0.1")
 def test_missing_or_empty_wheels_folder_is_a_one_line_error(tmp_path):
     res = run("--allow-cpu", "--wheels", str(tmp_path / "absent"), timeout=60)
     assert res.returncode == gpu_check.EXIT_WHEELS
-    assert len(res.stderr.strip().splitlines()) == 1 and "no such folder" in res.stderr and "gpu_wheels.sh" in res.stderr
+    assert (
+        len(res.stderr.strip().splitlines()) == 1 and "no such folder" in res.stderr and "gpu_wheels.sh" in res.stderr
+    )
     res = run("--allow-cpu", "--wheels", str(tmp_path), timeout=60)
     assert res.returncode == gpu_check.EXIT_WHEELS and "holds no .whl" in res.stderr
 
 
 def test_a_broken_wheel_is_a_one_line_error(tmp_path):
     (tmp_path / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
-    res = run("--allow-cpu", "--wheels", str(tmp_path), timeout=120, env={"XTOKEN_GPU_CHECK_SITE": str(tmp_path / "site")})
+    res = run(
+        "--allow-cpu", "--wheels", str(tmp_path), timeout=120, env={"XTOKEN_GPU_CHECK_SITE": str(tmp_path / "site")}
+    )
     assert res.returncode == gpu_check.EXIT_WHEELS
     assert len(res.stderr.strip().splitlines()) == 1 and res.stderr.startswith("gpu_check: pip install")
 
@@ -113,8 +135,16 @@ def test_wheels_are_installed_and_importable_and_reported(tmp_path):
     wheels.mkdir()
     _wheel(wheels)
     out = tmp_path / "out"
-    res = run("--allow-cpu", "--env-only", "--wheels", str(wheels), "--out", str(out), timeout=120,
-              env={"XTOKEN_GPU_CHECK_SITE": str(tmp_path / "site")})
+    res = run(
+        "--allow-cpu",
+        "--env-only",
+        "--wheels",
+        str(wheels),
+        "--out",
+        str(out),
+        timeout=120,
+        env={"XTOKEN_GPU_CHECK_SITE": str(tmp_path / "site")},
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     data = json_of(res.stdout)
     env = data["env"]
@@ -157,7 +187,7 @@ def test_report_records_prints_and_writes(tmp_path):
     assert "[gpu_check] SKIPPED (budget) c" in lines
     line = gpu_check.json_line(data)
     assert line.startswith("GPU_CHECK_JSON {") and "\n" not in line
-    assert json.loads(line[len("GPU_CHECK_JSON "):])["measurements"]["m.tokens_per_s"] == 1234.5
+    assert json.loads(line[len("GPU_CHECK_JSON ") :])["measurements"]["m.tokens_per_s"] == 1234.5
     assert json.loads((tmp_path / "gpu_check.json").read_text())["aims"][0]["met"] is False
 
 
@@ -166,14 +196,35 @@ def test_tiny_cpu_run_of_part1_and_a_paper_step(tmp_path):
     """The same code paths as the GPU run (real tokenizers and W, the real Trainer, taps and
     wrappers, checkpoint round trip, CPU-written checkpoint) at tiny shapes on CPU."""
     out = tmp_path / "out"
-    res = run("--allow-cpu", "--tiny", "--parts", "correct,paper_pkl", "--out", str(out), "--work", str(tmp_path / "work"), timeout=600)
+    res = run(
+        "--allow-cpu",
+        "--tiny",
+        "--parts",
+        "correct,paper_pkl",
+        "--out",
+        str(out),
+        "--work",
+        str(tmp_path / "work"),
+        timeout=600,
+    )
     data = json_of(res.stdout)
     failed = [c for c in data["checks"] if c["status"] != "PASS"]
     assert res.returncode == 0 and not failed, json.dumps(failed, indent=1)[-4000:]
     names = {c["name"] for c in data["checks"]}
-    for name in ("losses.pkl.float32", "losses.pkl_prepared_on_cpu.bfloat16", "losses.gold.bfloat16", "losses.hkl.float32",
-                 "losses.uld.float32", "losses.merge_chain.float32", "train.float32_step_pkl_plus_kl", "train.teachers_frozen",
-                 "ckpt.load_weights_exact", "ckpt.exact_resume_steps_3_4", "convert.load_on_cpu.float32", "paper_pkl.steps_finite"):
+    for name in (
+        "losses.pkl.float32",
+        "losses.pkl_prepared_on_cpu.bfloat16",
+        "losses.gold.bfloat16",
+        "losses.hkl.float32",
+        "losses.uld.float32",
+        "losses.merge_chain.float32",
+        "train.float32_step_pkl_plus_kl",
+        "train.teachers_frozen",
+        "ckpt.load_weights_exact",
+        "ckpt.exact_resume_steps_3_4",
+        "convert.load_on_cpu.float32",
+        "paper_pkl.steps_finite",
+    ):
         assert name in names, name
     m = data["measurements"]
     assert m["paper_pkl.tokens_per_s"] > 0

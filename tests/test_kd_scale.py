@@ -15,7 +15,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from distributed_utils import run_distributed
 from test_distill import _run, _run_until, sp_config, sp_pair  # noqa: F401  (module-scoped fixture, rebuilt here)
 
@@ -29,8 +28,14 @@ def _recording():
 
     def recording(*a, **k):
         out = real(*a, **k)
-        calls.append({"scale": float(out.kd_scale), "ce": float(out.ce.detach()), "kd_abs": float(out.kd.detach().abs()),
-                      "alphas": {n: float(v) for n, v in out.alphas.items()}})
+        calls.append(
+            {
+                "scale": float(out.kd_scale),
+                "ce": float(out.ce.detach()),
+                "kd_abs": float(out.kd.detach().abs()),
+                "alphas": {n: float(v) for n, v in out.alphas.items()},
+            }
+        )
         return out
 
     kd.distillation_loss = recording
@@ -56,7 +61,7 @@ def _recorded_run(cfg) -> tuple[list[dict], list[list[dict]]]:
     finally:
         restore()
     bounds = starts + [len(calls)]
-    return hist, [calls[bounds[i]:bounds[i + 1]] for i in range(len(starts))]
+    return hist, [calls[bounds[i] : bounds[i + 1]] for i in range(len(starts))]
 
 
 def _dp_config(pair, run_dir: Path, steps: int, alpha_mode: str = "static"):
@@ -101,7 +106,9 @@ def test_dp2_applies_the_previous_steps_global_ratio_on_every_rank(sp_pair, tmp_
     one, one_calls = _recorded_run(_dp_config(sp_pair, tmp_path / "one", steps=3))
     for key in ("total", "ce", "kd", "kd_scale", "kd_ratio", "grad_norm"):
         assert [h[key] for h in hist0] == pytest.approx([h[key] for h in one], rel=1e-5), key
-    assert sorted(c["scale"] for c in one_calls[0]) == pytest.approx(sorted(c["scale"] for c in calls0[0] + calls1[0]), rel=1e-5)
+    assert sorted(c["scale"] for c in one_calls[0]) == pytest.approx(
+        sorted(c["scale"] for c in calls0[0] + calls1[0]), rel=1e-5
+    )
 
     # adaptive alphas: step 2 applies one set of alphas everywhere, the softmax of step 1's mean
     # confidences; equal to the one-process run's
@@ -122,6 +129,7 @@ def test_dp2_applies_the_previous_steps_global_ratio_on_every_rank(sp_pair, tmp_
 def test_exact_resume_keeps_the_scale_and_the_alphas(sp_pair, tmp_path):  # noqa: F811
     """Interrupted during step 2 (SIGUSR1) and resumed: steps 3-4 equal the uninterrupted run's,
     scale and adaptive alphas included; the checkpoint holds them."""
+
     def cfg(run):
         return _dp_config(sp_pair, tmp_path / run, steps=4, alpha_mode="maxprob")
 
@@ -131,7 +139,9 @@ def test_exact_resume_keeps_the_scale_and_the_alphas(sp_pair, tmp_path):  # noqa
     trainer, resumed = _run(cfg("resumed"))
     assert [h["step"] for h in resumed["history"]] == [3, 4]
     for key in ("total", "ce", "kd", "kd_scale", "kd_ratio", "alpha/cross", "alpha/same", "grad_norm", "lr"):
-        assert [h[key] for h in resumed["history"]] == pytest.approx([h[key] for h in straight["history"][2:]], rel=1e-6, abs=1e-9), key
+        assert [h[key] for h in resumed["history"]] == pytest.approx(
+            [h[key] for h in straight["history"][2:]], rel=1e-6, abs=1e-9
+        ), key
     # step 3 applied the scale of step 2, which only the checkpoint could give the resumed run
     assert resumed["history"][0]["kd_scale"] == pytest.approx(interrupted["history"][1]["kd_ratio"], rel=1e-6)
     assert trainer.state.kd_scale == pytest.approx(straight["history"][3]["kd_ratio"], rel=1e-6)

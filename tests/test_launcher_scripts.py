@@ -12,7 +12,6 @@ import re
 import subprocess
 from pathlib import Path
 
-
 from xtoken_nemo.cli import main
 from xtoken_nemo.distill.config import MODEL_SHAPE_FIELDS, ModelConfig, config_from_dict
 from xtoken_nemo.launcher.examples import COMMAND, CONTAINER, ROOT, render_examples, write_examples
@@ -51,56 +50,169 @@ def test_job_step_asks_for_cpus_in_sbatch_and_srun(capsys, tmp_path):
     assert " --cpus-per-task=96 " in _srun_line(out)
     assert "since 22.05 srun does not inherit --cpus-per-task from sbatch" in out
     assert "# 96 = the default, 12 per GPU x 8 GPUs" in out
-    out = _script(capsys, "--recipe", "qwen3-pkl", "--container", "img.sqsh", "--root", str(tmp_path),
-                  "--gpus-per-node", "4", "--nodes", "32")
+    out = _script(
+        capsys,
+        "--recipe",
+        "qwen3-pkl",
+        "--container",
+        "img.sqsh",
+        "--root",
+        str(tmp_path),
+        "--gpus-per-node",
+        "4",
+        "--nodes",
+        "32",
+    )
     assert "#SBATCH --cpus-per-task=48" in out and " --cpus-per-task=48 " in _srun_line(out)
     # overridden: both places
-    out = _script(capsys, "--recipe", "qwen3-pkl", "--container", "img.sqsh", "--root", str(tmp_path), "--cpus-per-task", "112")
-    assert re.findall(r"^#SBATCH --cpus-per-task=(\d+)$", out, flags=re.M) == ["112"] and " --cpus-per-task=112 " in _srun_line(out)
+    out = _script(
+        capsys, "--recipe", "qwen3-pkl", "--container", "img.sqsh", "--root", str(tmp_path), "--cpus-per-task", "112"
+    )
+    assert re.findall(r"^#SBATCH --cpus-per-task=(\d+)$", out, flags=re.M) == [
+        "112"
+    ] and " --cpus-per-task=112 " in _srun_line(out)
     assert "# 112: set with --cpus-per-task" in out
     # CPU jobs: one per worker, so the default fits the 2-CPU localhost node of tests/test_cluster_runs.py
-    out = _script(capsys, "--recipe", "cpu-tiny", "--bare-metal", "--venv", "/opt/venv", "--root", str(tmp_path), "--nodes", "1",
-                  "--gpus-per-node", "0")
+    out = _script(
+        capsys,
+        "--recipe",
+        "cpu-tiny",
+        "--bare-metal",
+        "--venv",
+        "/opt/venv",
+        "--root",
+        str(tmp_path),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "0",
+    )
     _bash_n(out, tmp_path / "cpu.sbatch")
-    assert re.findall(r"^#SBATCH --cpus-per-task=(\d+)$", out, flags=re.M) == ["1"] and " --cpus-per-task=1 " in _srun_line(out)
-    out = _script(capsys, "--recipe", "cpu-tiny", "--bare-metal", "--root", str(tmp_path), "--gpus-per-node", "0",
-                  "--cpu-procs-per-node", "2")
+    assert re.findall(r"^#SBATCH --cpus-per-task=(\d+)$", out, flags=re.M) == [
+        "1"
+    ] and " --cpus-per-task=1 " in _srun_line(out)
+    out = _script(
+        capsys,
+        "--recipe",
+        "cpu-tiny",
+        "--bare-metal",
+        "--root",
+        str(tmp_path),
+        "--gpus-per-node",
+        "0",
+        "--cpu-procs-per-node",
+        "2",
+    )
     assert "#SBATCH --cpus-per-task=2" in out and " --cpus-per-task=2 " in _srun_line(out)
-    assert main(["launch", "--recipe", "cpu-tiny", "--bare-metal", "--root", str(tmp_path), "--cpus-per-task", "0", "--dry-run"]) == 2
+    assert (
+        main(
+            [
+                "launch",
+                "--recipe",
+                "cpu-tiny",
+                "--bare-metal",
+                "--root",
+                str(tmp_path),
+                "--cpus-per-task",
+                "0",
+                "--dry-run",
+            ]
+        )
+        == 2
+    )
     assert "--cpus-per-task=0: need at least 1" in capsys.readouterr().err
 
 
 def test_env_is_exported_before_srun_with_defaults_and_overrides(capsys, tmp_path):
     out = _script(capsys, "--recipe", "qwen3-pkl", "--container", "img.sqsh", "--root", str(tmp_path))
     exports = re.findall(r"^export (\w+)=(.*)$", out, flags=re.M)
-    assert exports[:3] == [("XTOKEN_ROOT", str(tmp_path)), ("PYTHONUNBUFFERED", "1"),
-                           ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")]
+    assert exports[:3] == [
+        ("XTOKEN_ROOT", str(tmp_path)),
+        ("PYTHONUNBUFFERED", "1"),
+        ("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True"),
+    ]
     assert "CUDA_DEVICE_MAX_CONNECTIONS" not in dict(exports) and "CUDA_DEVICE_MAX_CONNECTIONS is not set" in out
-    assert " --export=ALL " in _srun_line(out)  # a site's SLURM_EXPORT_ENV=NONE would otherwise keep them from the ranks
+    assert " --export=ALL " in _srun_line(
+        out
+    )  # a site's SLURM_EXPORT_ENV=NONE would otherwise keep them from the ranks
     assert out.index("export PYTHONUNBUFFERED=1") < out.index(_srun_line(out))
 
     weird = "a b'c $HOME"
-    out = _script(capsys, "--recipe", "qwen3-pkl", "--container", "img.sqsh", "--root", str(tmp_path),
-                  "--env", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False", "--env", "NCCL_DEBUG=WARN", "--env", f"MY_VAR={weird}",
-                  "--env", "EMPTY=")
+    out = _script(
+        capsys,
+        "--recipe",
+        "qwen3-pkl",
+        "--container",
+        "img.sqsh",
+        "--root",
+        str(tmp_path),
+        "--env",
+        "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False",
+        "--env",
+        "NCCL_DEBUG=WARN",
+        "--env",
+        f"MY_VAR={weird}",
+        "--env",
+        "EMPTY=",
+    )
     _bash_n(out, tmp_path / "env.sbatch")
     exports = re.findall(r"^export (\w+)=.*$", out, flags=re.M)
-    assert exports[:6] == ["XTOKEN_ROOT", "PYTHONUNBUFFERED", "PYTORCH_CUDA_ALLOC_CONF", "NCCL_DEBUG", "MY_VAR", "EMPTY"]
+    assert exports[:6] == [
+        "XTOKEN_ROOT",
+        "PYTHONUNBUFFERED",
+        "PYTORCH_CUDA_ALLOC_CONF",
+        "NCCL_DEBUG",
+        "MY_VAR",
+        "EMPTY",
+    ]
     # the export lines, run by bash, give exactly the values asked for
     wanted = r"export (XTOKEN_ROOT|PYTHONUNBUFFERED|PYTORCH_CUDA_ALLOC_CONF|NCCL_DEBUG|MY_VAR|EMPTY)="
     block = "\n".join(line for line in out.splitlines() if re.match(wanted, line))
-    env = subprocess.run(["bash", "-c", block + '\nprintf "%s\\n" "$PYTORCH_CUDA_ALLOC_CONF" "$NCCL_DEBUG" "$MY_VAR" "[$EMPTY]"'],
-                         capture_output=True, text=True, env={"PATH": os.environ["PATH"], "HOME": "/home/x"}).stdout.splitlines()
+    env = subprocess.run(
+        ["bash", "-c", block + '\nprintf "%s\\n" "$PYTORCH_CUDA_ALLOC_CONF" "$NCCL_DEBUG" "$MY_VAR" "[$EMPTY]"'],
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ["PATH"], "HOME": "/home/x"},
+    ).stdout.splitlines()
     assert env == ["expandable_segments:False", "WARN", weird, "[]"]
 
     for bad in ("1X=1", "NO_EQUALS", "A-B=1", "=1", "A B=1"):
-        assert main(["launch", "--recipe", "qwen3-pkl", "--container", "img", "--root", str(tmp_path), "--env", bad, "--dry-run"]) == 2
+        assert (
+            main(
+                [
+                    "launch",
+                    "--recipe",
+                    "qwen3-pkl",
+                    "--container",
+                    "img",
+                    "--root",
+                    str(tmp_path),
+                    "--env",
+                    bad,
+                    "--dry-run",
+                ]
+            )
+            == 2
+        )
         err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and err.startswith(f"xtoken launch: error: --env {bad!r}: expected KEY=VALUE"), err
+        assert len(err.splitlines()) == 1 and err.startswith(
+            f"xtoken launch: error: --env {bad!r}: expected KEY=VALUE"
+        ), err
 
 
 def test_node_script_trains_without_quiet_and_unbuffered(capsys, tmp_path):
-    out = _script(capsys, "--recipe", "cpu-tiny", "--bare-metal", "--venv", "/opt/venv", "--root", str(tmp_path), "--gpus-per-node", "0")
+    out = _script(
+        capsys,
+        "--recipe",
+        "cpu-tiny",
+        "--bare-metal",
+        "--venv",
+        "/opt/venv",
+        "--root",
+        str(tmp_path),
+        "--gpus-per-node",
+        "0",
+    )
     assert "--quiet" not in out
     assert '-m xtoken_nemo.cli train --config "$CONFIG") &' in out
     assert re.search(r"^export PYTHONUNBUFFERED=1$", out, flags=re.M)
@@ -111,19 +223,41 @@ def test_script_runs_srun_with_cpus_and_the_exported_env(capsys, tmp_path):
     """The rendered script run by bash with stand-in srun/scontrol: srun gets the CPU request and the
     environment holds the exports."""
     root = tmp_path / "root"
-    out = _script(capsys, "--recipe", "cpu-tiny", "--bare-metal", "--venv", "/opt/venv", "--root", str(root), "--gpus-per-node", "0",
-                  "--cpu-procs-per-node", "2", "--env", "NCCL_DEBUG=INFO", "train.train_steps=3")
+    out = _script(
+        capsys,
+        "--recipe",
+        "cpu-tiny",
+        "--bare-metal",
+        "--venv",
+        "/opt/venv",
+        "--root",
+        str(root),
+        "--gpus-per-node",
+        "0",
+        "--cpu-procs-per-node",
+        "2",
+        "--env",
+        "NCCL_DEBUG=INFO",
+        "train.train_steps=3",
+    )
     script = tmp_path / "job.sbatch"
     script.write_text(out)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text(f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/srun.args\nenv > {tmp_path}/srun.env\n'
-                                  f'mkdir -p "$CKPT_DIR"; echo 3 > "$(dirname "$CONFIG")/checkpoints/latest.txt"\n')
+    (bin_dir / "srun").write_text(
+        f'#!/bin/bash\nprintf "%s\\n" "$@" > {tmp_path}/srun.args\nenv > {tmp_path}/srun.env\n'
+        f'mkdir -p "$CKPT_DIR"; echo 3 > "$(dirname "$CONFIG")/checkpoints/latest.txt"\n'
+    )
     (bin_dir / "scontrol").write_text('#!/bin/bash\n[ "$1 $2" = "show hostnames" ] && echo node1\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
-    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "7", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "node1",
-           "HOME": str(tmp_path)}
+    env = {
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_ID": "7",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "node1",
+        "HOME": str(tmp_path),
+    }
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "training finished with exit code 0, latest checkpoint 3 of 3" in proc.stdout
@@ -157,11 +291,16 @@ def _same_run(parsed, cfg) -> None:
     assert parsed.to_dict() == cfg.to_dict()
 
     def runs(model: ModelConfig) -> ModelConfig:
-        return dataclasses.replace(model, **{k: getattr(ModelConfig(), k) for k in MODEL_SHAPE_FIELDS}) if model.checkpoint else model
+        return (
+            dataclasses.replace(model, **{k: getattr(ModelConfig(), k) for k in MODEL_SHAPE_FIELDS})
+            if model.checkpoint
+            else model
+        )
 
     assert runs(parsed.student) == runs(cfg.student)
-    assert ([dataclasses.replace(t, model=runs(t.model)) for t in parsed.teachers]
-            == [dataclasses.replace(t, model=runs(t.model)) for t in cfg.teachers])
+    assert [dataclasses.replace(t, model=runs(t.model)) for t in parsed.teachers] == [
+        dataclasses.replace(t, model=runs(t.model)) for t in cfg.teachers
+    ]
     assert dataclasses.replace(parsed, student=cfg.student, teachers=cfg.teachers) == cfg
 
 
@@ -182,7 +321,7 @@ def test_committed_launcher_scripts_are_current(tmp_path):
         _bash_n(text, tmp_path / "check.sbatch")
         assert "rendered" not in text.splitlines()[1] and not re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d", text)
         assert f"--container-image={CONTAINER}" in text and f"export XTOKEN_ROOT={ROOT}" in text
-        assert f"#SBATCH --output={ROOT}/runs/{name[:-len('.sbatch')]}/slurm-%j.out" in text
+        assert f"#SBATCH --output={ROOT}/runs/{name[: -len('.sbatch')]}/slurm-%j.out" in text
         assert str(tmp_path) not in text and str(REPO) not in text
         paths = [v for v in re.findall(r'"(/[^"]*)"', text)]
         assert paths and all(p.startswith(ROOT + "/") for p in paths), paths

@@ -16,10 +16,10 @@ from functools import partial
 
 import pytest
 import torch
+from test_losses_parallel import make_W
 
 import xtoken_nemo.distill.kd as kd
 import xtoken_nemo.distill.teacher_loss as teacher_loss
-from test_losses_parallel import make_W
 from xtoken_nemo import losses as P
 from xtoken_nemo.distill.config import TeacherConfig
 from xtoken_nemo.losses import hybrid, pkl
@@ -48,8 +48,12 @@ def _case(dtype: torch.dtype, seed: int = 0) -> dict:
     labels[0, 2] = int(s[0, 2, :VS].argmax())
     s[0, 2, labels[0, 2]] += 35.0
     return {
-        "s": s.to(dtype), "t": t.to(dtype), "t_same": t_same.to(dtype), "labels": labels,
-        "t_labels": torch.randint(0, VT, (1, T), generator=g), "W": make_W(VS, VT, seed=seed),
+        "s": s.to(dtype),
+        "t": t.to(dtype),
+        "t_same": t_same.to(dtype),
+        "labels": labels,
+        "t_labels": torch.randint(0, VT, (1, T), generator=g),
+        "W": make_W(VS, VT, seed=seed),
         "chunks": torch.tensor([CHUNKS]),
         "same_chunks": torch.tensor([[(i, i + 1, i, i + 1) for i in range(S)]]),
     }
@@ -57,8 +61,10 @@ def _case(dtype: torch.dtype, seed: int = 0) -> dict:
 
 def _specs(c: dict, merge: str = "chain", mode: str = "pkl") -> list:
     cross = kd.TeacherLossSpec(
-        TeacherConfig(name="cross", mode=mode, alpha=ALPHAS["cross"], merge=merge), VT,
-        projection=P.prepare_projection(c["W"], VS_PAD, VT_PAD), W=c["W"],
+        TeacherConfig(name="cross", mode=mode, alpha=ALPHAS["cross"], merge=merge),
+        VT,
+        projection=P.prepare_projection(c["W"], VS_PAD, VT_PAD),
+        W=c["W"],
     )
     same = kd.TeacherLossSpec(TeacherConfig(name="same", mode="kl", alpha=ALPHAS["same"], merge=merge), VS)
     return [cross, same]
@@ -85,7 +91,12 @@ def _step(c: dict, merge: str = "chain", mode: str = "pkl") -> dict:
     student = c["s"].clone().requires_grad_(True)
     outputs = [(c["t"], c["t_labels"], c["chunks"]), (c["t_same"], c["labels"], c["same_chunks"])]
     losses = kd.distillation_loss(
-        student, c["labels"], torch.ones(1, S), VS, _specs(c, merge, mode), outputs,
+        student,
+        c["labels"],
+        torch.ones(1, S),
+        VS,
+        _specs(c, merge, mode),
+        outputs,
         kd.KDOptions(kd_scaling="dynamic", alpha_mode="static", alpha_temperature=1.0, block_size=3),
     )
     losses.total.backward()
@@ -215,4 +226,3 @@ def test_near_certain_later_token_keeps_its_bernoulli_term():
     assert float(parts.uncovered[0]) == 0.0 and float(parts.constant[0]) == 0.0
     expected = math.exp(-0.5) * (-0.5 + 1e-9) + (1 - math.exp(-0.5)) * (math.log(1 - math.exp(-0.5)) - math.log(1e-9))
     assert float(parts.trainable[0]) == pytest.approx(expected, rel=1e-5)
-

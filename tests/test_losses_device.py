@@ -42,7 +42,9 @@ def test_losses_stay_on_the_logits_device(no_value_checks, name):
         "chain": lambda: P.merge_chunks_parallel(s, chunks, VS, targets=targets, mode="chain").log_mass.sum(),
         "first": lambda: P.merge_chunks_parallel(s, chunks, VS, mode="first").logits.sum(),
         "log_mass": lambda: P.chunk_log_mass_parallel(s, chunks, VS, targets).sum(),
-        "confidence": lambda: P.teacher_confidence_parallel(t, "ce", VT, targets=torch.randint(0, VT, (N,), device=dev)),
+        "confidence": lambda: P.teacher_confidence_parallel(
+            t, "ce", VT, targets=torch.randint(0, VT, (N,), device=dev)
+        ),
     }[name]
     out = fn()
     assert out.device.type == dev

@@ -62,8 +62,12 @@ def make_case(seed: int = 0, dtype: torch.dtype = torch.float64) -> dict:
     t_same[:, VS:] = 50.0
     W = make_W(seed=seed)
     return {
-        "s": s.to(dtype), "t": t.to(dtype), "t_same": t_same.to(dtype), "W": W,
-        "pairs": exact_pairs(W), "weights": torch.rand(N, generator=g, dtype=torch.float64) + 0.5,
+        "s": s.to(dtype),
+        "t": t.to(dtype),
+        "t_same": t_same.to(dtype),
+        "W": W,
+        "pairs": exact_pairs(W),
+        "weights": torch.rand(N, generator=g, dtype=torch.float64) + 0.5,
     }
 
 
@@ -82,7 +86,9 @@ def parallel_cases(c: dict, group=None) -> dict:
         "uld": lambda s, t, ts: P.uld_loss_parallel(s, t, VS, VT, **kw),
         "uld_topk_exact": lambda s, t, ts: P.uld_loss_parallel(s, t, VS, VT, uld_topk=64, **kw),
         "gold": lambda s, t, ts: P.gold_loss_parallel(s, t, c["pairs"], VS, VT, **kw),
-        "gold_overlap": lambda s, t, ts: P.gold_loss_parallel(s, t, c["pairs"], VS, VT, weighting="vocab_overlap", **kw),
+        "gold_overlap": lambda s, t, ts: P.gold_loss_parallel(
+            s, t, c["pairs"], VS, VT, weighting="vocab_overlap", **kw
+        ),
         "pkl": lambda s, t, ts: P.pkl_loss_parallel(s, t, c["W"], VS, VT, **kw),
         "pkl_T2": lambda s, t, ts: P.pkl_loss_parallel(s, t, c["W"], VS, VT, temperature=2.0, **kw),
         "hkl": lambda s, t, ts: P.hkl_loss_parallel(s, t, c["W"], VS, VT, **kw),
@@ -117,7 +123,9 @@ CHAIN_S = [[0], [1, 2], [3, 4, 5], [6]]  # student positions per chunk
 CHAIN_T = [[0, 1, 2], [3], [4, 5], [6]]  # teacher positions per chunk
 
 
-def merge_objective(logits: torch.Tensor, log_mass: torch.Tensor, weights: torch.Tensor, start: int, ws: int) -> torch.Tensor:
+def merge_objective(
+    logits: torch.Tensor, log_mass: torch.Tensor, weights: torch.Tensor, start: int, ws: int
+) -> torch.Tensor:
     """A linear functional of a merge's output whose per-rank partials sum to the full one.
 
     The log_mass term is used as it is on every rank, like the replicated losses: the merge's
@@ -152,7 +160,9 @@ def run_cases(c: dict, rank: int, ws: int, group=None) -> dict:
     # P-KL split into trainable / constant / uncovered, and moving eps (only the constant moves)
     for name, eps in (("pkl_parts", R.DEFAULT_EPS), ("pkl_parts_eps", R.DEFAULT_EPS * 1e4)):
         s_loc = _shard_cols(c["s"], rank, ws).requires_grad_(True)
-        parts = P.pkl_loss_parallel_parts(s_loc, t_loc, c["W"], VS, VT, eps=eps, group=group, block_size=BLOCK, reduction="none")
+        parts = P.pkl_loss_parallel_parts(
+            s_loc, t_loc, c["W"], VS, VT, eps=eps, group=group, block_size=BLOCK, reduction="none"
+        )
         (parts.trainable * c["weights"]).sum().backward()
         out[name] = (torch.stack([parts.trainable, parts.constant, parts.uncovered]).detach(), s_loc.grad.detach())
     # chain merge + P-KL as the trainer composes them; chunk 0 is a one-token student side against
@@ -161,8 +171,14 @@ def run_cases(c: dict, rank: int, ws: int, group=None) -> dict:
     s_mass = P.chunk_log_mass_parallel(s_loc, CHAIN_S, VS, targets, group=group)
     t_mass = P.chunk_log_mass_parallel(t_loc, CHAIN_T, VT, t_targets, group=group)
     shape = P.pkl_loss_parallel_parts(
-        s_loc[[k[0] for k in CHAIN_S]], t_loc[[k[0] for k in CHAIN_T]], c["W"], VS, VT, group=group,
-        block_size=BLOCK, reduction="none",
+        s_loc[[k[0] for k in CHAIN_S]],
+        t_loc[[k[0] for k in CHAIN_T]],
+        c["W"],
+        VS,
+        VT,
+        group=group,
+        block_size=BLOCK,
+        reduction="none",
     )
     parts = R.chunk_mass_kl_parts(s_mass, t_mass, shape, reduction="none")
     (parts.trainable * c["weights"][: len(CHAIN_S)]).sum().backward()
@@ -196,7 +212,9 @@ def _tp2_worker(rank: int, world_size: int, seed: int) -> dict:
     hybrid.COMMON_ROWS, uld_hist.KEY_ROWS = 2, 2
     c = make_case(seed)
     group = parallel_state.get_tensor_model_parallel_group()
-    return run_cases(c, parallel_state.get_tensor_model_parallel_rank(), world_size, group=None) | {"_group_ok": group is not None}
+    return run_cases(c, parallel_state.get_tensor_model_parallel_rank(), world_size, group=None) | {
+        "_group_ok": group is not None
+    }
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import math
 
 import pytest
 import torch
-
 from test_losses_parallel import VS, VT, exact_pairs, make_case, make_W
+
 from xtoken_nemo.errors import LossInputError, XTokenError
+from xtoken_nemo.losses import gold_loss_parallel, pkl_loss_parallel
 from xtoken_nemo.losses import reference as R
 from xtoken_nemo.losses import weighting as Wt
-from xtoken_nemo.losses import gold_loss_parallel, pkl_loss_parallel
 from xtoken_nemo.vocab.projection import ProjectionMatrix
 
 
@@ -86,8 +86,12 @@ def test_pkl_zero_when_projection_matches_teacher():
     q = R.project(torch.softmax(s, -1), W_full)
     torch.testing.assert_close(q.sum(-1), torch.ones(5, dtype=torch.float64))
     teacher = q.clamp_min(1e-300).log()  # p_T = W^T p_S exactly (unreached columns: ~0)
-    assert R.pkl_loss(s, teacher, W_full, reduction="none").abs().max() < 1e-7  # W is float32: rows sum to 1 within ~1e-8
-    assert pkl_loss_parallel(s, teacher, W_full, VS, VT, reduction="none").abs().max() < 1e-7  # W is float32: rows sum to 1 within ~1e-8
+    assert (
+        R.pkl_loss(s, teacher, W_full, reduction="none").abs().max() < 1e-7
+    )  # W is float32: rows sum to 1 within ~1e-8
+    assert (
+        pkl_loss_parallel(s, teacher, W_full, VS, VT, reduction="none").abs().max() < 1e-7
+    )  # W is float32: rows sum to 1 within ~1e-8
     assert R.pkl_loss(s + torch.randn_like(s), teacher, W_full, reduction="none").min() > 1e-6
 
 

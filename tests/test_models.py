@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_distributed
+
 from xtoken_nemo.models import ModelError, arch_from_hf_config, pad_vocab_size
 
 ATOL = 2e-5  # fp32; measured max |diff| is ~1e-6 on logits of magnitude ~2 (TP=1 and TP=2)
@@ -27,11 +27,26 @@ def _llama_config(**kw):
     from transformers import LlamaConfig
 
     base = dict(
-        vocab_size=1000, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
-        rope_theta=500000.0, initializer_range=0.05, bos_token_id=1, eos_token_id=2,
-        rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192},
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        rope_theta=500000.0,
+        initializer_range=0.05,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
     )
     return LlamaConfig(**{**base, **kw})
 
@@ -40,9 +55,18 @@ def _qwen3_config(**kw):
     from transformers import Qwen3Config
 
     base = dict(
-        vocab_size=1500, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=32, max_position_embeddings=40960, rms_norm_eps=1e-6,
-        rope_theta=1000000.0, tie_word_embeddings=False, initializer_range=0.05,
+        vocab_size=1500,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=40960,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        initializer_range=0.05,
     )
     return Qwen3Config(**{**base, **kw})
 
@@ -51,12 +75,27 @@ def _phi3_config(**kw):
     from transformers import Phi3Config
 
     base = dict(
-        vocab_size=1000, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
-        num_key_value_heads=2, max_position_embeddings=1024, original_max_position_embeddings=32,
-        partial_rotary_factor=0.75, rms_norm_eps=1e-5, tie_word_embeddings=True, initializer_range=0.05,
-        rope_theta=10000.0, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.05 * i for i in range(6)],
-                      "long_factor": [1.0 + 0.9 * i for i in range(6)]},
+        vocab_size=1000,
+        hidden_size=96,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        original_max_position_embeddings=32,
+        partial_rotary_factor=0.75,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+        initializer_range=0.05,
+        rope_theta=10000.0,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        rope_scaling={
+            "type": "longrope",
+            "short_factor": [1.0 + 0.05 * i for i in range(6)],
+            "long_factor": [1.0 + 0.9 * i for i in range(6)],
+        },
     )
     return Phi3Config(**{**base, **kw})
 
@@ -227,13 +266,16 @@ def test_mcore_to_hf_shards_and_index(built, tmp_path):
 # ---- rope and configs ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make", [
-    _llama_config,
-    lambda: _llama_config(rope_scaling={"rope_type": "linear", "factor": 4.0}),
-    lambda: _llama_config(rope_scaling=None),
-    _phi3_config,
-    lambda: _phi3_config(rope_scaling=None, partial_rotary_factor=0.5),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        _llama_config,
+        lambda: _llama_config(rope_scaling={"rope_type": "linear", "factor": 4.0}),
+        lambda: _llama_config(rope_scaling=None),
+        _phi3_config,
+        lambda: _phi3_config(rope_scaling=None, partial_rotary_factor=0.5),
+    ],
+)
 def test_rope_frequencies_match_transformers(make):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -256,28 +298,71 @@ def test_rope_frequencies_match_transformers(make):
 
 REAL_CONFIGS = {  # the fields that matter, as in the published config.json files
     "Llama-3.2-1B": {
-        "architectures": ["LlamaForCausalLM"], "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
-        "rms_norm_eps": 1e-05, "rope_theta": 500000.0, "tie_word_embeddings": True, "vocab_size": 128256,
-        "hidden_act": "silu", "torch_dtype": "bfloat16", "attention_bias": False, "mlp_bias": False,
-        "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-                         "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 128256,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "rope_scaling": {
+            "factor": 32.0,
+            "high_freq_factor": 4.0,
+            "low_freq_factor": 1.0,
+            "original_max_position_embeddings": 8192,
+            "rope_type": "llama3",
+        },
     },
     "Qwen3-4B": {
-        "architectures": ["Qwen3ForCausalLM"], "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
-        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
-        "rms_norm_eps": 1e-06, "rope_theta": 1000000, "rope_scaling": None, "tie_word_embeddings": True,
-        "vocab_size": 151936, "hidden_act": "silu", "torch_dtype": "bfloat16", "use_sliding_window": False,
-        "attention_bias": False, "sliding_window": None, "max_window_layers": 36,
+        "architectures": ["Qwen3ForCausalLM"],
+        "hidden_size": 2560,
+        "intermediate_size": 9728,
+        "num_hidden_layers": 36,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "max_position_embeddings": 40960,
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000,
+        "rope_scaling": None,
+        "tie_word_embeddings": True,
+        "vocab_size": 151936,
+        "hidden_act": "silu",
+        "torch_dtype": "bfloat16",
+        "use_sliding_window": False,
+        "attention_bias": False,
+        "sliding_window": None,
+        "max_window_layers": 36,
     },
     "Phi-4-mini-instruct": {
-        "architectures": ["Phi3ForCausalLM"], "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
-        "num_attention_heads": 24, "num_key_value_heads": 8, "max_position_embeddings": 131072,
-        "original_max_position_embeddings": 4096, "partial_rotary_factor": 0.75, "rms_norm_eps": 1e-05,
-        "rope_theta": 10000.0, "tie_word_embeddings": True, "vocab_size": 200064, "hidden_act": "silu",
-        "sliding_window": 262144, "torch_dtype": "bfloat16", "attention_bias": False, "lm_head_bias": False,
-        "rope_scaling": {"type": "longrope", "long_factor": [1.0 + i for i in range(48)],
-                         "short_factor": [1.0] * 48},
+        "architectures": ["Phi3ForCausalLM"],
+        "hidden_size": 3072,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 24,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "original_max_position_embeddings": 4096,
+        "partial_rotary_factor": 0.75,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": True,
+        "vocab_size": 200064,
+        "hidden_act": "silu",
+        "sliding_window": 262144,
+        "torch_dtype": "bfloat16",
+        "attention_bias": False,
+        "lm_head_bias": False,
+        "rope_scaling": {"type": "longrope", "long_factor": [1.0 + i for i in range(48)], "short_factor": [1.0] * 48},
     },
 }
 
@@ -288,12 +373,18 @@ def test_real_configs_parse_to_megatron():
 
     llama = arch_from_hf_config(REAL_CONFIGS["Llama-3.2-1B"])
     assert (llama.family, llama.tie_embeddings, llama.rope.rope_type, llama.rope.original_max_position_embeddings) == (
-        "llama", True, "llama3", 8192)
+        "llama",
+        True,
+        "llama3",
+        8192,
+    )
     qwen = arch_from_hf_config(REAL_CONFIGS["Qwen3-4B"])
     assert (qwen.qk_layernorm, qwen.head_dim, qwen.num_query_groups) == (True, 128, 8)
     phi = arch_from_hf_config(REAL_CONFIGS["Phi-4-mini-instruct"])
     assert (phi.head_dim, phi.rotary_dim, phi.rope.rope_type, phi.sliding_window) == (128, 96, "longrope", 262144)
-    assert rope_attention_factor(phi) == pytest.approx((1 + __import__("math").log(32) / __import__("math").log(4096)) ** 0.5)
+    assert rope_attention_factor(phi) == pytest.approx(
+        (1 + __import__("math").log(32) / __import__("math").log(4096)) ** 0.5
+    )
     # Megatron padding: multiple of 128 x tp
     assert [a.padded_vocab_size(1) for a in (llama, qwen, phi)] == [128256, 151936, 200064]
     assert llama.padded_vocab_size(8) == 129024 and phi.padded_vocab_size(2) == 200192
@@ -315,13 +406,16 @@ def _copy_hf(src: Path, dst: Path, **config_changes) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, ["unsupported architecture", "GPT2LMHeadModel"]),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, ["rope_type", "yarn"]),
-    ({"attention_bias": True}, ["attention_bias"]),
-    ({"hidden_act": "gelu"}, ["hidden_act"]),
-    ({"num_attention_heads": 5}, ["num_attention_heads", "num_key_value_heads"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}, ["unsupported architecture", "GPT2LMHeadModel"]),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, ["rope_type", "yarn"]),
+        ({"attention_bias": True}, ["attention_bias"]),
+        ({"hidden_act": "gelu"}, ["hidden_act"]),
+        ({"num_attention_heads": 5}, ["num_attention_heads", "num_key_value_heads"]),
+    ],
+)
 def test_unsupported_configs_name_the_field(built, change, words):
     cfg = json.loads((built["llama32_tied"]["hf_dir"] / "config.json").read_text())
     cfg.update(change)
@@ -339,13 +433,16 @@ def test_longrope_factor_length_mismatch_names_field(built):
         arch_from_hf_config(cfg)
 
 
-@pytest.mark.parametrize("change, words", [
-    ({"num_key_value_heads": 4}, ["k_proj.weight", "num_key_value_heads=4", "disagree"]),
-    ({"intermediate_size": 100}, ["intermediate_size=100", "disagree"]),
-    ({"num_hidden_layers": 1}, ["num_hidden_layers=1", "model.layers.1."]),
-    ({"tie_word_embeddings": False}, ["lm_head.weight", "tie_word_embeddings"]),
-    ({"vocab_size": 1024}, ["embed_tokens.weight", "vocab_size=1024"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"num_key_value_heads": 4}, ["k_proj.weight", "num_key_value_heads=4", "disagree"]),
+        ({"intermediate_size": 100}, ["intermediate_size=100", "disagree"]),
+        ({"num_hidden_layers": 1}, ["num_hidden_layers=1", "model.layers.1."]),
+        ({"tie_word_embeddings": False}, ["lm_head.weight", "tie_word_embeddings"]),
+        ({"vocab_size": 1024}, ["embed_tokens.weight", "vocab_size=1024"]),
+    ],
+)
 def test_config_weights_mismatch_names_field(built, tmp_path, change, words):
     from xtoken_nemo.models import hf_to_mcore
 
@@ -388,7 +485,9 @@ def test_tokenizer_larger_than_model_vocab_is_refused(built, llama3, capsys):
 
     parser = argparse.ArgumentParser()
     add_score_parser(parser.add_subparsers())
-    args = parser.parse_args(["score", "--checkpoint", str(built["llama32_tied"]["ckpt"]), "--tokenizer", "llama3", "--text", "hi"])
+    args = parser.parse_args(
+        ["score", "--checkpoint", str(built["llama32_tied"]["ckpt"]), "--tokenizer", "llama3", "--text", "hi"]
+    )
     with pytest.raises(ModelError, match="vocab_size 128256 but the model's config.json vocab_size is 1000"):
         args.func(args)
 
@@ -412,17 +511,35 @@ def test_cli_convert_both_ways_and_score(built, sp_model_path, tmp_path, capsys)
     b = built["qwen3_untied"]
     parser = _parser()
     ck, back = tmp_path / "ck", tmp_path / "back"
-    args = parser.parse_args(["convert", "hf-to-mcore", "--hf", str(b["hf_dir"]), "--out", str(ck), "--tp", "2", "--vocab-divisor", "100", "--quiet"])
+    args = parser.parse_args(
+        [
+            "convert",
+            "hf-to-mcore",
+            "--hf",
+            str(b["hf_dir"]),
+            "--out",
+            str(ck),
+            "--tp",
+            "2",
+            "--vocab-divisor",
+            "100",
+            "--quiet",
+        ]
+    )
     assert args.func(args) == 0
     meta = json.loads((ck / "xtoken_model.json").read_text())
     assert (meta["vocab_size"], meta["padded_vocab_size"], meta["padded_for_tp"]) == (1500, 1600, 2)
     assert meta["hf_config"]["architectures"] == ["Qwen3ForCausalLM"]
-    args = parser.parse_args(["convert", "mcore-to-hf", "--mcore", str(ck), "--out", str(back), "--like", str(b["hf_dir"]), "--quiet"])
+    args = parser.parse_args(
+        ["convert", "mcore-to-hf", "--mcore", str(ck), "--out", str(back), "--like", str(b["hf_dir"]), "--quiet"]
+    )
     assert args.func(args) == 0
     assert "safetensors" in capsys.readouterr().out
 
     text = "The teachers wrote notes."
-    args = parser.parse_args(["score", "--checkpoint", str(ck), "--tokenizer", str(sp_model_path), "--text", text, "--json"])
+    args = parser.parse_args(
+        ["score", "--checkpoint", str(ck), "--tokenizer", str(sp_model_path), "--text", text, "--json"]
+    )
     assert args.func(args) == 0
     out = json.loads(capsys.readouterr().out)
     tok = load_tokenizer(sp_model_path)
@@ -464,7 +581,11 @@ def test_bf16_checkpoint_round_trip_and_fp32_load(built, tmp_path):
     mcore_to_hf(tmp_path / "ck", tmp_path / "back", like=hf_bf16)
     orig, back = load_file(hf_bf16 / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert sorted(orig) == sorted(back)
-    bad = [(k, orig[k].dtype, back[k].dtype) for k in orig if not (back[k].dtype == torch.bfloat16 and torch.equal(orig[k], back[k]))]
+    bad = [
+        (k, orig[k].dtype, back[k].dtype)
+        for k in orig
+        if not (back[k].dtype == torch.bfloat16 and torch.equal(orig[k], back[k]))
+    ]
     assert not bad
     ids = b["ids"][SHORT]
     logits, arch, _ = _mcore_logits(tmp_path / "ck", {SHORT: ids})

@@ -20,14 +20,20 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from distributed_utils import run_distributed
 from test_distill import sp_config, sp_pair  # noqa: F401  (module-scoped fixture, rebuilt here)
 from test_models import REAL_CONFIGS
+
 from xtoken_nemo.distill.config import ConfigError, ParallelConfig, apply_overrides, config_from_dict
 from xtoken_nemo.models.config import KernelOptions, arch_from_hf_config
 
-FUSIONS = ("bias_activation_fusion", "bias_dropout_fusion", "apply_rope_fusion", "gradient_accumulation_fusion", "persist_layer_norm")
+FUSIONS = (
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "apply_rope_fusion",
+    "gradient_accumulation_fusion",
+    "persist_layer_norm",
+)
 
 
 def _arch(name: str):
@@ -101,8 +107,14 @@ def test_gpu_with_te_and_apex_turns_the_fusions_on(emulated_gpu):
     cfg = transformer_config(phi, tp=2, kernels=KernelOptions(), use_te=True)
     assert not cfg.apply_rope_fusion and cfg.bias_activation_fusion and cfg.sequence_parallel
     # a field set false stays off, silently
-    resolved = resolve_kernel_options(KernelOptions(sequence_parallel=False, apply_rope_fusion=False), llama, tp=2, use_te=True)
-    assert not resolved.flags["sequence_parallel"] and not resolved.flags["apply_rope_fusion"] and resolved.turned_off == {}
+    resolved = resolve_kernel_options(
+        KernelOptions(sequence_parallel=False, apply_rope_fusion=False), llama, tp=2, use_te=True
+    )
+    assert (
+        not resolved.flags["sequence_parallel"]
+        and not resolved.flags["apply_rope_fusion"]
+        and resolved.turned_off == {}
+    )
 
 
 def test_gpu_without_te_or_apex_keeps_only_the_compiled_fusions(emulated_gpu):
@@ -112,8 +124,12 @@ def test_gpu_without_te_or_apex_keeps_only_the_compiled_fusions(emulated_gpu):
     emulated_gpu(te=False, apex=False)
     resolved = resolve_kernel_options(KernelOptions(), _arch("Llama-3.2-1B"), tp=2, use_te=False)
     assert resolved.flags == dict(
-        bias_activation_fusion=True, bias_dropout_fusion=True, apply_rope_fusion=False,
-        gradient_accumulation_fusion=False, persist_layer_norm=False, sequence_parallel=False,
+        bias_activation_fusion=True,
+        bias_dropout_fusion=True,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        sequence_parallel=False,
     )
     assert "Transformer-Engine" in resolved.turned_off["apply_rope_fusion"]
     assert "fused_weight_gradient_mlp_cuda" in resolved.turned_off["gradient_accumulation_fusion"]
@@ -135,7 +151,13 @@ def test_ddp_options_as_megatron_lm_sets_them():
     p = ParallelConfig()
     options, off = p.ddp_options(dp_size=128, distributed_optimizer=True)  # 16 x 8 H100, TP=1
     assert off == {}
-    assert options == dict(overlap_grad_reduce=True, overlap_param_gather=True, bucket_size=None, average_in_collective=False, check_for_nan_in_grad=False)
+    assert options == dict(
+        overlap_grad_reduce=True,
+        overlap_param_gather=True,
+        bucket_size=None,
+        average_in_collective=False,
+        check_for_nan_in_grad=False,
+    )
     DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True, **options)  # valid
     # CPU (no Apex/TE: no distributed optimizer), DP=2: only the gradient overlap
     options, off = p.ddp_options(dp_size=2, distributed_optimizer=False)
@@ -143,7 +165,11 @@ def test_ddp_options_as_megatron_lm_sets_them():
     assert "distributed optimizer" in off["overlap_param_gather"]
     # one data-parallel rank: nothing to overlap
     options, off = p.ddp_options(dp_size=1, distributed_optimizer=True)
-    assert not options["overlap_grad_reduce"] and not options["overlap_param_gather"] and set(off) == {"overlap_grad_reduce", "overlap_param_gather"}
+    assert (
+        not options["overlap_grad_reduce"]
+        and not options["overlap_param_gather"]
+        and set(off) == {"overlap_grad_reduce", "overlap_param_gather"}
+    )
     # fields from overrides and from a config file; bucket_size validated
     cfg = sp_config_dict()
     apply_overrides(cfg, ["parallel.overlap_grad_reduce=false", "parallel.bucket_size=1000000"])
@@ -186,7 +212,10 @@ def _summary(trainer, history) -> dict:
     ddp = trainer.model.ddp_config
     return {
         "history": [{k: h[k] for k in ("total", "ce", "kd/cross", "grad_norm", "skipped")} for h in history],
-        "ddp": {k: getattr(ddp, k) for k in ("overlap_grad_reduce", "overlap_param_gather", "bucket_size", "use_distributed_optimizer")},
+        "ddp": {
+            k: getattr(ddp, k)
+            for k in ("overlap_grad_reduce", "overlap_param_gather", "bucket_size", "use_distributed_optimizer")
+        },
         "buckets": len(trainer.model.bucket_groups),
     }
 
@@ -216,7 +245,10 @@ def _dp2_worker(rank, world_size, pair, run_dir):
     # the distributed optimizer (needs Apex/TE Adam for checkpoints: forced here, steps only)
     trainer_mod._distributed_optimizer_works = lambda: True
     params = {}
-    for name, parallel in (("distopt_sync", {"overlap_grad_reduce": False, "overlap_param_gather": False}), ("distopt_overlap", {"bucket_size": 3000})):
+    for name, parallel in (
+        ("distopt_sync", {"overlap_grad_reduce": False, "overlap_param_gather": False}),
+        ("distopt_overlap", {"bucket_size": 3000}),
+    ):
         t = _trainer(cfg_for(name, **parallel))
         history = [t.train_step(step) for step in range(3)]
         out[name] = _summary(t, history)
@@ -226,14 +258,18 @@ def _dp2_worker(rank, world_size, pair, run_dir):
         params[name] = (before, after)
     (sync_before, _), (overlap_before, overlap_after) = params["distopt_sync"], params["distopt_overlap"]
     out["stale_before_sync"] = any(not torch.equal(sync_before[k], overlap_before[k]) for k in sync_before)
-    out["equal_after_sync"] = all(torch.allclose(sync_before[k], overlap_after[k], rtol=1e-5, atol=1e-7) for k in sync_before)
+    out["equal_after_sync"] = all(
+        torch.allclose(sync_before[k], overlap_after[k], rtol=1e-5, atol=1e-7) for k in sync_before
+    )
     return out
 
 
 def test_dp2_overlapped_gradient_reduce_equals_synchronous(sp_pair, tmp_path):  # noqa: F811
     res = run_distributed(_dp2_worker, world_size=2, tp=1, args=(sp_pair, str(tmp_path)))
     r0 = res[0]
-    assert r0["default"]["ddp"] == dict(overlap_grad_reduce=True, overlap_param_gather=False, bucket_size=40_000_000, use_distributed_optimizer=False)
+    assert r0["default"]["ddp"] == dict(
+        overlap_grad_reduce=True, overlap_param_gather=False, bucket_size=40_000_000, use_distributed_optimizer=False
+    )
     assert r0["default"]["buckets"] == 1
     assert r0["small"]["ddp"]["bucket_size"] == 3000 and r0["small"]["buckets"] > 3
     assert r0["sync"]["ddp"]["overlap_grad_reduce"] is False and r0["sync"]["ddp"]["bucket_size"] is None
@@ -251,7 +287,9 @@ def test_dp2_overlapped_gradient_reduce_equals_synchronous(sp_pair, tmp_path):  
         assert [h["skipped"] for h in r["nan_small"]["history"]] == [0.0, 1.0, 0.0, 0.0]
         same(r["nan_small"]["history"], r["nan_sync"]["history"])
         # distributed optimizer: reduce-scatter + all-gather, both overlapped, equal the synchronous ones
-        assert r["distopt_overlap"]["ddp"] == dict(overlap_grad_reduce=True, overlap_param_gather=True, bucket_size=3000, use_distributed_optimizer=True)
+        assert r["distopt_overlap"]["ddp"] == dict(
+            overlap_grad_reduce=True, overlap_param_gather=True, bucket_size=3000, use_distributed_optimizer=True
+        )
         same(r["distopt_overlap"]["history"], r["distopt_sync"]["history"], rel=1e-5)
         same(r["distopt_sync"]["history"], r["sync"]["history"], rel=1e-5)
         # after the last step the all-gather waits for the next forward; a checkpoint forces it

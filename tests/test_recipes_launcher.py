@@ -15,8 +15,21 @@ from xtoken_nemo.distill.config import ConfigError
 from xtoken_nemo.launcher import LayoutError, derive_layout
 from xtoken_nemo.recipes import all_recipes, get_recipe, paper_recipes, resolve_sweep
 
-PAPER_NAMES = ["cpt", "llama3b-kl", "qwen3-uld", "qwen3-gold", "qwen3-pkl", "phi4mini-uld", "phi4mini-gold", "phi4mini-hkl",
-               "phi4mini-pkl", "multi-phi-llama", "multi-phi-qwen", "multi-phi-qwen-llama", "multi-phi-llama-adaptive"]
+PAPER_NAMES = [
+    "cpt",
+    "llama3b-kl",
+    "qwen3-uld",
+    "qwen3-gold",
+    "qwen3-pkl",
+    "phi4mini-uld",
+    "phi4mini-gold",
+    "phi4mini-hkl",
+    "phi4mini-pkl",
+    "multi-phi-llama",
+    "multi-phi-qwen",
+    "multi-phi-qwen-llama",
+    "multi-phi-llama-adaptive",
+]
 
 
 def test_every_paper_row_has_a_recipe_with_the_paper_settings(tmp_path):
@@ -33,7 +46,9 @@ def test_every_paper_row_has_a_recipe_with_the_paper_settings(tmp_path):
         assert cfg.checkpoint.dir == str(tmp_path / "runs" / r.name / "checkpoints")
         cfg.validate(world_size=128)
         assert r.paper is not None
-    modes = {r.name: [(t.model.tokenizer, t.mode, t.alpha) for t in r.config(tmp_path).teachers] for r in paper_recipes()}
+    modes = {
+        r.name: [(t.model.tokenizer, t.mode, t.alpha) for t in r.config(tmp_path).teachers] for r in paper_recipes()
+    }
     assert modes["cpt"] == [] and get_recipe("cpt").config(tmp_path).train.kd_scaling == "ce_only"
     assert modes["llama3b-kl"] == [("llama3", "kl", 1.0)]
     assert [m[1] for k, v in modes.items() if k.startswith("qwen3-") for m in v] == ["uld", "gold", "pkl"]
@@ -57,7 +72,9 @@ def test_recipes_command_lists_them(capsys, tmp_path):
     out = capsys.readouterr().out
     header = out.splitlines()[0].split()
     assert header == ["name", "student", "teachers", "steps", "batch", "context", "nodes"]
-    assert re.search(r"multi-phi-llama\s+llama-3\.2-1b\s+phi4_mini:hkl@0\.8 \+ llama_3b:kl@0\.2\s+30000\s+768\s+4096\s+16x8", out)
+    assert re.search(
+        r"multi-phi-llama\s+llama-3\.2-1b\s+phi4_mini:hkl@0\.8 \+ llama_3b:kl@0\.2\s+30000\s+768\s+4096\s+16x8", out
+    )
     assert re.search(r"cpu-tiny\s+.*\s+4\s+2\s+64\s+1xcpu", out)
     assert all(name in out for name in PAPER_NAMES)
 
@@ -66,14 +83,20 @@ def test_paper_layout_is_derived_and_impossible_ones_are_refused(tmp_path):
     cfg = get_recipe("qwen3-pkl").config(tmp_path)
     layout = derive_layout(cfg, 16, 8)
     assert (layout.world, layout.tp, layout.dp, layout.micro_batch, layout.accumulation) == (128, 1, 128, 1, 6)
-    assert "16 node(s) x 8 GPUs = 128 ranks: TP 1, DP 128, micro-batch 1, 6 accumulation step(s) -> global batch 768" in layout.describe()
+    assert (
+        "16 node(s) x 8 GPUs = 128 ranks: TP 1, DP 128, micro-batch 1, 6 accumulation step(s) -> global batch 768"
+        in layout.describe()
+    )
     cfg.train.tensor_parallel = 2
     cfg.train.micro_batch_size = 2
     layout = derive_layout(cfg, 16, 8)
     assert (layout.dp, layout.accumulation) == (64, 6)
     assert derive_layout(get_recipe("debug-1gpu").config(tmp_path), 1, 1).accumulation == 8
     cfg = get_recipe("qwen3-pkl").config(tmp_path)
-    with pytest.raises(LayoutError, match=r"global batch 768 is not divisible by micro-batch 1 x DP 40 .*node counts that fit: \[1, 2, 3, 4, 6, 8, 12, 16\]"):
+    with pytest.raises(
+        LayoutError,
+        match=r"global batch 768 is not divisible by micro-batch 1 x DP 40 .*node counts that fit: \[1, 2, 3, 4, 6, 8, 12, 16\]",
+    ):
         derive_layout(cfg, 5, 8)
     cfg.train.tensor_parallel = 16
     with pytest.raises(LayoutError, match="must divide the 8 ranks of a node"):
@@ -100,20 +123,43 @@ def _bash_n(script: str, path: Path) -> None:
 
 
 def test_container_script_for_the_paper_run(capsys, tmp_path):
-    out, err = _dry_run(capsys, "--recipe", "qwen3-pkl", "--container", "/shared/xtoken-nemo.sqsh", "--container-mounts", "/lustre:/lustre",
-                        "--root", str(tmp_path), "--partition", "batch", "data.paths=[/lustre/climbmix,/lustre/more]", "data.weights=[0.7,0.3]")
+    out, err = _dry_run(
+        capsys,
+        "--recipe",
+        "qwen3-pkl",
+        "--container",
+        "/shared/xtoken-nemo.sqsh",
+        "--container-mounts",
+        "/lustre:/lustre",
+        "--root",
+        str(tmp_path),
+        "--partition",
+        "batch",
+        "data.paths=[/lustre/climbmix,/lustre/more]",
+        "data.weights=[0.7,0.3]",
+    )
     _bash_n(out, tmp_path / "job.sbatch")
     assert "TP 1, DP 128, micro-batch 1, 6 accumulation step(s)" in err
     assert "would refuse" in err and "W file" in err and "xtoken build-w --student llama3 --teacher qwen3" in err
     directives = re.findall(r"^#SBATCH (\S+)$", out, flags=re.M)
     run = tmp_path / "runs" / "qwen3-pkl"
-    for expected in ("--job-name=xtoken-qwen3-pkl", "--nodes=16", "--ntasks-per-node=1", "--gpus-per-node=8", "--open-mode=append",
-                     "--signal=B:USR1@120", "--requeue", f"--output={run}/slurm-%j.out", "--exclusive", "--partition=batch"):
+    for expected in (
+        "--job-name=xtoken-qwen3-pkl",
+        "--nodes=16",
+        "--ntasks-per-node=1",
+        "--gpus-per-node=8",
+        "--open-mode=append",
+        "--signal=B:USR1@120",
+        "--requeue",
+        f"--output={run}/slurm-%j.out",
+        "--exclusive",
+        "--partition=batch",
+    ):
         assert expected in directives, expected
     assert "--container-image=/shared/xtoken-nemo.sqsh --container-mounts=/lustre:/lustre" in out
-    assert "python -m torch.distributed.run --nnodes=\"$SLURM_NNODES\" --node-rank=\"$SLURM_NODEID\"" in out
+    assert 'python -m torch.distributed.run --nnodes="$SLURM_NNODES" --node-rank="$SLURM_NODEID"' in out
     assert "export NPROC_PER_NODE=8" in out and 'scontrol show hostnames "$SLURM_JOB_NODELIST"' in out
-    assert "--rdzv-endpoint=\"$MASTER_ADDR:$MASTER_PORT\"" in out and 'scontrol requeue "$SLURM_JOB_ID"' in out
+    assert '--rdzv-endpoint="$MASTER_ADDR:$MASTER_PORT"' in out and 'scontrol requeue "$SLURM_JOB_ID"' in out
     assert f"export XTOKEN_ROOT={tmp_path}" in out
     config = json.loads(out.split("<<'XTOKEN_CONFIG_EOF'\n", 1)[1].split("\nXTOKEN_CONFIG_EOF", 1)[0])
     assert config["data"]["paths"] == ["/lustre/climbmix", "/lustre/more"] and config["data"]["weights"] == [0.7, 0.3]
@@ -121,8 +167,21 @@ def test_container_script_for_the_paper_run(capsys, tmp_path):
 
 
 def test_bare_metal_script_and_refusals(capsys, tmp_path):
-    out, err = _dry_run(capsys, "--recipe", "cpu-tiny", "--bare-metal", "--venv", "/opt/venv", "--root", str(tmp_path), "--nodes", "1",
-                        "--gpus-per-node", "0", "train.train_steps=7")
+    out, err = _dry_run(
+        capsys,
+        "--recipe",
+        "cpu-tiny",
+        "--bare-metal",
+        "--venv",
+        "/opt/venv",
+        "--root",
+        str(tmp_path),
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "0",
+        "train.train_steps=7",
+    )
     _bash_n(out, tmp_path / "job.sbatch")
     assert "--gpus-per-node" not in out and "--exclusive" not in out and "--container-image" not in out
     assert "source /opt/venv/bin/activate" in out and "exec /opt/venv/bin/python -m torch.distributed.run" in out
@@ -147,22 +206,41 @@ def ready_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("root")
     for directory, _, _ in MODELS.values():
         (root / "ckpt" / directory).mkdir(parents=True)
-        (root / "ckpt" / directory / "xtoken_model.json").write_text(json.dumps({"padded_for_tp": 8, "arch": {"num_attention_heads": 32}}))
+        (root / "ckpt" / directory / "xtoken_model.json").write_text(
+            json.dumps({"padded_for_tp": 8, "arch": {"num_attention_heads": 32}})
+        )
     (root / "data" / "climbmix").mkdir(parents=True)
     (root / "data" / "climbmix" / "manifest.json").write_text("{}")
     (root / "w").mkdir()
     student = load_tokenizer("llama3")
     for teacher in ("qwen3", "phi4mini"):
-        build_projection_matrix(student, load_tokenizer(teacher), progress=False).save(root / "w" / f"W_llama3_{teacher}.safetensors")
+        build_projection_matrix(student, load_tokenizer(teacher), progress=False).save(
+            root / "w" / f"W_llama3_{teacher}.safetensors"
+        )
     return root
 
 
 def test_sweep_submits_one_job_per_run_and_prints_ids(capsys, tmp_path, ready_root):
     fake = tmp_path / "sbatch"
     calls = tmp_path / "calls.txt"
-    fake.write_text(f"#!/bin/bash\necho \"$@\" >> {calls}\necho $((1000 + $(wc -l < {calls})))\n")
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {calls}\necho $((1000 + $(wc -l < {calls})))\n')
     fake.chmod(0o755)
-    assert main(["launch", "--sweep", "paper", "--container", "img.sqsh", "--root", str(ready_root), "--sbatch-command", str(fake)]) == 0
+    assert (
+        main(
+            [
+                "launch",
+                "--sweep",
+                "paper",
+                "--container",
+                "img.sqsh",
+                "--root",
+                str(ready_root),
+                "--sbatch-command",
+                str(fake),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     ids = re.findall(r"^(\S+): submitted job (\d+)", out, flags=re.M)
     assert [name for name, _ in ids] == PAPER_NAMES and [int(i) for _, i in ids] == list(range(1001, 1014))
@@ -180,20 +258,80 @@ def test_submission_refuses_a_w_of_other_tokenizers_and_missing_files(capsys, tm
     fake = tmp_path / "sbatch"
     fake.write_text("#!/bin/bash\necho 1\n")
     fake.chmod(0o755)
-    assert main(["launch", "--recipe", "phi4mini-hkl", "--container", "img", "--root", str(root), "--sbatch-command", str(fake)]) == 2
+    assert (
+        main(
+            [
+                "launch",
+                "--recipe",
+                "phi4mini-hkl",
+                "--container",
+                "img",
+                "--root",
+                str(root),
+                "--sbatch-command",
+                str(fake),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
-    assert "cannot submit: teachers.0 (phi4_mini): W file" in err and "does not fit tokenizers llama3 -> phi4mini" in err
-    assert main(["launch", "--recipe", "multi-phi-llama", "--container", "img", "--root", str(root), "--sbatch-command", str(fake),
-                 "data.paths=[/nowhere]"]) == 2
+    assert (
+        "cannot submit: teachers.0 (phi4_mini): W file" in err and "does not fit tokenizers llama3 -> phi4mini" in err
+    )
+    assert (
+        main(
+            [
+                "launch",
+                "--recipe",
+                "multi-phi-llama",
+                "--container",
+                "img",
+                "--root",
+                str(root),
+                "--sbatch-command",
+                str(fake),
+                "data.paths=[/nowhere]",
+            ]
+        )
+        == 2
+    )
     assert "/nowhere is not a preprocessed dataset" in capsys.readouterr().err
     # a same-tokenizer/ULD/GOLD recipe needs no W
-    assert main(["launch", "--recipe", "qwen3-gold", "--container", "img", "--root", str(root), "--sbatch-command", str(fake)]) == 0
+    assert (
+        main(
+            [
+                "launch",
+                "--recipe",
+                "qwen3-gold",
+                "--container",
+                "img",
+                "--root",
+                str(root),
+                "--sbatch-command",
+                str(fake),
+            ]
+        )
+        == 0
+    )
     assert "qwen3-gold: submitted job 1" in capsys.readouterr().out
 
 
 def test_train_recipe_print_config(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("XTOKEN_ROOT", str(tmp_path))
-    assert main(["train", "--recipe", "multi-phi-llama", "--print-config", "data.paths=[/a,/b]", "teachers.0.alpha=0.7", "teachers.1.alpha=0.3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--recipe",
+                "multi-phi-llama",
+                "--print-config",
+                "data.paths=[/a,/b]",
+                "teachers.0.alpha=0.7",
+                "teachers.1.alpha=0.3",
+            ]
+        )
+        == 0
+    )
     cfg = json.loads(capsys.readouterr().out)
     assert cfg["data"]["paths"] == ["/a", "/b"] and [t["alpha"] for t in cfg["teachers"]] == [0.7, 0.3]
     assert cfg["student"]["checkpoint"] == str(tmp_path / "ckpt" / "llama-3.2-1b")

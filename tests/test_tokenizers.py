@@ -17,7 +17,9 @@ TEXTS = [
 ]
 
 
-@pytest.mark.parametrize("name, vocab_size", [("llama3", 128256), ("qwen3", 151936), ("phi4mini", 200064), ("o200k", 200019)])
+@pytest.mark.parametrize(
+    "name, vocab_size", [("llama3", 128256), ("qwen3", 151936), ("phi4mini", 200064), ("o200k", 200019)]
+)
 def test_builtin_vocab_sizes(name, vocab_size):
     tok = load_tokenizer(name)
     assert tok.vocab_size == vocab_size

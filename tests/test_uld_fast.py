@@ -144,7 +144,9 @@ def test_losses_hist_equal_sort(kind, loss, dtype):
     fns = {
         "uld": lambda x, m: P.uld_loss_parallel(x, t, vs, vt, block_size=8, uld_method=m, reduction="none"),
         "gold": lambda x, m: P.gold_loss_parallel(x, t, pairs, vs, vt, block_size=8, uld_method=m, reduction="none"),
-        "hkl": lambda x, m: P.hkl_loss_parallel(x, t, W, vs, vt, temperature=1.5, block_size=8, uld_method=m, reduction="none"),
+        "hkl": lambda x, m: P.hkl_loss_parallel(
+            x, t, W, vs, vt, temperature=1.5, block_size=8, uld_method=m, reduction="none"
+        ),
     }
     out = {}
     for m in ("hist", "sort"):
@@ -183,16 +185,30 @@ def _hybrid_runs(dtype=torch.float64, n=11, block=5):
     pairs = _pairs(vs, vt, g)
     W = make_W(vs, vt, seed=2)
     fns = {
-        "gold": (lambda x: P.gold_loss_parallel(x, t, pairs, vs, vt, block_size=block, reduction="none"),
-                 lambda x: R.gold_loss(x, t, pairs, reduction="none")),
-        "hkl": (lambda x: P.hkl_loss_parallel(x, t, W, vs, vt, temperature=1.5, block_size=block, reduction="none"),
-                lambda x: R.hkl_loss(x, t, W, temperature=1.5, reduction="none")),
-        "gold_uld_only": (lambda x: P.gold_loss_parallel(x, t, pairs, vs, vt, weighting=(0.0, 1.0), block_size=block, reduction="none"),
-                          lambda x: R.gold_loss(x, t, pairs, weighting=(0.0, 1.0), reduction="none")),
-        "gold_common_only": (lambda x: P.gold_loss_parallel(x, t, pairs, vs, vt, weighting=(0.7, 0.0), block_size=block, reduction="none"),
-                             lambda x: R.gold_loss(x, t, pairs, weighting=(0.7, 0.0), reduction="none")),
-        "uld": (lambda x: P.uld_loss_parallel(x, t, vs, vt, block_size=block, reduction="none"),
-                lambda x: R.uld_loss(x, t, reduction="none")),
+        "gold": (
+            lambda x: P.gold_loss_parallel(x, t, pairs, vs, vt, block_size=block, reduction="none"),
+            lambda x: R.gold_loss(x, t, pairs, reduction="none"),
+        ),
+        "hkl": (
+            lambda x: P.hkl_loss_parallel(x, t, W, vs, vt, temperature=1.5, block_size=block, reduction="none"),
+            lambda x: R.hkl_loss(x, t, W, temperature=1.5, reduction="none"),
+        ),
+        "gold_uld_only": (
+            lambda x: P.gold_loss_parallel(
+                x, t, pairs, vs, vt, weighting=(0.0, 1.0), block_size=block, reduction="none"
+            ),
+            lambda x: R.gold_loss(x, t, pairs, weighting=(0.0, 1.0), reduction="none"),
+        ),
+        "gold_common_only": (
+            lambda x: P.gold_loss_parallel(
+                x, t, pairs, vs, vt, weighting=(0.7, 0.0), block_size=block, reduction="none"
+            ),
+            lambda x: R.gold_loss(x, t, pairs, weighting=(0.7, 0.0), reduction="none"),
+        ),
+        "uld": (
+            lambda x: P.uld_loss_parallel(x, t, vs, vt, block_size=block, reduction="none"),
+            lambda x: R.uld_loss(x, t, reduction="none"),
+        ),
     }
     out = {}
     for name, (fn, ref) in fns.items():

@@ -97,7 +97,9 @@ def test_save_load_round_trip(tmp_path, w_qwen, llama3, qwen3):
 def test_load_refuses_other_tokenizers(tmp_path, w_qwen, llama3, phi4mini):
     path = tmp_path / "W.safetensors"
     w_qwen.save(path)
-    with pytest.raises(ProjectionMatrixError, match="built for teacher tokenizer 'qwen3'.*rebuild W with `xtoken build-w"):
+    with pytest.raises(
+        ProjectionMatrixError, match="built for teacher tokenizer 'qwen3'.*rebuild W with `xtoken build-w"
+    ):
         ProjectionMatrix.load(path, llama3, phi4mini)
     with pytest.raises(ProjectionMatrixError, match="built for student tokenizer 'llama3'"):
         ProjectionMatrix.load(path, phi4mini, None)
@@ -124,8 +126,19 @@ def test_bad_files(tmp_path, w_qwen):
 
 def _small_w():
     # rows with 0..4 non-zeros, teacher vocab 7
-    idx = torch.tensor([[-1, -1, -1, -1], [3, -1, -1, -1], [0, 5, -1, -1], [1, 2, 6, -1], [4, 0, 2, 3], [6, -1, -1, -1]])
-    val = torch.tensor([[0.0] * 4, [1.0, 0, 0, 0], [0.909, 0.091, 0, 0], [0.9, 0.09, 0.01, 0], [0.9, 0.09, 0.009, 0.001], [1.0, 0, 0, 0]])
+    idx = torch.tensor(
+        [[-1, -1, -1, -1], [3, -1, -1, -1], [0, 5, -1, -1], [1, 2, 6, -1], [4, 0, 2, 3], [6, -1, -1, -1]]
+    )
+    val = torch.tensor(
+        [
+            [0.0] * 4,
+            [1.0, 0, 0, 0],
+            [0.909, 0.091, 0, 0],
+            [0.9, 0.09, 0.01, 0],
+            [0.9, 0.09, 0.009, 0.001],
+            [1.0, 0, 0, 0],
+        ]
+    )
     return ProjectionMatrix(idx, val, 7)
 
 
@@ -160,7 +173,11 @@ def test_sentencepiece_student_matches_byte_level_teacher(sp_model_path, llama3)
 
 def test_audit_reproduces_table_8(llama3, qwen3, phi4mini):
     q = audit(llama3, qwen3).to_json()
-    assert q["categories"]["numerals_2"] == {"covered": 0, "total": 100, "missing_examples": q["categories"]["numerals_2"]["missing_examples"]}
+    assert q["categories"]["numerals_2"] == {
+        "covered": 0,
+        "total": 100,
+        "missing_examples": q["categories"]["numerals_2"]["missing_examples"],
+    }
     assert (q["categories"]["numerals_3"]["covered"], q["categories"]["numerals_3"]["total"]) == (0, 1000)
     assert q["recommended_loss"] == "pkl" and "numerals_2 0/100" in q["reason"]
     p = audit(llama3, phi4mini).to_json()

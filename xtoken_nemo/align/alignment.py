@@ -137,11 +137,11 @@ class Alignment:
         return out
 
     @classmethod
-    def from_interleaved(cls, array: np.ndarray) -> "Alignment":
+    def from_interleaved(cls, array: np.ndarray) -> Alignment:
         array = np.asarray(array)
         return cls(array[0::2].astype(np.int64), array[1::2].astype(np.int64), spans=None, method="stored")
 
-    def equals(self, other: "Alignment") -> bool:
+    def equals(self, other: Alignment) -> bool:
         """Same chunk boundaries and same mismatch flags."""
         mine = self.mismatch if self.mismatch is not None else np.zeros(len(self), bool)
         theirs = other.mismatch if other.mismatch is not None else np.zeros(len(other), bool)

@@ -103,16 +103,13 @@ def align_text(
 def check_alignment(alignment: Alignment, n_student: int, n_teacher: int) -> None:
     """Raise if the chunks do not cover exactly ``n_student`` / ``n_teacher`` tokens in order."""
     s, t = alignment.student_ends, alignment.teacher_ends
-    ok = (
-        (len(alignment) == 0 and n_student == 0 and n_teacher == 0)
-        or (
-            len(alignment) > 0
-            and int(s[-1]) == n_student
-            and int(t[-1]) == n_teacher
-            and bool(np.all(np.diff(np.concatenate(([0], s))) >= 0))
-            and bool(np.all(np.diff(np.concatenate(([0], t))) >= 0))
-            and bool(np.all((np.diff(np.concatenate(([0], s))) + np.diff(np.concatenate(([0], t)))) > 0))
-        )
+    ok = (len(alignment) == 0 and n_student == 0 and n_teacher == 0) or (
+        len(alignment) > 0
+        and int(s[-1]) == n_student
+        and int(t[-1]) == n_teacher
+        and bool(np.all(np.diff(np.concatenate(([0], s))) >= 0))
+        and bool(np.all(np.diff(np.concatenate(([0], t))) >= 0))
+        and bool(np.all((np.diff(np.concatenate(([0], s))) + np.diff(np.concatenate(([0], t)))) > 0))
     )
     if not ok:
         raise AlignmentError(

@@ -101,7 +101,13 @@ def _run(s_pieces, t_pieces, s_keys, t_keys, cs, ct, nss, nst, S, T, match, mism
                     if prev > NEG:
                         tp = t_pieces[j - 1]
                         if sp_prev is None or tp is None:
-                            if sp_prev is None and tp is None and s_keys[i - 1] and t_keys[j - 1] and (s_keys[i - 1] & t_keys[j - 1]):
+                            if (
+                                sp_prev is None
+                                and tp is None
+                                and s_keys[i - 1]
+                                and t_keys[j - 1]
+                                and (s_keys[i - 1] & t_keys[j - 1])
+                            ):
                                 best, bm = prev + match, 11
                         elif sp_prev == tp:
                             best, bm = prev + match, 11

@@ -26,8 +26,15 @@ from xtoken_nemo.errors import XTokenError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xtoken", description="Cross-tokenizer knowledge distillation (X-Token) on megatron-core")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log DEBUG for xtoken, INFO for libraries (default: INFO for xtoken, WARNING for libraries)")
+    parser = argparse.ArgumentParser(
+        prog="xtoken", description="Cross-tokenizer knowledge distillation (X-Token) on megatron-core"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log DEBUG for xtoken, INFO for libraries (default: INFO for xtoken, WARNING for libraries)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     add_vocab_parsers(sub)
@@ -49,8 +56,11 @@ KNOWN_WARNINGS = (
     # torch.distributed.checkpoint wraps tensors in a ShardedTensor while megatron's
     # dist_checkpointing loads a checkpoint; torch's own internals, nothing we call or can change.
     # On CPU the warning is attributed to the frame of our CUDA->CPU TorchFunctionMode.
-    (FutureWarning, r"(torch\.distributed\.|xtoken_nemo\.compat\.cuda_redirect\Z)",
-     r"Please use DTensor instead and we are deprecating ShardedTensor"),
+    (
+        FutureWarning,
+        r"(torch\.distributed\.|xtoken_nemo\.compat\.cuda_redirect\Z)",
+        r"Please use DTensor instead and we are deprecating ShardedTensor",
+    ),
     # megatron-core 0.16's torch strategy calls torch.distributed.checkpoint.load_state_dict; a
     # rename in torch, same behaviour; megatron's code, not ours.
     (FutureWarning, r"megatron\.core\.dist_checkpointing\.", r"`load_state_dict` is deprecated and will be removed"),
@@ -60,7 +70,11 @@ KNOWN_WARNINGS = (
     (UserWarning, r"megatron\.core\.", r"(Transformer Engine and Apex are|Apex is) not installed\. Falling back to "),
     # megatron-core 0.16.1's own TransformerConfig default (cuda_graph_scope="full") warns about
     # itself in __post_init__; it is converted to the new spelling (empty list). No CUDA graphs used.
-    (UserWarning, r"megatron\.core\.transformer\.transformer_config\Z", r"full scope is deprecated\. Use empty cuda_graph_scope"),
+    (
+        UserWarning,
+        r"megatron\.core\.transformer\.transformer_config\Z",
+        r"full scope is deprecated\. Use empty cuda_graph_scope",
+    ),
 )
 
 _CONSOLE_HANDLER = "_xtoken_console"
@@ -87,7 +101,9 @@ def configure_console(verbose: bool = False, rank: int | None = None, stream=Non
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
     setattr(handler, _CONSOLE_HANDLER, True)
     prefix = f"[rank {rank}] " if rank else ""
-    handler.setFormatter(logging.Formatter(f"{prefix}[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(
+        logging.Formatter(f"{prefix}[%(asctime)s] %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    )
     root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     ours = logging.DEBUG if verbose else logging.INFO

@@ -18,11 +18,15 @@ def add_preprocess_parser(subparsers) -> argparse.ArgumentParser:
             "to --out. Resumable: rerun the same command after a crash and finished shards are kept."
         ),
     )
-    p.add_argument("--input", nargs="+", required=True, action="extend", help="JSONL/Parquet files, directories or globs")
+    p.add_argument(
+        "--input", nargs="+", required=True, action="extend", help="JSONL/Parquet files, directories or globs"
+    )
     p.add_argument("--student", required=True, help="student tokenizer (built-in name or path)")
     p.add_argument("--teacher", action="append", required=True, help="teacher tokenizer; repeat for several teachers")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seq-length", type=int, default=4096, help="training window length recorded in the manifest (default 4096)")
+    p.add_argument(
+        "--seq-length", type=int, default=4096, help="training window length recorded in the manifest (default 4096)"
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument("--text-field", default="text", help="JSON field / Parquet column holding the text (default: text)")
     p.add_argument("--docs-per-shard", type=int, default=10_000, help="documents per resumable shard (default 10000)")
@@ -71,7 +75,9 @@ def summary(manifest: dict) -> str:
     ]
     for m, t in enumerate(manifest["teachers"]):
         if t["identity"]:
-            lines.append(f"  teacher{m} {t['tokenizer']}: same tokenizer as the student, identity alignment (no copy stored)")
+            lines.append(
+                f"  teacher{m} {t['tokenizer']}: same tokenizer as the student, identity alignment (no copy stored)"
+            )
         else:
             lines.append(
                 f"  teacher{m} {t['tokenizer']}: {t['tokens']:,} tokens, {t['matched_chunks']:,} matched chunks, "
@@ -90,7 +96,5 @@ def summary(manifest: dict) -> str:
         )
     s = manifest["seconds"]
     busy = sum(s.values()) or 1.0
-    lines.append(
-        "  time: " + ", ".join(f"{k} {v:.1f}s ({100 * v / busy:.0f}%)" for k, v in s.items())
-    )
+    lines.append("  time: " + ", ".join(f"{k} {v:.1f}s ({100 * v / busy:.0f}%)" for k, v in s.items()))
     return "\n".join(lines)

@@ -12,13 +12,28 @@ def recipe_rows(root=None) -> list[dict]:
     rows = []
     for r in all_recipes():
         cfg = r.config(root)
-        teachers = " + ".join(f"{t.name}:{t.mode}" + (f"@{t.alpha:g}" if cfg.train.alpha_mode == "static" else f"@{cfg.train.alpha_mode}") for t in cfg.teachers) or "-"
-        rows.append({
-            "name": r.name, "student": cfg.student.tokenizer if not cfg.student.checkpoint else cfg.student.checkpoint.rsplit("/", 1)[-1],
-            "teachers": teachers, "steps": cfg.train.train_steps, "batch": cfg.train.global_batch_size,
-            "context": cfg.data.seq_length, "nodes": f"{r.nodes}x{r.gpus_per_node or 'cpu'}",
-            "paper": f"{r.paper.setting} / {r.paper.method}" if r.paper else "",
-        })
+        teachers = (
+            " + ".join(
+                f"{t.name}:{t.mode}"
+                + (f"@{t.alpha:g}" if cfg.train.alpha_mode == "static" else f"@{cfg.train.alpha_mode}")
+                for t in cfg.teachers
+            )
+            or "-"
+        )
+        rows.append(
+            {
+                "name": r.name,
+                "student": cfg.student.tokenizer
+                if not cfg.student.checkpoint
+                else cfg.student.checkpoint.rsplit("/", 1)[-1],
+                "teachers": teachers,
+                "steps": cfg.train.train_steps,
+                "batch": cfg.train.global_batch_size,
+                "context": cfg.data.seq_length,
+                "nodes": f"{r.nodes}x{r.gpus_per_node or 'cpu'}",
+                "paper": f"{r.paper.setting} / {r.paper.method}" if r.paper else "",
+            }
+        )
     return rows
 
 
@@ -35,7 +50,9 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=1))
         return 0
     print(format_table(rows, ["name", "student", "teachers", "steps", "batch", "context", "nodes"]))
-    print("\nteachers: name:mode@alpha. Paths come from $XTOKEN_ROOT (or --root); `xtoken train --recipe NAME --print-config` shows one in full.")
+    print(
+        "\nteachers: name:mode@alpha. Paths come from $XTOKEN_ROOT (or --root); `xtoken train --recipe NAME --print-config` shows one in full."
+    )
     return 0
 
 
@@ -54,7 +71,9 @@ def add_recipes_parser(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_recipes)
 
-    p = sub.add_parser("prepare-cpu-tiny", help="write the cpu-tiny recipe's tiny checkpoints, W files and data under ROOT/cpu-tiny")
+    p = sub.add_parser(
+        "prepare-cpu-tiny", help="write the cpu-tiny recipe's tiny checkpoints, W files and data under ROOT/cpu-tiny"
+    )
     p.add_argument("--root", help="default $XTOKEN_ROOT or .")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_prepare_cpu_tiny)

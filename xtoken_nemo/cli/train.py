@@ -42,9 +42,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             summary = trainer.run()
             if trainer.rank == 0:
                 last = summary["history"][-1] if summary["history"] else {}
-                shown = {k: float(f"{v:.4g}") for k, v in last.items() if isinstance(v, float) and k in ("total", "ce", "kd", "grad_norm", "lr")}
-                print(f"{cfg.name}: {summary['status']} at step {summary['step']}/{cfg.train.train_steps}"
-                      f" (skipped {summary['skipped_steps']} non-finite steps); last step {shown}; checkpoints in {cfg.checkpoint.dir}")
+                shown = {
+                    k: float(f"{v:.4g}")
+                    for k, v in last.items()
+                    if isinstance(v, float) and k in ("total", "ce", "kd", "grad_norm", "lr")
+                }
+                print(
+                    f"{cfg.name}: {summary['status']} at step {summary['step']}/{cfg.train.train_steps}"
+                    f" (skipped {summary['skipped_steps']} non-finite steps); last step {shown}; checkpoints in {cfg.checkpoint.dir}"
+                )
         finally:
             trainer.close()
     finally:
@@ -69,14 +75,22 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     from xtoken_nemo.tokenizers import load_tokenizer
 
     mc = ModelConfig(
-        tokenizer=args.tokenizer, family=args.family, num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        ffn_hidden_size=args.ffn_hidden_size, max_position_embeddings=args.max_position_embeddings,
-        tie_embeddings=not args.untied, init_seed=args.seed,
+        tokenizer=args.tokenizer,
+        family=args.family,
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        max_position_embeddings=args.max_position_embeddings,
+        tie_embeddings=not args.untied,
+        init_seed=args.seed,
     )
     ensure_model_parallel(1)
     save_random_checkpoint(mc, load_tokenizer(args.tokenizer).vocab_size, args.out, pad_for_tp=args.pad_for_tp)
-    print(f"wrote a random {args.family} model ({args.num_layers} layers, hidden {args.hidden_size}) for tokenizer {args.tokenizer} to {args.out}")
+    print(
+        f"wrote a random {args.family} model ({args.num_layers} layers, hidden {args.hidden_size}) for tokenizer {args.tokenizer} to {args.out}"
+    )
     return 0
 
 
@@ -87,11 +101,17 @@ def add_train_parser(sub) -> None:
     source.add_argument("--recipe", help="a named recipe (`xtoken recipes`); its paths come from $XTOKEN_ROOT")
     p.add_argument("overrides", nargs="*", help="key.sub=value, e.g. train.train_steps=20 teachers.0.alpha=0.8")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--quiet", action="store_true", help="no progress bar (progress lines are logged either way when stderr is not a terminal)")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (progress lines are logged either way when stderr is not a terminal)",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="write a run's student as a Hugging Face checkpoint")
-    p.add_argument("--checkpoint", required=True, help="a run's checkpoint dir (its latest iteration is used) or an iter_N dir")
+    p.add_argument(
+        "--checkpoint", required=True, help="a run's checkpoint dir (its latest iteration is used) or an iter_N dir"
+    )
     p.add_argument("--out", required=True)
     p.add_argument("--like", help="the student's original HF directory (config and tokenizer files are copied)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
@@ -109,6 +129,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--max-position-embeddings", type=int, default=4096)
     p.add_argument("--untied", action="store_true", help="separate output layer (default: tied to the embedding)")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--pad-for-tp", type=int, default=8, help="pad the vocab so the model loads at TP sizes dividing this")
+    p.add_argument(
+        "--pad-for-tp", type=int, default=8, help="pad the vocab so the model loads at TP sizes dividing this"
+    )
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_init_model)

@@ -19,7 +19,9 @@ def cmd_build_w(args: argparse.Namespace) -> int:
     from xtoken_nemo.vocab.build import BuildConfig, build_projection_matrix
 
     student, teacher = _load(args.student), _load(args.teacher)
-    config = BuildConfig(beta=args.beta, gamma=args.gamma, max_pieces=args.max_pieces, top_k=args.top_k, long_rows=args.long_rows)
+    config = BuildConfig(
+        beta=args.beta, gamma=args.gamma, max_pieces=args.max_pieces, top_k=args.top_k, long_rows=args.long_rows
+    )
     W = build_projection_matrix(student, teacher, config, progress=not args.quiet)
     W.save(args.out)
     stats = W.builder_stats()
@@ -27,12 +29,18 @@ def cmd_build_w(args: argparse.Namespace) -> int:
         print(json.dumps({"out": str(args.out), "shape": list(W.shape), "stats": stats}))
         return 0
     pieces = ", ".join(f"{k} pieces: {v:,}" for k, v in stats["multi_token_rows"].items())
-    print(f"W {student.name} -> {teacher.name}: shape {W.shape[0]:,} x {W.shape[1]:,}, nnz {stats['nnz']:,}, written to {args.out}")
-    print(f"  exact rows        {stats['exact_rows']:,}  (+ {stats['special_rows']} special tokens matched by role/content)")
+    print(
+        f"W {student.name} -> {teacher.name}: shape {W.shape[0]:,} x {W.shape[1]:,}, nnz {stats['nnz']:,}, written to {args.out}"
+    )
+    print(
+        f"  exact rows        {stats['exact_rows']:,}  (+ {stats['special_rows']} special tokens matched by role/content)"
+    )
     print(f"  multi-token rows  {sum(stats['multi_token_rows'].values()):,}  ({pieces})")
     print(f"  byte-fragment rows {stats['byte_rows']:,}  (non-UTF-8 pieces, greedy byte match)")
     print(f"  rows > {config.max_pieces} pieces  {stats['long_rows']:,}  (policy: {stats['long_rows_policy']})")
-    print(f"  zero rows         {stats['zero_rows']:,}  (incl. {stats['unmatched_special_rows']} special tokens with no counterpart)")
+    print(
+        f"  zero rows         {stats['zero_rows']:,}  (incl. {stats['unmatched_special_rows']} special tokens with no counterpart)"
+    )
     print(f"  time              {stats['seconds']:.2f} s")
     return 0
 
@@ -62,7 +70,18 @@ def cmd_inspect_w(args: argparse.Namespace) -> int:
     teacher = _load(args.teacher) if args.teacher else None
     W = ProjectionMatrix.load(args.w, student, teacher)
     meta = {k: v for k, v in W.metadata.items() if k not in ("stats", "builder")}
-    print(json.dumps({"shape": list(W.shape), "nnz": W.nnz, **meta, "builder": json.loads(W.metadata.get("builder", "{}")), "stats": W.builder_stats()}, indent=2))
+    print(
+        json.dumps(
+            {
+                "shape": list(W.shape),
+                "nnz": W.nnz,
+                **meta,
+                "builder": json.loads(W.metadata.get("builder", "{}")),
+                "stats": W.builder_stats(),
+            },
+            indent=2,
+        )
+    )
     for text in args.token or []:
         if student is None or teacher is None:
             raise XTokenError("--token needs --student and --teacher to turn text into ids")
@@ -84,8 +103,12 @@ def add_vocab_parsers(sub) -> None:
     p.add_argument("--gamma", type=float, default=0.1)
     p.add_argument("--max-pieces", type=int, default=4)
     p.add_argument("--top-k", type=int, default=4)
-    p.add_argument("--long-rows", choices=("zero", "truncate"), default="zero",
-                   help="rows needing more than --max-pieces teacher pieces: zero (paper) or keep the first pieces")
+    p.add_argument(
+        "--long-rows",
+        choices=("zero", "truncate"),
+        default="zero",
+        help="rows needing more than --max-pieces teacher pieces: zero (paper) or keep the first pieces",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_build_w)

@@ -47,7 +47,13 @@ class CudaToCpuMode(TorchFunctionMode):
         result = func(*args, **kwargs)
         # megatron asserts tensor.type() == "torch.cuda.FloatTensor" (grad clipping, the
         # distributed optimizer): report CPU tensors under their CUDA type names
-        if func is torch.Tensor.type and len(args) == 1 and not kwargs and isinstance(result, str) and not result.startswith("torch.cuda."):
+        if (
+            func is torch.Tensor.type
+            and len(args) == 1
+            and not kwargs
+            and isinstance(result, str)
+            and not result.startswith("torch.cuda.")
+        ):
             return result.replace("torch.", "torch.cuda.", 1)
         return result
 

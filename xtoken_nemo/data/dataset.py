@@ -121,7 +121,9 @@ class DistillDataset(torch.utils.data.Dataset):
         if student is not None:
             fp, name = _teacher_key(student)
             entry = self.manifest["student"]
-            if (fp is not None and fp != entry["fingerprint"]) or (fp is None and name not in (entry["tokenizer"], entry["name"])):
+            if (fp is not None and fp != entry["fingerprint"]) or (
+                fp is None and name not in (entry["tokenizer"], entry["name"])
+            ):
                 raise DataError(
                     f"student tokenizer '{name}' does not match the preprocessed data at {self.path} "
                     f"(made for {entry['tokenizer']}, {entry['fingerprint'][:12]}); preprocess again"
@@ -144,14 +146,14 @@ class DistillDataset(torch.utils.data.Dataset):
             ids = IndexedDataset(str(self.path / entry["prefix"]))
             chunks = IndexedDataset(str(self.path / entry["chunks_prefix"]))
             if len(ids) != len(self._student) or len(chunks) != len(self._student):
-                raise DataError(f"{self.path}: teacher '{entry['tokenizer']}' files do not match the student's document count; preprocess again")
+                raise DataError(
+                    f"{self.path}: teacher '{entry['tokenizer']}' files do not match the student's document count; preprocess again"
+                )
             t_cum = np.concatenate(([0], np.cumsum(ids.sequence_lengths.astype(np.int64))))
             self._teachers.append((ids, chunks, t_cum))
         total = int(self._s_cum[-1])
         self._num_windows = max(0, (total - 1) // self.seq_length)
-        self._order = (
-            np.random.default_rng(seed).permutation(self._num_windows) if shuffle else None
-        )
+        self._order = np.random.default_rng(seed).permutation(self._num_windows) if shuffle else None
 
     # ----- sizes ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -164,7 +166,11 @@ class DistillDataset(torch.utils.data.Dataset):
     @property
     def signature(self) -> tuple:
         """What must agree between blended datasets: student and teachers by fingerprint."""
-        return (self.manifest["student"]["fingerprint"], tuple(e["fingerprint"] for e in self.teacher_entries), self.seq_length)
+        return (
+            self.manifest["student"]["fingerprint"],
+            tuple(e["fingerprint"] for e in self.teacher_entries),
+            self.seq_length,
+        )
 
     # ----- reading --------------------------------------------------------------------------
     @staticmethod
@@ -283,7 +289,9 @@ def blending_indices(weights, size: int, block: int = 1 << 22) -> tuple[np.ndarr
     """
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or len(w) == 0 or (w < 0).any() or w.sum() <= 0:
-        raise DataError(f"blend weights must be a non-empty list of non-negative numbers, not all zero; got {list(np.ravel(w))}")
+        raise DataError(
+            f"blend weights must be a non-empty list of non-negative numbers, not all zero; got {list(np.ravel(w))}"
+        )
     if len(w) > np.iinfo(np.int16).max:
         raise DataError(f"a blend of {len(w)} datasets is more than {np.iinfo(np.int16).max}: merge some directories")
     w = w / w.sum()
@@ -320,7 +328,9 @@ class BlendedDistillDataset(torch.utils.data.Dataset):
 
     def __init__(self, datasets: list[DistillDataset], weights: list[float], size: int | None = None) -> None:
         if not datasets or len(datasets) != len(weights):
-            raise DataError(f"a blend needs one weight per dataset, got {len(datasets)} datasets and {len(weights)} weights")
+            raise DataError(
+                f"a blend needs one weight per dataset, got {len(datasets)} datasets and {len(weights)} weights"
+            )
         w = np.asarray(weights, dtype=np.float64)
         if (w < 0).any() or w.sum() <= 0:
             raise DataError(f"blend weights must be non-negative and not all zero, got {list(weights)}")
@@ -332,7 +342,9 @@ class BlendedDistillDataset(torch.utils.data.Dataset):
                 )
         for ds, weight in zip(datasets, w):
             if weight > 0 and len(ds) == 0:
-                raise DataError(f"dataset {ds.path} has no full window of {ds.seq_length + 1} tokens but weight {weight}")
+                raise DataError(
+                    f"dataset {ds.path} has no full window of {ds.seq_length + 1} tokens but weight {weight}"
+                )
         self.datasets = datasets
         self.weights = w / w.sum()
         if size is None:

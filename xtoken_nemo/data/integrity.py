@@ -79,7 +79,9 @@ def check_indexed(prefix: str | Path, fix: str) -> IndexSummary:
     else:
         expected_bin = 0
     if docs and (doc_idx[0] != 0 or doc_idx[-1] != seqs or (np.diff(doc_idx) < 0).any()):
-        raise DatasetCorruptError(f"{idx} is inconsistent: its document index does not cover its {seqs:,} sequences; {fix}")
+        raise DatasetCorruptError(
+            f"{idx} is inconsistent: its document index does not cover its {seqs:,} sequences; {fix}"
+        )
     bin_size = os.path.getsize(bin_)
     if bin_size != expected_bin:
         state = "truncated" if bin_size < expected_bin else "longer than its index says"
@@ -92,7 +94,12 @@ def check_indexed(prefix: str | Path, fix: str) -> IndexSummary:
 
 def rebuild_command(path: str | Path, manifest: dict) -> str:
     """The ``xtoken preprocess`` command that wrote ``path`` (from its manifest)."""
-    parts = ["xtoken preprocess --input", *manifest.get("inputs", ["..."]), "--student", manifest["student"]["tokenizer"]]
+    parts = [
+        "xtoken preprocess --input",
+        *manifest.get("inputs", ["..."]),
+        "--student",
+        manifest["student"]["tokenizer"],
+    ]
     for t in manifest.get("teachers", []):
         parts += ["--teacher", t["tokenizer"]]
     parts += ["--seq-length", str(manifest.get("seq_length")), "--out", str(path)]

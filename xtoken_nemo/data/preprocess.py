@@ -228,8 +228,12 @@ def process_shard(spec: ShardSpec, shard_dir: Path, state: dict | None = None) -
                 stats.teachers[m]["byte_path_docs"] += 1
             else:  # normalizers/SentencePiece: align on character offsets into the original text
                 te = time.perf_counter()
-                s_off = _wrap_offsets(student, _offsets_for(student, text, s_ids[d], s_offs[d] if s_offs else None), len(text))
-                t_off = _wrap_offsets(side, _offsets_for(side, text, t_ids_doc, t_tok[m][1][d] if t_tok[m][1] else None), len(text))
+                s_off = _wrap_offsets(
+                    student, _offsets_for(student, text, s_ids[d], s_offs[d] if s_offs else None), len(text)
+                )
+                t_off = _wrap_offsets(
+                    side, _offsets_for(side, text, t_ids_doc, t_tok[m][1][d] if t_tok[m][1] else None), len(text)
+                )
                 extra_tokenize += time.perf_counter() - te
                 al = align_offsets(s_doc, s_off, t_doc, t_off, student.tok, side.tok)
                 stats.teachers[m]["offsets_path_docs"] += 1
@@ -379,7 +383,9 @@ def _merge(cfg, state, plan, shard_dirs, out: Path, key_hash: str) -> dict:
 
     for d in shard_dirs:  # a shard cut after it was finished would poison the merged files
         for prefix, _ in prefixes:
-            check_indexed(d / prefix, f"delete {d} and rerun the same `xtoken preprocess` command (it redoes only that shard)")
+            check_indexed(
+                d / prefix, f"delete {d} and rerun the same `xtoken preprocess` command (it redoes only that shard)"
+            )
     for prefix, dtype in prefixes:
         builder = IndexedDatasetBuilder(str(staging / f"{prefix}.bin"), dtype=dtype)
         for d in shard_dirs:

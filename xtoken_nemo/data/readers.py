@@ -43,7 +43,9 @@ def file_kind(path: Path) -> str:
         return "jsonl"
     if suffix in PARQUET_SUFFIXES:
         return "parquet"
-    raise DataError(f"cannot read {path}: unknown file type '{suffix}'; give .jsonl (one JSON object per line) or .parquet files")
+    raise DataError(
+        f"cannot read {path}: unknown file type '{suffix}'; give .jsonl (one JSON object per line) or .parquet files"
+    )
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -136,7 +138,12 @@ def read_shard(spec: ShardSpec, text_field: str):
             except json.JSONDecodeError:
                 yield loc, None, "bad_json"
                 continue
-            yield (loc, *_check_text(obj.get(text_field) if isinstance(obj, dict) else None, isinstance(obj, dict) and text_field in obj))
+            yield (
+                loc,
+                *_check_text(
+                    obj.get(text_field) if isinstance(obj, dict) else None, isinstance(obj, dict) and text_field in obj
+                ),
+            )
     else:
         import pyarrow.parquet as pq
 

@@ -22,7 +22,7 @@ UNICODE = (
 CODE = (
     "def f(x):\n    return x ** 2 + 1\n",
     "for (int i = 0; i < n; ++i) { sum += a[i]; }",
-    "if __name__ == \"__main__\":\n\tmain()",
+    'if __name__ == "__main__":\n\tmain()',
     "x = {'a': 1, \"b\": [2, 3]}  # dict",
     "SELECT id, name FROM users WHERE age >= 21;",
     "const y = await fetch(`/api/v1/items?id=${id}`);",

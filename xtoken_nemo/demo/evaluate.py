@@ -63,7 +63,7 @@ class EvalItems:
         return out
 
     @classmethod
-    def from_json(cls, data: dict) -> "EvalItems":
+    def from_json(cls, data: dict) -> EvalItems:
         return cls(**{k: (v if k == "generations" else np.asarray(v, dtype=np.float64)) for k, v in data.items()})
 
 
@@ -136,7 +136,9 @@ def _wrap(scorer: ModelScorer, ids: list[int]) -> list[int]:
     return ([scorer.bos] if scorer.bos is not None else []) + list(ids)
 
 
-def evaluate_checkpoint(checkpoint: str, tokenizer, heldout: list[str], items: list[LookupItem], new_tokens: int = 4) -> EvalItems:
+def evaluate_checkpoint(
+    checkpoint: str, tokenizer, heldout: list[str], items: list[LookupItem], new_tokens: int = 4
+) -> EvalItems:
     """Score ``checkpoint`` on held-out documents and greedy-decode the lookup prompts."""
     scorer = ModelScorer(checkpoint, tokenizer)
     tok = tokenizer
@@ -167,7 +169,9 @@ def evaluate_checkpoint(checkpoint: str, tokenizer, heldout: list[str], items: l
     full_nll = scorer.token_nll(full, batch_size=32)
     answer_nll = np.array([nll[len(p) - 1 :].sum() for p, nll in zip(prompts, full_nll)])
     del scorer
-    return EvalItems(doc_nll, doc_tokens, doc_chars, num_nll, num_tokens, num_digits, correct, first_digit, answer_nll, texts)
+    return EvalItems(
+        doc_nll, doc_tokens, doc_chars, num_nll, num_tokens, num_digits, correct, first_digit, answer_nll, texts
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -194,7 +198,9 @@ def _seed_mean(evals: list[EvalItems], doc_idx: np.ndarray, item_idx: np.ndarray
     return {k: np.mean([p[k] for p in per_seed], axis=0) for k in per_seed[0]}
 
 
-def bootstrap_indices(num_docs: int, num_items: int, samples: int = 1000, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def bootstrap_indices(
+    num_docs: int, num_items: int, samples: int = 1000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """The same resamples for every run and seed: intervals of paired differences are then meaningful."""
     rng = np.random.default_rng(seed)
     return rng.integers(0, num_docs, (samples, num_docs)), rng.integers(0, num_items, (samples, num_items))
@@ -227,6 +233,10 @@ def paired_difference(a: list[EvalItems], b: list[EvalItems], idx: tuple[np.ndar
     sa, sb = _seed_mean(a, *idx), _seed_mean(b, *idx)
     pa, pb = _per_seed(a), _per_seed(b)
     return {
-        k: {"diff": float(pa[k].mean() - pb[k].mean()), "ci95": _ci95(sa[k] - sb[k]), "per_seed": (pa[k] - pb[k]).tolist()}
+        k: {
+            "diff": float(pa[k].mean() - pb[k].mean()),
+            "ci95": _ci95(sa[k] - sb[k]),
+            "per_seed": (pa[k] - pb[k]).tolist(),
+        }
         for k in sa
     }

@@ -61,8 +61,12 @@ class DemoConfig:
     teacher_docs: int = 1600
     student_docs: int = 400
     heldout_docs: int = 80
-    teacher: ModelSize = field(default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=300, batch=16, lr=1e-2))
-    student: ModelSize = field(default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=200, batch=16, lr=2e-2))
+    teacher: ModelSize = field(
+        default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=300, batch=16, lr=1e-2)
+    )
+    student: ModelSize = field(
+        default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=200, batch=16, lr=2e-2)
+    )
     seeds: tuple = (1, 2, 3)
     # training runs at once, each in its own process with one thread: these models are so small
     # that a step is mostly Python overhead, so two runs on two cores take about the time of one
@@ -79,7 +83,12 @@ def full_config() -> DemoConfig:
 def fast_config() -> DemoConfig:
     """Tiny sizes and a few steps: the pipeline end to end in the test suite."""
     return DemoConfig(
-        num_facts=12, seq_length=32, teacher_docs=24, student_docs=12, heldout_docs=4, seeds=(1, 2),
+        num_facts=12,
+        seq_length=32,
+        teacher_docs=24,
+        student_docs=12,
+        heldout_docs=4,
+        seeds=(1, 2),
         teacher=ModelSize(hidden_size=32, num_layers=1, num_attention_heads=2, steps=2, batch=2, lr=1e-2),
         student=ModelSize(hidden_size=32, num_layers=1, num_attention_heads=2, steps=2, batch=2, lr=1e-2),
         bootstrap=50,
@@ -96,7 +105,14 @@ def student_runs(recommended: dict[str, str], alphas: tuple = (0.5, 0.5)) -> lis
                 method += " (audit's pick)" if recommended[t] == mode else " (other mode)"
             runs.append(RunSpec(f"{t}-{mode}", t, method, [(t, mode, 1.0)]))
     multi = [(t, recommended[t], a) for t, a in zip(TEACHER_TOKS, alphas)]
-    runs.append(RunSpec("multi-xtoken", "qwen3 + phi4mini", f"X-Token two teachers (audit's modes, alpha {alphas[0]:g}/{alphas[1]:g})", multi))
+    runs.append(
+        RunSpec(
+            "multi-xtoken",
+            "qwen3 + phi4mini",
+            f"X-Token two teachers (audit's modes, alpha {alphas[0]:g}/{alphas[1]:g})",
+            multi,
+        )
+    )
     return runs
 
 
@@ -119,12 +135,16 @@ class Demo:
         vocab = self._step("corpus, compact vocabularies, preprocessing", self.data)
         teachers = self._step("teachers (CE only, true table)", self.train_teachers)
         runs = student_runs(recommended, self.cfg.multi_alphas)
-        students = self._step(f"students ({len(runs)} runs x {len(self.cfg.seeds)} seeds)", lambda: self.train_students(runs, teachers))
+        students = self._step(
+            f"students ({len(runs)} runs x {len(self.cfg.seeds)} seeds)", lambda: self.train_students(runs, teachers)
+        )
         evals = self._step("evaluation", lambda: self.evaluate(runs))
         self.timings["total"] = time.perf_counter() - started
         from xtoken_nemo.demo.report import write_report
 
-        return write_report(self.out, self.cfg, audits, vocab, runs, teachers, students, evals, self.timings, echo=self.echo)
+        return write_report(
+            self.out, self.cfg, audits, vocab, runs, teachers, students, evals, self.timings, echo=self.echo
+        )
 
     def _step(self, title: str, fn):
         self.echo(f"\n== {title}")
@@ -163,7 +183,9 @@ class Demo:
             reports.append(report)
             stats = W.builder_stats()
             summary = report.to_json()
-            summary.update(teacher=name, w_nnz=stats["nnz"], w_zero_rows=stats["zero_rows"], w_long_rows=stats["long_rows"])
+            summary.update(
+                teacher=name, w_nnz=stats["nnz"], w_zero_rows=stats["zero_rows"], w_long_rows=stats["long_rows"]
+            )
             summaries.append(summary)
             cats = summary["categories"]
             self.echo(
@@ -228,18 +250,37 @@ class Demo:
             _write_if_changed(corpus / f"{name}.jsonl", "\n".join(json.dumps({"text": d}) for d in docs) + "\n")
         items = self.items()
         _write_if_changed(corpus / "lookup_eval.jsonl", "\n".join(json.dumps(asdict(i)) for i in items) + "\n")
-        vocab = self.compact_vocabularies([d for docs in texts.values() for d in docs] + [f"{i.prompt} {i.answer}" for i in items])
+        vocab = self.compact_vocabularies(
+            [d for docs in texts.values() for d in docs] + [f"{i.prompt} {i.answer}" for i in items]
+        )
 
-        jobs = [(self.data_dir("student"), "student", self.vocab_path(STUDENT_TOK), [self.vocab_path(t) for t in TEACHER_TOKS])]
-        jobs += [(self.data_dir(f"teacher_{t}"), "teacher", self.vocab_path(t), [self.vocab_path(t)]) for t in TEACHER_TOKS]
+        jobs = [
+            (
+                self.data_dir("student"),
+                "student",
+                self.vocab_path(STUDENT_TOK),
+                [self.vocab_path(t) for t in TEACHER_TOKS],
+            )
+        ]
+        jobs += [
+            (self.data_dir(f"teacher_{t}"), "teacher", self.vocab_path(t), [self.vocab_path(t)]) for t in TEACHER_TOKS
+        ]
         for out, split, student, teachers in jobs:
             if (out / "manifest.json").exists():
                 continue
-            manifest = preprocess(PreprocessConfig(
-                inputs=[str(corpus / f"{split}.jsonl")], student=str(student), teachers=[str(t) for t in teachers], out=str(out),
-                seq_length=c.seq_length, progress=self.progress,
-            ))
-            self.echo(f"   {out.name}: {manifest['documents']:,} documents, {manifest['student']['tokens']:,} {Path(student).name.split('.')[0]} tokens")
+            manifest = preprocess(
+                PreprocessConfig(
+                    inputs=[str(corpus / f"{split}.jsonl")],
+                    student=str(student),
+                    teachers=[str(t) for t in teachers],
+                    out=str(out),
+                    seq_length=c.seq_length,
+                    progress=self.progress,
+                )
+            )
+            self.echo(
+                f"   {out.name}: {manifest['documents']:,} documents, {manifest['student']['tokens']:,} {Path(student).name.split('.')[0]} tokens"
+            )
         return vocab
 
     def compact_vocabularies(self, texts: list[str]) -> dict:
@@ -263,7 +304,10 @@ class Demo:
         for t in TEACHER_TOKS:
             if not self.w_path(t).exists():
                 restrict_projection(Ws[t], compact[STUDENT_TOK], compact[t]).save(self.w_path(t))
-        self.echo("   compact vocabularies: " + ", ".join(f"{t} {v['compact']:,} of {v['full']:,} ids" for t, v in summary.items()))
+        self.echo(
+            "   compact vocabularies: "
+            + ", ".join(f"{t} {v['compact']:,} of {v['full']:,} ids" for t, v in summary.items())
+        )
         return summary
 
     def data_dir(self, name: str) -> Path:
@@ -274,11 +318,15 @@ class Demo:
 
         corpus = self.out / "corpus"
         docs = [json.loads(line)["text"] for line in (corpus / "heldout.jsonl").read_text().splitlines() if line]
-        items = [LookupItem(**json.loads(line)) for line in (corpus / "lookup_eval.jsonl").read_text().splitlines() if line]
+        items = [
+            LookupItem(**json.loads(line)) for line in (corpus / "lookup_eval.jsonl").read_text().splitlines() if line
+        ]
         return docs, items
 
     # ------------------------------------------------------------------------------------------
-    def _run_config(self, name: str, tok: str, family: str, size: ModelSize, data: Path, teachers: list, init: str | None, seed: int):
+    def _run_config(
+        self, name: str, tok: str, family: str, size: ModelSize, data: Path, teachers: list, init: str | None, seed: int
+    ):
         from xtoken_nemo.distill.config import (
             CheckpointConfig,
             DataConfig,
@@ -290,8 +338,14 @@ class Demo:
 
         run_dir = self.out / "runs" / name
         model = ModelConfig(
-            tokenizer=str(self.vocab_path(tok)), family=family, checkpoint=init, hidden_size=size.hidden_size, num_layers=size.num_layers,
-            num_attention_heads=size.num_attention_heads, max_position_embeddings=4 * self.cfg.seq_length, init_seed=seed,
+            tokenizer=str(self.vocab_path(tok)),
+            family=family,
+            checkpoint=init,
+            hidden_size=size.hidden_size,
+            num_layers=size.num_layers,
+            num_attention_heads=size.num_attention_heads,
+            max_position_embeddings=4 * self.cfg.seq_length,
+            init_seed=seed,
         )
         return DistillConfig(
             name=name,
@@ -302,8 +356,13 @@ class Demo:
             data=DataConfig(paths=[str(data)], seq_length=self.cfg.seq_length, teacher_pad_multiple=1),
             optim=OptimConfig(lr=size.lr, min_lr=size.lr / 10, warmup_fraction=0.05, weight_decay=0.0),
             train=TrainConfig(
-                train_steps=size.steps, global_batch_size=size.batch, micro_batch_size=size.batch, seed=seed,
-                kd_scaling="dynamic" if teachers else "ce_only", loss_block_size=1024, log_interval=10**9,
+                train_steps=size.steps,
+                global_batch_size=size.batch,
+                micro_batch_size=size.batch,
+                seed=seed,
+                kd_scaling="dynamic" if teachers else "ce_only",
+                loss_block_size=1024,
+                log_interval=10**9,
             ),
             checkpoint=CheckpointConfig(dir=str(run_dir / "checkpoints"), save_interval=10**9),
             log_dir=str(run_dir / "tb"),
@@ -335,14 +394,18 @@ class Demo:
         seconds = time.perf_counter() - t0
         keep = ("ce", "kd", "total", "kd_scale", "grad_norm", "lr")
         record = {
-            "name": cfg.name, "seconds": seconds, "steps": summary["step"],
+            "name": cfg.name,
+            "seconds": seconds,
+            "steps": summary["step"],
             "checkpoint": str(latest_checkpoint(cfg.checkpoint.dir)),
             "history": [{k: h[k] for k in keep if k in h} | {"step": h["step"]} for h in summary["history"]],
         }
         done.write_text(json.dumps(record))
         hist = record["history"]
         kd = f", KD {hist[0]['kd']:.2f} -> {hist[-1]['kd']:.2f}" if cfg.teachers and "kd" in hist[-1] else ""
-        self.echo(f"   {cfg.name}: {record['steps']} steps in {seconds:.0f} s, CE {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f}{kd}")
+        self.echo(
+            f"   {cfg.name}: {record['steps']} steps in {seconds:.0f} s, CE {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f}{kd}"
+        )
         return record
 
     def _train_many(self, cfgs: list) -> dict[str, dict]:
@@ -374,7 +437,16 @@ class Demo:
 
     def train_teachers(self) -> dict[str, dict]:
         cfgs = [
-            self._run_config(f"teacher-{t}", t, TEACHER_FAMILY[t], self.cfg.teacher, self.data_dir(f"teacher_{t}"), [], None, self.cfg.seed)
+            self._run_config(
+                f"teacher-{t}",
+                t,
+                TEACHER_FAMILY[t],
+                self.cfg.teacher,
+                self.data_dir(f"teacher_{t}"),
+                [],
+                None,
+                self.cfg.seed,
+            )
             for t in TEACHER_TOKS
         ]
         records = self._train_many(cfgs)
@@ -391,8 +463,15 @@ class Demo:
         if not (path / "xtoken_model.json").exists():
             s = self.cfg.student
             ensure_model_parallel(1)
-            mc = ModelConfig(tokenizer=str(self.vocab_path(STUDENT_TOK)), family="llama", hidden_size=s.hidden_size, num_layers=s.num_layers,
-                             num_attention_heads=s.num_attention_heads, max_position_embeddings=4 * self.cfg.seq_length, init_seed=seed)
+            mc = ModelConfig(
+                tokenizer=str(self.vocab_path(STUDENT_TOK)),
+                family="llama",
+                hidden_size=s.hidden_size,
+                num_layers=s.num_layers,
+                num_attention_heads=s.num_attention_heads,
+                max_position_embeddings=4 * self.cfg.seq_length,
+                init_seed=seed,
+            )
             save_random_checkpoint(mc, load_tokenizer(mc.tokenizer).vocab_size, str(path), pad_for_tp=1)
         return str(path)
 
@@ -406,21 +485,34 @@ class Demo:
             for run in runs:
                 tcs = [
                     TeacherConfig(
-                        name=t, mode=mode, alpha=alpha, projection=str(self.w_path(t)) if KDMode(mode).needs_projection else None,
+                        name=t,
+                        mode=mode,
+                        alpha=alpha,
+                        projection=str(self.w_path(t)) if KDMode(mode).needs_projection else None,
                         # the exact sort: at 174-256 ids it is far cheaper than the histogram's
                         # 12,800 bins per row (built for 128k-200k vocabularies)
                         uld_method="sort",
-                        model=ModelConfig(tokenizer=str(self.vocab_path(t)), family=TEACHER_FAMILY[t], checkpoint=teachers[t]["checkpoint"],
-                                          hidden_size=t_size.hidden_size, num_layers=t_size.num_layers, num_attention_heads=t_size.num_attention_heads),
+                        model=ModelConfig(
+                            tokenizer=str(self.vocab_path(t)),
+                            family=TEACHER_FAMILY[t],
+                            checkpoint=teachers[t]["checkpoint"],
+                            hidden_size=t_size.hidden_size,
+                            num_layers=t_size.num_layers,
+                            num_attention_heads=t_size.num_attention_heads,
+                        ),
                     )
                     for t, mode, alpha in run.teachers
                 ]
                 name = run_dir_name(run.name, seed)
-                cfgs.append(self._run_config(name, STUDENT_TOK, "llama", self.cfg.student, self.data_dir("student"), tcs, init, seed))
+                cfgs.append(
+                    self._run_config(
+                        name, STUDENT_TOK, "llama", self.cfg.student, self.data_dir("student"), tcs, init, seed
+                    )
+                )
         return self._train_many(cfgs)
 
     # ------------------------------------------------------------------------------------------
-    def evaluate(self, runs: list[RunSpec]) -> dict[str, "object"]:
+    def evaluate(self, runs: list[RunSpec]) -> dict[str, object]:
         from tqdm.auto import tqdm
 
         from xtoken_nemo.demo.evaluate import EvalItems, evaluate_checkpoint

@@ -25,22 +25,78 @@ TEACHER_BAR = 0.8  # the teachers must know the table (exact match) for the comp
 # (claim, a, b, metric, expected sign of a - b, "at least" (ties count), text); b "best-single":
 # the better (exact match) of the two single-teacher runs the two-teacher run combines
 CLAIMS = (
-    ("kd-moves-knowledge", "phi4mini-hkl", "ce-only", "numeral_exact_match", +1, False,
-     "the student distilled from Phi-4-mini (audit's H-KL) answers more lookups than the CE-only student"),
-    ("kd-moves-knowledge", "qwen3-pkl", "ce-only", "first_digit_match", +1, False,
-     "the student distilled from Qwen3 (audit's P-KL) gets more first digits right than the CE-only student"),
-    ("pkl-beats-gold-qwen3", "qwen3-pkl", "qwen3-gold", "numeral_exact_match", +1, False,
-     "with Qwen3, P-KL answers more lookups than GOLD"),
-    ("pkl-beats-gold-qwen3", "qwen3-pkl", "qwen3-gold", "answer_nll", -1, False,
-     "with Qwen3, P-KL's answer NLL is below GOLD's"),
-    ("gold-hurts-numerals", "qwen3-gold", "ce-only", "numeral_ce", +1, False,
-     "Proposition 1: with the digit-splitting Qwen3, GOLD's numeral CE is above CE-only's"),
-    ("hkl-at-least-pkl-phi4mini", "phi4mini-hkl", "phi4mini-pkl", "numeral_exact_match", +1, True,
-     "with Phi-4-mini, H-KL answers at least as many lookups as P-KL"),
-    ("hkl-at-least-pkl-phi4mini", "phi4mini-hkl", "phi4mini-pkl", "numeral_ce", -1, True,
-     "with Phi-4-mini, H-KL's numeral CE is at most P-KL's"),
-    ("two-teachers-at-least-best-single", "multi-xtoken", "best-single", "numeral_exact_match", +1, True,
-     "two teachers answer at least as many lookups as the better single teacher (audit's modes)"),
+    (
+        "kd-moves-knowledge",
+        "phi4mini-hkl",
+        "ce-only",
+        "numeral_exact_match",
+        +1,
+        False,
+        "the student distilled from Phi-4-mini (audit's H-KL) answers more lookups than the CE-only student",
+    ),
+    (
+        "kd-moves-knowledge",
+        "qwen3-pkl",
+        "ce-only",
+        "first_digit_match",
+        +1,
+        False,
+        "the student distilled from Qwen3 (audit's P-KL) gets more first digits right than the CE-only student",
+    ),
+    (
+        "pkl-beats-gold-qwen3",
+        "qwen3-pkl",
+        "qwen3-gold",
+        "numeral_exact_match",
+        +1,
+        False,
+        "with Qwen3, P-KL answers more lookups than GOLD",
+    ),
+    (
+        "pkl-beats-gold-qwen3",
+        "qwen3-pkl",
+        "qwen3-gold",
+        "answer_nll",
+        -1,
+        False,
+        "with Qwen3, P-KL's answer NLL is below GOLD's",
+    ),
+    (
+        "gold-hurts-numerals",
+        "qwen3-gold",
+        "ce-only",
+        "numeral_ce",
+        +1,
+        False,
+        "Proposition 1: with the digit-splitting Qwen3, GOLD's numeral CE is above CE-only's",
+    ),
+    (
+        "hkl-at-least-pkl-phi4mini",
+        "phi4mini-hkl",
+        "phi4mini-pkl",
+        "numeral_exact_match",
+        +1,
+        True,
+        "with Phi-4-mini, H-KL answers at least as many lookups as P-KL",
+    ),
+    (
+        "hkl-at-least-pkl-phi4mini",
+        "phi4mini-hkl",
+        "phi4mini-pkl",
+        "numeral_ce",
+        -1,
+        True,
+        "with Phi-4-mini, H-KL's numeral CE is at most P-KL's",
+    ),
+    (
+        "two-teachers-at-least-best-single",
+        "multi-xtoken",
+        "best-single",
+        "numeral_exact_match",
+        +1,
+        True,
+        "two teachers answer at least as many lookups as the better single teacher (audit's modes)",
+    ),
 )
 
 
@@ -70,8 +126,12 @@ def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals,
     for r in runs:
         entry = summarize(per_run[r.name], idx)
         recs = [students[run_dir_name(r.name, s)] for s in cfg.seeds]
-        entry.update(setting=r.setting, method=r.method, train_seconds=[x["seconds"] for x in recs],
-                     final_train_ce=[x["history"][-1]["ce"] for x in recs])
+        entry.update(
+            setting=r.setting,
+            method=r.method,
+            train_seconds=[x["seconds"] for x in recs],
+            final_train_ce=[x["history"][-1]["ce"] for x in recs],
+        )
         results["runs"][r.name] = entry
 
     singles = [f"{t}-{mode}" for t, mode, _ in next(r for r in runs if r.name == "multi-xtoken").teachers]
@@ -79,19 +139,46 @@ def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals,
     claims = []
     for t, e in results["teachers"].items():
         em = e["mean"]["numeral_exact_match"]
-        claims.append({"claim": "teacher-knows-table", "a": f"teacher-{t}", "b": None, "metric": "numeral_exact_match",
-                       "diff": em, "ci95": e["ci95"]["numeral_exact_match"], "per_seed": None,
-                       "holds": "yes" if em >= TEACHER_BAR else f"no: below {TEACHER_BAR:.0%}",
-                       "text": f"the {t} teacher knows the table (exact match at least {TEACHER_BAR:.0%})"})
+        claims.append(
+            {
+                "claim": "teacher-knows-table",
+                "a": f"teacher-{t}",
+                "b": None,
+                "metric": "numeral_exact_match",
+                "diff": em,
+                "ci95": e["ci95"]["numeral_exact_match"],
+                "per_seed": None,
+                "holds": "yes" if em >= TEACHER_BAR else f"no: below {TEACHER_BAR:.0%}",
+                "text": f"the {t} teacher knows the table (exact match at least {TEACHER_BAR:.0%})",
+            }
+        )
     for key, a, b, metric, sign, at_least, text in CLAIMS:
         b = best_single if b == "best-single" else b
         d = paired_difference(per_run[a], per_run[b], idx)[metric]
         agree = sum(1 for x in d["per_seed"] if x * sign > 0 or (at_least and x == 0))
-        claims.append({"claim": key, "a": a, "b": b, "metric": metric, "diff": d["diff"], "ci95": d["ci95"], "per_seed": d["per_seed"],
-                       "seeds_agreeing": f"{agree}/{len(d['per_seed'])}",
-                       "holds": _verdict(d["diff"], d["ci95"], sign, at_least), "text": text})
+        claims.append(
+            {
+                "claim": key,
+                "a": a,
+                "b": b,
+                "metric": metric,
+                "diff": d["diff"],
+                "ci95": d["ci95"],
+                "per_seed": d["per_seed"],
+                "seeds_agreeing": f"{agree}/{len(d['per_seed'])}",
+                "holds": _verdict(d["diff"], d["ci95"], sign, at_least),
+                "text": text,
+            }
+        )
     results["claims"] = claims
-    results["audit"] = {a["teacher"]: {"recommended_loss": a["recommended_loss"], "categories": a["categories"], "common_size": a["common_size"]} for a in audits}
+    results["audit"] = {
+        a["teacher"]: {
+            "recommended_loss": a["recommended_loss"],
+            "categories": a["categories"],
+            "common_size": a["common_size"],
+        }
+        for a in audits
+    }
     results["vocabularies"] = vocab
     results["config"] = json.loads(json.dumps(asdict(cfg)))
     results["timings_seconds"] = timings
@@ -103,7 +190,9 @@ def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals,
     (out / "report.md").write_text(report_markdown(cfg, audits, vocab, results, table, claim_table, plots, timings))
     echo("\n" + table)
     echo("\n" + claim_table)
-    echo(f"\nwrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(str(out / p) for p in plots)} (total {timings.get('total', 0):.0f} s)")
+    echo(
+        f"\nwrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(str(out / p) for p in plots)} (total {timings.get('total', 0):.0f} s)"
+    )
     return results
 
 
@@ -115,21 +204,33 @@ def _fmt(entry: dict, metric: str) -> str:
 
 
 def results_table(runs, results) -> str:
-    head = ("| setting | method | run | exact match % [95% CI] | first digit % | answer NLL | numeral CE | held-out CE "
-            "| exact match % per seed |")
+    head = (
+        "| setting | method | run | exact match % [95% CI] | first digit % | answer NLL | numeral CE | held-out CE "
+        "| exact match % per seed |"
+    )
     lines = [head, "|" + "---|" * 9]
     for t, e in results["teachers"].items():
-        lines.append(f"| teacher | {t} tokenizer, CE only on the true table | teacher-{t} | "
-                     + " | ".join(_fmt(e, m) for m in METRICS) + " | (one teacher) |")
+        lines.append(
+            f"| teacher | {t} tokenizer, CE only on the true table | teacher-{t} | "
+            + " | ".join(_fmt(e, m) for m in METRICS)
+            + " | (one teacher) |"
+        )
     for run in runs:
         e = results["runs"][run.name]
         seeds = ", ".join(f"{100 * v:.0f}" for v in e["per_seed"]["numeral_exact_match"])
-        lines.append(f"| {run.setting} | {run.method} | {run.name} | " + " | ".join(_fmt(e, m) for m in METRICS) + f" | {seeds} |")
+        lines.append(
+            f"| {run.setting} | {run.method} | {run.name} | "
+            + " | ".join(_fmt(e, m) for m in METRICS)
+            + f" | {seeds} |"
+        )
     return "\n".join(lines)
 
 
 def claims_table(claims) -> str:
-    lines = ["| claim | comparison | metric | a - b, seed mean [95% CI] | seeds agreeing | holds? |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| claim | comparison | metric | a - b, seed mean [95% CI] | seeds agreeing | holds? |",
+        "|---|---|---|---|---|---|",
+    ]
     for c in claims:
         pct = 100 if c["metric"] in PERCENT else 1
         if c["b"] is None:
@@ -137,9 +238,14 @@ def claims_table(claims) -> str:
             lines.append(f"| {c['text']} | {c['a']} | {c['metric']} | {value} | - | {c['holds']} |")
             continue
         unit = " pts" if pct == 100 else ""
-        value = f"{pct * c['diff']:+.1f}{unit} [{pct * c['ci95'][0]:+.1f}, {pct * c['ci95'][1]:+.1f}]" if pct == 100 else \
-            f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
-        lines.append(f"| {c['text']} | {c['a']} - {c['b']} | {c['metric']} | {value} | {c['seeds_agreeing']} | {c['holds']} |")
+        value = (
+            f"{pct * c['diff']:+.1f}{unit} [{pct * c['ci95'][0]:+.1f}, {pct * c['ci95'][1]:+.1f}]"
+            if pct == 100
+            else f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
+        )
+        lines.append(
+            f"| {c['text']} | {c['a']} - {c['b']} | {c['metric']} | {value} | {c['seeds_agreeing']} | {c['holds']} |"
+        )
     return "\n".join(lines)
 
 
@@ -147,8 +253,14 @@ def audit_table(audits) -> str:
     cats = list(audits[0]["categories"])
     lines = ["| category | " + " | ".join(a["teacher"] for a in audits) + " |", "|---|" + "---|" * len(audits)]
     for c in cats:
-        lines.append(f"| {c} | " + " | ".join(f"{a['categories'][c]['covered']}/{a['categories'][c]['total']}" for a in audits) + " |")
-    lines.append("| **recommended loss** | " + " | ".join(f"**{a['recommended_loss'].upper()}**" for a in audits) + " |")
+        lines.append(
+            f"| {c} | "
+            + " | ".join(f"{a['categories'][c]['covered']}/{a['categories'][c]['total']}" for a in audits)
+            + " |"
+        )
+    lines.append(
+        "| **recommended loss** | " + " | ".join(f"**{a['recommended_loss'].upper()}**" for a in audits) + " |"
+    )
     return "\n".join(lines)
 
 
@@ -168,7 +280,7 @@ exact match, first digit, NLL of the answer) and {c.heldout_docs} held-out docum
 **Models.** Teachers: Qwen3 and Phi-4-mini tokenizers, {c.teacher.num_layers}-layer hidden-{c.teacher.hidden_size} models trained CE-only,
 {c.teacher.steps} steps of {c.teacher.batch} x {c.seq_length} tokens. Students: Llama-3.2 tokenizer, {c.student.num_layers}-layer hidden-{c.student.hidden_size}, {c.student.steps} steps of
 {c.student.batch} x {c.seq_length} tokens, lr {c.student.lr:g}, through the real trainer with the paper's dynamic KD/CE scale and
-chain-rule merge; seeds {', '.join(map(str, c.seeds))} (within a seed every student has the same initial weights and data order).
+chain-rule merge; seeds {", ".join(map(str, c.seeds))} (within a seed every student has the same initial weights and data order).
 
 **What is scaled down.** Model sizes and data; and the vocabularies: each model's embedding and output
 layer span only the token ids the demo's text uses ({vocab_line}; a teacher's
@@ -192,7 +304,7 @@ tokenizers' (Llama's and Phi-4-mini's two-digit numerals against Qwen3's single 
 
 ## Plots
 
-{chr(10).join(f'![{p}]({p})' for p in plots)}
+{chr(10).join(f"![{p}]({p})" for p in plots)}
 
 ## Wall time
 
@@ -201,7 +313,16 @@ tokenizers' (Llama's and Phi-4-mini's two-digit numerals against Qwen3's single 
 
 
 def _colors(names: list[str]) -> list[str]:
-    return ["gray" if n == "ce-only" else "tab:blue" if n.startswith("qwen3") else "tab:orange" if n.startswith("phi4mini") else "tab:green" for n in names]
+    return [
+        "gray"
+        if n == "ce-only"
+        else "tab:blue"
+        if n.startswith("qwen3")
+        else "tab:orange"
+        if n.startswith("phi4mini")
+        else "tab:green"
+        for n in names
+    ]
 
 
 def plot_metrics(out: Path, runs, results) -> list[str]:
@@ -213,9 +334,11 @@ def plot_metrics(out: Path, runs, results) -> list[str]:
 
     names = [r.name for r in runs]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    panels = (("numeral_exact_match", "exact match on the lookup prompts (%)", 100),
-              ("answer_nll", "NLL of the true answer (nats, lower is better)", 1),
-              ("numeral_ce", "CE on numerals of held-out text (nats/token, lower is better)", 1))
+    panels = (
+        ("numeral_exact_match", "exact match on the lookup prompts (%)", 100),
+        ("answer_nll", "NLL of the true answer (nats, lower is better)", 1),
+        ("numeral_ce", "CE on numerals of held-out text (nats/token, lower is better)", 1),
+    )
     for ax, (metric, title, scale) in zip(axes, panels):
         vals = np.array([results["runs"][n]["mean"][metric] for n in names]) * scale
         ci = np.array([results["runs"][n]["ci95"][metric] for n in names]) * scale
@@ -226,7 +349,13 @@ def plot_metrics(out: Path, runs, results) -> list[str]:
             ax.scatter(np.full(len(seeds), i), seeds, color="black", s=9, zorder=3)
         if metric == "numeral_exact_match":
             for k, (t, e) in enumerate(results["teachers"].items()):
-                ax.axhline(100 * e["mean"][metric], ls="--", lw=1, color=("tab:blue", "tab:orange")[k % 2], label=f"teacher {t}")
+                ax.axhline(
+                    100 * e["mean"][metric],
+                    ls="--",
+                    lw=1,
+                    color=("tab:blue", "tab:orange")[k % 2],
+                    label=f"teacher {t}",
+                )
             ax.set_ylim(0, 105)
             ax.legend(fontsize=8, loc="upper left")
         ax.set_xticks(range(len(names)))
@@ -255,7 +384,9 @@ def plot_losses(out: Path, cfg, runs, teachers, students) -> list[str]:
         style = "-" if run.name == "ce-only" or "pkl" in run.name or "hkl" in run.name or "multi" in run.name else "--"
         axes[1].plot([h["step"] for h in hist], [h["ce"] for h in hist], style, color=color, lw=1, label=run.name)
         if run.teachers:
-            axes[2].plot([h["step"] for h in hist], [h.get("kd", np.nan) for h in hist], style, color=color, lw=1, label=run.name)
+            axes[2].plot(
+                [h["step"] for h in hist], [h.get("kd", np.nan) for h in hist], style, color=color, lw=1, label=run.name
+            )
     axes[1].set_title(f"students (seed {seed}): CE on their scrambled text")
     axes[2].set_title(f"students (seed {seed}): trainable KD loss")
     axes[2].set_yscale("log")

@@ -30,12 +30,21 @@ def build_dataset(cfg: DistillConfig, student_tok, teacher_toks: list):
     from xtoken_nemo.data.errors import DataError
 
     datasets = [
-        DistillDataset(path, seq_length=cfg.data.seq_length, teachers=teacher_toks, student=student_tok, shuffle=cfg.data.shuffle, seed=cfg.train.seed)
+        DistillDataset(
+            path,
+            seq_length=cfg.data.seq_length,
+            teachers=teacher_toks,
+            student=student_tok,
+            shuffle=cfg.data.shuffle,
+            seed=cfg.train.seed,
+        )
         for path in cfg.data.paths
     ]
     for path, ds in zip(cfg.data.paths, datasets):
         if len(ds) == 0:
-            raise DataError(f"{path} holds fewer tokens than one window of {cfg.data.seq_length}: add data or lower data.seq_length")
+            raise DataError(
+                f"{path} holds fewer tokens than one window of {cfg.data.seq_length}: add data or lower data.seq_length"
+            )
     if len(datasets) == 1:
         return datasets[0]
     weights = cfg.data.weights or [1.0] * len(datasets)
@@ -48,7 +57,7 @@ class StepBatchSampler:
     ``start_step`` on (endless: the loop decides when training stops). A batch sampler for
     ``torch.utils.data.DataLoader``: each item is one micro-batch's list of dataset indices."""
 
-    def __init__(self, batches: "MicroBatches", start_step: int = 0) -> None:
+    def __init__(self, batches: MicroBatches, start_step: int = 0) -> None:
         self.batches = batches
         self.start_step = start_step
 
@@ -112,14 +121,18 @@ class MicroBatches:
         self._next_step = None  # the step the running loader iterator yields next
 
     @classmethod
-    def from_config(cls, cfg: DistillConfig, dataset, dp_rank: int, dp_size: int) -> "MicroBatches":
+    def from_config(cls, cfg: DistillConfig, dataset, dp_rank: int, dp_size: int) -> MicroBatches:
         """From ``cfg.train`` (batch sizes) and ``cfg.data`` (loader, padding); ``None`` fields
         resolve by device: 2 workers, pinned memory and teacher padding to 128 on CUDA; in-process
         and unpadded on CPU."""
         on_cuda = torch.cuda.is_available()
         d = cfg.data
         return cls(
-            dataset, cfg.train.global_batch_size, cfg.train.micro_batch_size, dp_rank, dp_size,
+            dataset,
+            cfg.train.global_batch_size,
+            cfg.train.micro_batch_size,
+            dp_rank,
+            dp_size,
             num_workers=_resolve(d.num_workers, 2 if on_cuda else 0),
             prefetch_factor=d.prefetch_factor,
             pin_memory=_resolve(d.pin_memory, on_cuda),

@@ -63,8 +63,16 @@ class ModelConfig:
 
 #: ModelConfig fields that describe a random model; ignored when ``checkpoint`` is set
 MODEL_SHAPE_FIELDS = (
-    "family", "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "head_dim", "ffn_hidden_size",
-    "max_position_embeddings", "tie_embeddings", "init_seed",
+    "family",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "head_dim",
+    "ffn_hidden_size",
+    "max_position_embeddings",
+    "tie_embeddings",
+    "init_seed",
 )
 
 
@@ -177,9 +185,15 @@ class ParallelConfig:
     """
 
     overlap_grad_reduce: bool = True  # --overlap-grad-reduce: per-bucket reduce(-scatter) during backward
-    overlap_param_gather: bool = True  # --overlap-param-gather: per-bucket all-gather during the next forward (distributed optimizer only)
-    bucket_size: int | None = None  # --ddp-bucket-size, in parameters; None: megatron's max(40M, 1M x DP) (one bucket without overlap)
-    average_in_collective: bool = False  # --ddp-average-in-collective: AVG in the collective instead of pre-scaling by 1/DP
+    overlap_param_gather: bool = (
+        True  # --overlap-param-gather: per-bucket all-gather during the next forward (distributed optimizer only)
+    )
+    bucket_size: int | None = (
+        None  # --ddp-bucket-size, in parameters; None: megatron's max(40M, 1M x DP) (one bucket without overlap)
+    )
+    average_in_collective: bool = (
+        False  # --ddp-average-in-collective: AVG in the collective instead of pre-scaling by 1/DP
+    )
     sequence_parallel: bool = True  # --sequence-parallel, applied only at TP > 1 with the TE layer spec
     bias_activation_fusion: bool = True  # --bias-swiglu-fusion (Megatron-LM default on)
     bias_dropout_fusion: bool = True  # --bias-dropout-fusion (default on)
@@ -205,7 +219,10 @@ class ParallelConfig:
             grad, why["overlap_grad_reduce"] = False, "data-parallel size 1 (no gradient collective)"
         param = self.overlap_param_gather
         if param and not distributed_optimizer:
-            param, why["overlap_param_gather"] = False, "needs the distributed optimizer (Apex or Transformer-Engine Adam)"
+            param, why["overlap_param_gather"] = (
+                False,
+                "needs the distributed optimizer (Apex or Transformer-Engine Adam)",
+            )
         elif param and dp_size == 1:
             param, why["overlap_param_gather"] = False, "data-parallel size 1 (no parameter all-gather)"
         options = dict(
@@ -243,17 +260,26 @@ class DistillConfig:
             )
         if t.train_steps < 1:
             raise ConfigError("train.train_steps must be at least 1")
-        for name, value, allowed in (("train.kd_scaling", t.kd_scaling, SCALINGS), ("train.alpha_mode", t.alpha_mode, ALPHA_MODES), ("train.kd_scale_source", t.kd_scale_source, KD_SCALE_SOURCES), ("train.precision", t.precision, ("auto", "fp32", "bf16"))):
+        for name, value, allowed in (
+            ("train.kd_scaling", t.kd_scaling, SCALINGS),
+            ("train.alpha_mode", t.alpha_mode, ALPHA_MODES),
+            ("train.kd_scale_source", t.kd_scale_source, KD_SCALE_SOURCES),
+            ("train.precision", t.precision, ("auto", "fp32", "bf16")),
+        ):
             if value not in allowed:
                 raise ConfigError(f"{name}={value!r}; choose one of {allowed}")
         if not self.data.paths:
             raise ConfigError("data.paths is empty: give the directories written by `xtoken preprocess`")
         if self.data.weights is not None and len(self.data.weights) != len(self.data.paths):
-            raise ConfigError(f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} data.paths")
+            raise ConfigError(
+                f"data.weights has {len(self.data.weights)} entries for {len(self.data.paths)} data.paths"
+            )
         if self.checkpoint.keep_last is not None and self.checkpoint.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be >= 1, or null to keep every checkpoint")
         if self.parallel.bucket_size is not None and self.parallel.bucket_size < 1:
-            raise ConfigError("parallel.bucket_size must be a positive number of parameters, or null for megatron's default")
+            raise ConfigError(
+                "parallel.bucket_size must be a positive number of parameters, or null for megatron's default"
+            )
         if not 0 <= self.optim.warmup_fraction < 1:
             raise ConfigError("optim.warmup_fraction must be in [0, 1)")
         names = [tc.name for tc in self.teachers]
@@ -279,7 +305,9 @@ class DistillConfig:
         if self.teachers and t.alpha_mode == "static" and self.train.kd_scaling != "ce_only":
             total = sum(tc.alpha for tc in self.teachers)
             if abs(total - 1.0) > 1e-6:
-                raise ConfigError(f"static teacher alphas must sum to 1, got {total} ({[tc.alpha for tc in self.teachers]})")
+                raise ConfigError(
+                    f"static teacher alphas must sum to 1, got {total} ({[tc.alpha for tc in self.teachers]})"
+                )
 
     def to_dict(self) -> dict:
         """All fields, except the shape fields of a model loaded from a checkpoint: they are not
@@ -375,7 +403,11 @@ def config_from_dict(data: dict) -> DistillConfig:
         t["model"] = ModelConfig(**build(ModelConfig, t.get("model", {}), f"teachers.{i}.model"))
         teachers.append(TeacherConfig(**t))
     sections = {
-        "student": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig, "checkpoint": CheckpointConfig,
+        "student": ModelConfig,
+        "data": DataConfig,
+        "optim": OptimConfig,
+        "train": TrainConfig,
+        "checkpoint": CheckpointConfig,
         "parallel": ParallelConfig,
     }
     kwargs = {k: v for k, v in top.items() if k not in sections and k != "teachers"}

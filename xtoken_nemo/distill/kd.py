@@ -204,7 +204,9 @@ def distillation_loss(
             # confidence, higher = more sure: mean log-prob of the chunks' first actual tokens
             # ("ce"), negative entropy, or mean max-probability of the merged teacher chunks
             targets = _chunk_first_targets(t_labels, chunks) if alpha_mode == "ce" else None
-            confidences.append(teacher_confidence_parallel(merged_teacher, alpha_mode, spec.vocab_size, targets=targets))
+            confidences.append(
+                teacher_confidence_parallel(merged_teacher, alpha_mode, spec.vocab_size, targets=targets)
+            )
     names = [spec.config.name for spec in teachers]
     adaptive = alpha_mode != "static" and len(confidences) == len(teachers)
     if adaptive and alphas is None:
@@ -229,8 +231,14 @@ def distillation_loss(
         w_kd, w_ce = FIXED_WEIGHTINGS[kd_scaling]
         applied = ce.detach().new_full((), w_kd / w_ce, dtype=torch.float32)
     return StepLosses(
-        total=total, ce=ce, kd=kd, per_teacher=losses, per_teacher_const=consts,
-        per_teacher_uncovered=uncovered, kd_scale=applied, kd_abs=kd.detach().abs(),
+        total=total,
+        ce=ce,
+        kd=kd,
+        per_teacher=losses,
+        per_teacher_const=consts,
+        per_teacher_uncovered=uncovered,
+        kd_scale=applied,
+        kd_abs=kd.detach().abs(),
         alphas={n: a for n, a in zip(names, alpha_vec.detach())},
         confidences=dict(zip(names, (c.detach().float().reshape(()) for c in confidences))) if adaptive else {},
     )

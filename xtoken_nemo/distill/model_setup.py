@@ -134,6 +134,15 @@ def save_random_checkpoint(mc: ModelConfig, vocab_size: int, out_dir: str, pad_f
     from pathlib import Path
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
-    meta = write_metadata(Path(out_dir), arch, padded, DEFAULT_VOCAB_DIVISOR, pad_for_tp, torch.float32, source=f"random init seed {mc.init_seed}", write=False)
+    meta = write_metadata(
+        Path(out_dir),
+        arch,
+        padded,
+        DEFAULT_VOCAB_DIVISOR,
+        pad_for_tp,
+        torch.float32,
+        source=f"random init seed {mc.init_seed}",
+        write=False,
+    )
     save_mcore_checkpoint(model, out_dir, meta)
     return out_dir

@@ -45,7 +45,9 @@ class PreemptionFlag:
             self._act_as_before(signum, frame)
             return
         self.signal = signum
-        log.warning("received signal %s: will save a checkpoint and exit at the next step boundary", signal.Signals(signum).name)
+        log.warning(
+            "received signal %s: will save a checkpoint and exit at the next step boundary", signal.Signals(signum).name
+        )
 
     def _act_as_before(self, signum, frame) -> None:
         previous = self._previous.get(signum, signal.SIG_DFL)

@@ -47,11 +47,18 @@ class ProgressLog:
         now = time.perf_counter()
         per_step = (now - self._since) / max(1, self._steps_since)
         self._since, self._steps_since = now, 0
-        parts = [f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)", f"ce {_num(metrics['ce'])}"]
+        parts = [
+            f"step {step}/{self.total_steps} ({100.0 * step / self.total_steps:.1f}%)",
+            f"ce {_num(metrics['ce'])}",
+        ]
         if "kd" in metrics:
             parts.append("kd " + " ".join(f"{name} {_num(metrics[f'kd/{name}'])}" for name in self.teacher_names))
             parts.append(f"kd_scale {_num(metrics['kd_scale'], 3)}")
-        parts += [f"total {_num(metrics['total'])}", f"lr {metrics['lr']:.2e}", f"grad_norm {_num(metrics['grad_norm'], 3)}"]
+        parts += [
+            f"total {_num(metrics['total'])}",
+            f"lr {metrics['lr']:.2e}",
+            f"grad_norm {_num(metrics['grad_norm'], 3)}",
+        ]
         parts.append(f"{self.tokens_per_step / per_step:,.0f} tok/s")
         parts.append(f"mem {metrics['memory_gb']:.1f} GiB")
         if metrics.get("skipped"):

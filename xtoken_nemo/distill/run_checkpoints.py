@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 class CheckpointError(XTokenError):
     """A training checkpoint cannot be loaded (corrupt, incomplete, or written for another model)."""
 
+
 LATEST = "latest.txt"
 SHARDING_TYPE = {"distrib_optim_sharding_type": "fully_reshardable"}
 
@@ -90,7 +91,9 @@ def latest_checkpoint(root: str | os.PathLike) -> Path:
         return root
     iteration = latest_iteration(root)
     if iteration is None:
-        raise CheckpointError(f"{root} holds no complete checkpoint ({LATEST} missing): train first, or give an iter_N directory")
+        raise CheckpointError(
+            f"{root} holds no complete checkpoint ({LATEST} missing): train first, or give an iter_N directory"
+        )
     return iteration_dir(root, iteration)
 
 
@@ -205,8 +208,16 @@ def finalize_pending_save(blocking: bool = True) -> int:
 
 
 def save_checkpoint(
-    root: str | os.PathLike, iteration: int, model, optimizer, run_state: dict, write_extra=None, *,
-    parallel: bool = True, async_save: bool = False, keep_last: int | None = None,
+    root: str | os.PathLike,
+    iteration: int,
+    model,
+    optimizer,
+    run_state: dict,
+    write_extra=None,
+    *,
+    parallel: bool = True,
+    async_save: bool = False,
+    keep_last: int | None = None,
 ) -> Path:
     """Save atomically; returns the final directory. All ranks must call it.
 
@@ -251,7 +262,9 @@ def save_checkpoint(
 
     with cuda_to_cpu():
         state = _sharded_state(model, optimizer, run_state, is_loading=False)
-        request = dist_checkpointing.save(state, str(partial), sharded_strategy=save_strategy(parallel), async_sharded_save=async_save)
+        request = dist_checkpointing.save(
+            state, str(partial), sharded_strategy=save_strategy(parallel), async_sharded_save=async_save
+        )
         if _rank() == 0 and write_extra is not None:  # now, with the state of this save (also when async)
             write_extra(partial)
         if request is None:
@@ -320,7 +333,12 @@ def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, p
     if same_layout:
         set_rng_state(loaded["rng_state"])
     else:
-        log.warning("checkpoint %s was saved with [tp, dp] = %s, loading at %s: weights and optimizer resharded, RNG reseeded", path, saved_layout, _layout())
+        log.warning(
+            "checkpoint %s was saved with [tp, dp] = %s, loading at %s: weights and optimizer resharded, RNG reseeded",
+            path,
+            saved_layout,
+            _layout(),
+        )
     log.info("loaded checkpoint %s", path)
     return run_state
 
@@ -359,7 +377,14 @@ def _agree(path: Path, cause: str | None) -> str | None:
     if not true_on_any_rank(cause is not None):
         return None
     if cause is not None:
-        log.error("checkpoint %s cannot be loaded%s: %s", path, f" (rank {_rank()})" if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1 else "", cause)
+        log.error(
+            "checkpoint %s cannot be loaded%s: %s",
+            path,
+            f" (rank {_rank()})"
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+            else "",
+            cause,
+        )
         return cause
     cause = "loading failed on another rank (see that rank's log)"
     if _rank() == 0:
@@ -406,7 +431,9 @@ def _try_load(root: Path, iteration: int, model, optimizer, parallel: bool = Tru
     return (None, cause) if cause is not None else (run_state, None)
 
 
-def resume_latest(root: str | os.PathLike, model, optimizer, fallback: bool, parallel: bool = True) -> tuple[int, dict] | None:
+def resume_latest(
+    root: str | os.PathLike, model, optimizer, fallback: bool, parallel: bool = True
+) -> tuple[int, dict] | None:
     """Load the newest complete checkpoint under ``root`` into model and optimizer (collective).
 
     Returns ``(iteration, run_state)`` as :func:`load_checkpoint`, or None when there is no
@@ -445,7 +472,10 @@ def resume_latest(root: str | os.PathLike, model, optimizer, fallback: bool, par
                 steps = f"{latest - iteration} steps" if latest is not None else "the steps after it"
                 log.warning(
                     "resuming from %s instead of corrupt %s: %s will be recomputed; %s",
-                    iteration_dir(root, iteration).name, bad.name, steps, what,
+                    iteration_dir(root, iteration).name,
+                    bad.name,
+                    steps,
+                    what,
                 )
             return iteration, run_state
     tried = ", ".join(iteration_dir(root, i).name for i in earlier) or "none"

@@ -125,7 +125,9 @@ class Trainer:
         self.cfg = cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.validate(world_size=world)
-        self.owns_process_group = init_distributed(cfg.train.tensor_parallel, cfg.train.seed, cfg.train.dist_timeout_minutes)
+        self.owns_process_group = init_distributed(
+            cfg.train.tensor_parallel, cfg.train.seed, cfg.train.dist_timeout_minutes
+        )
         self.rank = torch.distributed.get_rank()
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
         self.dp_rank = parallel_state.get_data_parallel_rank()
@@ -155,12 +157,16 @@ class Trainer:
             check_teacher_tokenizer(tc, self.student_tok, tok)  # before any model loads
 
         kernels = cfg.parallel.kernel_options()  # resolved per model against this machine (one log line)
-        student, self.student_arch, s_padded = build_model(cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True, kernels=kernels)
+        student, self.student_arch, s_padded = build_model(
+            cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True, kernels=kernels
+        )
         self.student_vocab = self.student_tok.vocab_size
         self.student_padded = s_padded
         self.teachers, self.teacher_specs, self.teacher_archs = [], [], []
         for tc, tok in zip(cfg.teachers, self.teacher_toks):
-            model, arch, t_padded = build_model(tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False, kernels=kernels)
+            model, arch, t_padded = build_model(
+                tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False, kernels=kernels
+            )
             spec = build_teacher_spec(tc, self.student_tok, tok, s_padded // self.tp, t_padded // self.tp)
             self.teachers.append(model)
             self.teacher_specs.append(spec)
@@ -169,9 +175,13 @@ class Trainer:
         use_dist_opt = cfg.optim.use_distributed_optimizer and _distributed_optimizer_works()
         ddp_options, ddp_off = cfg.parallel.ddp_options(self.dp_size, use_dist_opt)
         if ddp_off and self.rank == 0:
-            _log_once(logging.INFO, "communication options turned off: " + "; ".join(f"{k}: {v}" for k, v in ddp_off.items()))
+            _log_once(
+                logging.INFO, "communication options turned off: " + "; ".join(f"{k}: {v}" for k, v in ddp_off.items())
+            )
         with cuda_to_cpu():
-            ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt, **ddp_options)
+            ddp_config = DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True, use_distributed_optimizer=use_dist_opt, **ddp_options
+            )
             self.model = DistributedDataParallel(student.config, ddp_config, student)
             opt_config = OptimizerConfig(
                 optimizer="adam",
@@ -208,7 +218,10 @@ class Trainer:
         self.batches = MicroBatches.from_config(cfg, self.dataset, self.dp_rank, self.dp_size)
         if student.config.sequence_parallel:
             # the embedding output is scattered along the sequence over the TP ranks
-            for what, length in (("data.seq_length", cfg.data.seq_length), ("data.teacher_pad_multiple", self.batches.teacher_pad_multiple)):
+            for what, length in (
+                ("data.seq_length", cfg.data.seq_length),
+                ("data.teacher_pad_multiple", self.batches.teacher_pad_multiple),
+            ):
                 if length % self.tp:
                     raise TrainingError(
                         f"sequence parallelism at TP={self.tp} needs sequence lengths divisible by {self.tp}: "
@@ -245,9 +258,15 @@ class Trainer:
         # hang the job): it is flagged, and train_step skips the step on every rank at once
         with nonfinite_checks_deferred():
             losses = distillation_loss(
-                student_logits, labels.to(device), loss_mask.to(device), self.student_vocab,
-                self.teacher_specs, teacher_outputs, self.kd_options,
-                kd_scale=self._step_kd_scale, alphas=self._step_alphas,
+                student_logits,
+                labels.to(device),
+                loss_mask.to(device),
+                self.student_vocab,
+                self.teacher_specs,
+                teacher_outputs,
+                self.kd_options,
+                kd_scale=self._step_kd_scale,
+                alphas=self._step_alphas,
             )
         # a sum is finite iff every entry is: one pass per tensor, no [tokens, V] boolean temporaries
         finite = torch.isfinite(losses.total.detach())
@@ -255,7 +274,11 @@ class Trainer:
             finite = finite & torch.isfinite(torch.sum(logits.detach(), dtype=torch.float32))
         # metrics stay device tensors (train_step reduces them once per global step); copies,
         # because megatron's schedule divides the returned loss by num_microbatches in place
-        metrics = {"ce": losses.ce.detach().clone(), "total": losses.total.detach().clone(), "nonfinite": (~finite).float()}
+        metrics = {
+            "ce": losses.ce.detach().clone(),
+            "total": losses.total.detach().clone(),
+            "nonfinite": (~finite).float(),
+        }
         if losses.kd is not None:
             metrics["kd"] = losses.kd.detach()
             metrics["kd_scale"] = losses.kd_scale.detach()  # the factor applied
@@ -289,7 +312,9 @@ class Trainer:
         means = [torch.stack([o[k].float().reshape(()).to(device) for o in outputs]).mean() for k in keys]
         nonfinite = torch.stack([o["nonfinite"].reshape(()).to(device) for o in outputs]).amax()
         host_flags = torch.tensor([1.0 if flags[k] else 0.0 for k in sorted(flags)], device=device)
-        vector = torch.cat([torch.stack(means) if means else torch.zeros(0, device=device), nonfinite.reshape(1), host_flags])
+        vector = torch.cat(
+            [torch.stack(means) if means else torch.zeros(0, device=device), nonfinite.reshape(1), host_flags]
+        )
         world = 1
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(vector)  # sum: TP ranks hold equal values, DP ranks differ
@@ -297,7 +322,7 @@ class Trainer:
         values = vector.tolist()  # the step's one device-to-host synchronization
         metrics = {k: v / world for k, v in zip(keys, values)}
         reduced_flags = {"nonfinite": values[len(keys)] > 0}
-        reduced_flags.update({k: v > 0 for k, v in zip(sorted(flags), values[len(keys) + 1:])})
+        reduced_flags.update({k: v > 0 for k, v in zip(sorted(flags), values[len(keys) + 1 :])})
         return metrics, reduced_flags
 
     # ..........................................................................................
@@ -378,7 +403,9 @@ class Trainer:
                 self.optimizer.zero_grad()
                 log.warning(
                     "step %d: NaN/inf in the logits or the loss on some rank; step skipped on every rank (%d in a row, %d in all)",
-                    step + 1, self.state.consecutive_nonfinite, self.state.skipped_steps,
+                    step + 1,
+                    self.state.consecutive_nonfinite,
+                    self.state.skipped_steps,
                 )
                 if self.state.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite:
                     raise TrainingError(
@@ -411,7 +438,9 @@ class Trainer:
         ckpt = self.cfg.checkpoint
         if not ckpt.resume:
             return False
-        found = resume_latest(ckpt.dir, self.student, self.optimizer, fallback=ckpt.fallback_on_corrupt, parallel=ckpt.fully_parallel)
+        found = resume_latest(
+            ckpt.dir, self.student, self.optimizer, fallback=ckpt.fallback_on_corrupt, parallel=ckpt.fully_parallel
+        )
         if found is None:
             return False
         _, run_state = found
@@ -429,9 +458,15 @@ class Trainer:
         ckpt = self.cfg.checkpoint
         self.state.scheduler = self.scheduler.state_dict()
         return save_checkpoint(
-            ckpt.dir, self.state.step, self.student, self.optimizer, self.state.__dict__.copy(),
+            ckpt.dir,
+            self.state.step,
+            self.student,
+            self.optimizer,
+            self.state.__dict__.copy(),
             write_extra=self._write_model_record,
-            parallel=ckpt.fully_parallel, async_save=ckpt.async_save and not final, keep_last=ckpt.keep_last,
+            parallel=ckpt.fully_parallel,
+            async_save=ckpt.async_save and not final,
+            keep_last=ckpt.keep_last,
         )
 
     def _write_model_record(self, directory: Path) -> None:
@@ -441,7 +476,12 @@ class Trainer:
         from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR
 
         write_metadata(
-            directory, self.student_arch, self.student_padded, DEFAULT_VOCAB_DIVISOR, self.tp, self.dtype,
+            directory,
+            self.student_arch,
+            self.student_padded,
+            DEFAULT_VOCAB_DIVISOR,
+            self.tp,
+            self.dtype,
             source=f"xtoken train {self.cfg.name} step {self.state.step}",
         )
         (directory / "run_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
@@ -461,10 +501,24 @@ class Trainer:
         progress_log = ProgressLog(cfg.train.train_steps, tokens_per_step, [tc.name for tc in cfg.teachers])
         # a bar only on a terminal: in a job's output file it is a stream of redraws
         show_bar = self.progress and sys.stderr.isatty()
-        bar = tqdm(total=cfg.train.train_steps, initial=self.state.step, desc=cfg.name, unit="step", disable=not show_bar, dynamic_ncols=True)
+        bar = tqdm(
+            total=cfg.train.train_steps,
+            initial=self.state.step,
+            desc=cfg.name,
+            unit="step",
+            disable=not show_bar,
+            dynamic_ncols=True,
+        )
         if self.rank == 0:
-            log.info("training %s: step %d -> %d, %s tokens per step, [tp, dp] = [%d, %d]",
-                     cfg.name, self.state.step, cfg.train.train_steps, f"{tokens_per_step:,}", self.tp, self.dp_size)
+            log.info(
+                "training %s: step %d -> %d, %s tokens per step, [tp, dp] = [%d, %d]",
+                cfg.name,
+                self.state.step,
+                cfg.train.train_steps,
+                f"{tokens_per_step:,}",
+                self.tp,
+                self.dp_size,
+            )
         try:
             while self.state.step < cfg.train.train_steps:
                 started = time.perf_counter()
@@ -502,7 +556,12 @@ class Trainer:
                 writer.close()
         if self.rank == 0 and status == "preempted":
             log.warning("preempted at step %d: checkpoint saved; restart the same command to resume", self.state.step)
-        return {"status": status, "step": self.state.step, "skipped_steps": self.state.skipped_steps, "history": history}
+        return {
+            "status": status,
+            "step": self.state.step,
+            "skipped_steps": self.state.skipped_steps,
+            "history": history,
+        }
 
     def close(self) -> None:
         """Restore the signal handlers it installed, stop the data workers and destroy the process
@@ -569,7 +628,10 @@ def _distributed_optimizer_works() -> bool:
 
     if getattr(distrib_optimizer, "HAVE_APEX_OR_TE", False):
         return True
-    _log_once(logging.WARNING, "Apex/Transformer-Engine not installed: using megatron's non-distributed optimizer (optimizer state replicated over data-parallel ranks)")
+    _log_once(
+        logging.WARNING,
+        "Apex/Transformer-Engine not installed: using megatron's non-distributed optimizer (optimizer state replicated over data-parallel ranks)",
+    )
     return False
 
 

@@ -76,8 +76,14 @@ def write_tokenizer(tokenizer_spec: str, out_dir: Path) -> None:
     elif rust is not None and hasattr(rust, "to_str"):
         (out_dir / "tokenizer.json").write_text(rust.to_str())
     else:
-        raise EvalError(f"cannot write HF tokenizer files for tokenizer '{tokenizer_spec}': give --like with the student's HF directory")
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 1_000_000, "clean_up_tokenization_spaces": False}
+        raise EvalError(
+            f"cannot write HF tokenizer files for tokenizer '{tokenizer_spec}': give --like with the student's HF directory"
+        )
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": 1_000_000,
+        "clean_up_tokenization_spaces": False,
+    }
     for role in ("bos", "eos", "pad", "unk"):
         tid = tok.special_ids.get(role)
         if tid is not None:
@@ -145,10 +151,21 @@ def evaluate(cfg: EvalConfig, progress: bool = False) -> dict:
     task_manager = TaskManager(include_path=cfg.include_path) if cfg.include_path else TaskManager()
     raw = lm_eval.simple_evaluate(
         model="hf",
-        model_args={"pretrained": str(hf_dir), "dtype": cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32")},
-        tasks=list(cfg.tasks), num_fewshot=cfg.num_fewshot, batch_size=cfg.batch_size, device=device,
-        limit=cfg.limit, task_manager=task_manager, random_seed=cfg.seed, numpy_random_seed=cfg.seed,
-        torch_random_seed=cfg.seed, fewshot_random_seed=cfg.seed, log_samples=False,
+        model_args={
+            "pretrained": str(hf_dir),
+            "dtype": cfg.dtype or ("bfloat16" if device.startswith("cuda") else "float32"),
+        },
+        tasks=list(cfg.tasks),
+        num_fewshot=cfg.num_fewshot,
+        batch_size=cfg.batch_size,
+        device=device,
+        limit=cfg.limit,
+        task_manager=task_manager,
+        random_seed=cfg.seed,
+        numpy_random_seed=cfg.seed,
+        torch_random_seed=cfg.seed,
+        fewshot_random_seed=cfg.seed,
+        log_samples=False,
     )
     tasks = {}
     for task in cfg.tasks:

@@ -33,8 +33,11 @@ def report_rows(paths: list[str | Path]) -> list[dict]:
         result = load_result(path)
         scores = {t: 100.0 * v["value"] for t, v in result["tasks"].items()}
         present = [t for t in PAPER_TASKS if t in scores]
-        row = {"run": result["name"], **{HEADERS[t]: _fmt(scores.get(t)) for t in PAPER_TASKS},
-               "avg": _fmt(sum(scores[t] for t in present) / len(present) if present else None)}
+        row = {
+            "run": result["name"],
+            **{HEADERS[t]: _fmt(scores.get(t)) for t in PAPER_TASKS},
+            "avg": _fmt(sum(scores[t] for t in present) / len(present) if present else None),
+        }
         extra = [t for t in scores if t not in PAPER_TASKS]
         row["other"] = ", ".join(f"{t} {scores[t]:.2f}" for t in extra)
         ref = paper.get(result["name"])

@@ -59,9 +59,15 @@ def write_examples(directory: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=COMMAND, description="write the sbatch script of every paper recipe, with placeholder paths")
-    parser.add_argument("dir", nargs="?", default=str(DEFAULT_DIR),
-                        help=f"output directory (default {DEFAULT_DIR}, relative to the repository root)")
+    parser = argparse.ArgumentParser(
+        prog=COMMAND, description="write the sbatch script of every paper recipe, with placeholder paths"
+    )
+    parser.add_argument(
+        "dir",
+        nargs="?",
+        default=str(DEFAULT_DIR),
+        help=f"output directory (default {DEFAULT_DIR}, relative to the repository root)",
+    )
     args = parser.parse_args(argv)
     paths = write_examples(Path(args.dir))
     print(f"wrote {len(paths)} scripts to {args.dir}", file=sys.stderr)

@@ -32,9 +32,11 @@ class Layout:
 
     def describe(self) -> str:
         devices = f"{self.gpus_per_node} GPUs" if self.gpus_per_node else f"{self.procs_per_node} CPU process(es)"
-        return (f"{self.nodes} node(s) x {devices} = {self.world} ranks: TP {self.tp}, DP {self.dp}, micro-batch {self.micro_batch}, "
-                f"{self.accumulation} accumulation step(s) -> global batch {self.global_batch} "
-                f"({self.micro_batch} x {self.accumulation} x {self.dp})")
+        return (
+            f"{self.nodes} node(s) x {devices} = {self.world} ranks: TP {self.tp}, DP {self.dp}, micro-batch {self.micro_batch}, "
+            f"{self.accumulation} accumulation step(s) -> global batch {self.global_batch} "
+            f"({self.micro_batch} x {self.accumulation} x {self.dp})"
+        )
 
 
 def _divisors(n: int) -> list[int]:
@@ -54,14 +56,20 @@ def derive_layout(cfg: DistillConfig, nodes: int, gpus_per_node: int, cpu_procs_
     if t.tensor_parallel < 1 or procs % t.tensor_parallel:
         raise LayoutError(
             f"train.tensor_parallel={t.tensor_parallel} must divide the {procs} ranks of a node (tensor parallelism stays "
-            f"inside a node, on NVLink); choose one of {_divisors(procs)}")
+            f"inside a node, on NVLink); choose one of {_divisors(procs)}"
+        )
     dp = world // t.tensor_parallel
     if t.global_batch_size % (t.micro_batch_size * dp):
-        fits = [n for n in range(1, 4 * nodes + 1) if t.global_batch_size % (t.micro_batch_size * n * procs // t.tensor_parallel) == 0]
+        fits = [
+            n
+            for n in range(1, 4 * nodes + 1)
+            if t.global_batch_size % (t.micro_batch_size * n * procs // t.tensor_parallel) == 0
+        ]
         raise LayoutError(
             f"global batch {t.global_batch_size} is not divisible by micro-batch {t.micro_batch_size} x DP {dp} "
             f"({nodes} node(s) x {procs} ranks / TP {t.tensor_parallel}); node counts that fit: {fits[:8]}, "
-            f"or change train.micro_batch_size / train.global_batch_size")
+            f"or change train.micro_batch_size / train.global_batch_size"
+        )
     for where, mc in [("student", cfg.student)] + [(f"teacher {tc.name}", tc.model) for tc in cfg.teachers]:
         meta_file = Path(mc.checkpoint) / "xtoken_model.json" if mc.checkpoint else None
         if meta_file is None or not meta_file.is_file():
@@ -74,6 +82,16 @@ def derive_layout(cfg: DistillConfig, nodes: int, gpus_per_node: int, cpu_procs_
         if padded_for and padded_for % t.tensor_parallel:
             raise LayoutError(
                 f"{where}: checkpoint {mc.checkpoint} has its vocabulary padded for TP sizes dividing {padded_for}, not "
-                f"TP {t.tensor_parallel}: reconvert with `xtoken convert hf-to-mcore ... --tp {t.tensor_parallel}`")
+                f"TP {t.tensor_parallel}: reconvert with `xtoken convert hf-to-mcore ... --tp {t.tensor_parallel}`"
+            )
     cfg.validate(world_size=world)
-    return Layout(nodes, gpus_per_node, procs, t.tensor_parallel, dp, t.micro_batch_size, t.global_batch_size // (t.micro_batch_size * dp), t.global_batch_size)
+    return Layout(
+        nodes,
+        gpus_per_node,
+        procs,
+        t.tensor_parallel,
+        dp,
+        t.micro_batch_size,
+        t.global_batch_size // (t.micro_batch_size * dp),
+        t.global_batch_size,
+    )

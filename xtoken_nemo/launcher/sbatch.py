@@ -32,7 +32,7 @@ import json
 import re
 import shlex
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from xtoken_nemo.distill.config import ConfigError, DistillConfig
@@ -75,8 +75,10 @@ def parse_env(items: list[str]) -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not _ENV_KEY.fullmatch(key):
-            raise ConfigError(f"--env {item!r}: expected KEY=VALUE with KEY a shell variable name (letters, digits, _; not starting "
-                              "with a digit)")
+            raise ConfigError(
+                f"--env {item!r}: expected KEY=VALUE with KEY a shell variable name (letters, digits, _; not starting "
+                "with a digit)"
+            )
         env[key] = value
     return env
 
@@ -97,12 +99,16 @@ def _cpus(layout: Layout, opts: JobOptions) -> tuple[int, str]:
         return opts.cpus_per_task, f"# {opts.cpus_per_task}: set with --cpus-per-task."
     n = default_cpus_per_task(layout)
     if layout.gpus_per_node:
-        return n, (f"# {n} = the default, {CPUS_PER_GPU} per GPU x {layout.gpus_per_node} GPUs: each GPU's worker with its NCCL and\n"
-                   "# pin-memory threads, plus data reading and torchrun (torchtitan's multinode script asks for 96 on\n"
-                   f"# an 8-GPU node). Needs nodes with >= {n} CPUs; --cpus-per-task N asks for another count, e.g. the\n"
-                   f"# node's (an --exclusive job holds the whole node, but its step uses only what srun asks for).")
-    return n, (f"# {n} = the default for CPU jobs, one per worker: fits small nodes (the localhost test node has 2 CPUs);\n"
-               "# --cpus-per-task N gives each worker's intra-op threads cores of their own.")
+        return n, (
+            f"# {n} = the default, {CPUS_PER_GPU} per GPU x {layout.gpus_per_node} GPUs: each GPU's worker with its NCCL and\n"
+            "# pin-memory threads, plus data reading and torchrun (torchtitan's multinode script asks for 96 on\n"
+            f"# an 8-GPU node). Needs nodes with >= {n} CPUs; --cpus-per-task N asks for another count, e.g. the\n"
+            f"# node's (an --exclusive job holds the whole node, but its step uses only what srun asks for)."
+        )
+    return n, (
+        f"# {n} = the default for CPU jobs, one per worker: fits small nodes (the localhost test node has 2 CPUs);\n"
+        "# --cpus-per-task N gives each worker's intra-op threads cores of their own."
+    )
 
 
 HEADER = """#!/bin/bash
@@ -189,8 +195,15 @@ def job_name(recipe: str) -> str:
     return f"xtoken-{recipe}"
 
 
-def render(recipe: str, cfg: DistillConfig, layout: Layout, run_dir: Path, opts: JobOptions, root: Path | None = None,
-           note: str | None = None) -> str:
+def render(
+    recipe: str,
+    cfg: DistillConfig,
+    layout: Layout,
+    run_dir: Path,
+    opts: JobOptions,
+    root: Path | None = None,
+    note: str | None = None,
+) -> str:
     """The sbatch script (text) for one run. ``note`` replaces the render date in the first
     comment line (deterministic scripts, e.g. the examples under launcher/scripts)."""
     q = shlex.quote
@@ -237,7 +250,7 @@ def render(recipe: str, cfg: DistillConfig, layout: Layout, run_dir: Path, opts:
     exports = "\n".join(f"export {k}={q(v)}" for k, v in env.items())
     replacements = {
         "RECIPE": recipe,
-        "DATE": note if note is not None else "rendered " + datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "DATE": note if note is not None else "rendered " + datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "CPUS_WHY": cpus_why,
         "CPUS": str(cpus),
         "LAYOUT": "layout: " + layout.describe(),

@@ -29,12 +29,25 @@ class PreparedJob:
     problems: list[str]  # file checks that failed (submission refuses when non-empty)
 
 
-def prepare(recipe_name: str, root: Path, overrides: list[str], nodes: int | None, gpus_per_node: int | None,
-            opts: JobOptions, cpu_procs_per_node: int = 1, check: bool = True, note: str | None = None) -> PreparedJob:
+def prepare(
+    recipe_name: str,
+    root: Path,
+    overrides: list[str],
+    nodes: int | None,
+    gpus_per_node: int | None,
+    opts: JobOptions,
+    cpu_procs_per_node: int = 1,
+    check: bool = True,
+    note: str | None = None,
+) -> PreparedJob:
     recipe = get_recipe(recipe_name)
     cfg = apply_overrides(recipe.config(root), normalize_overrides(overrides))
-    layout = derive_layout(cfg, recipe.nodes if nodes is None else nodes,
-                           recipe.gpus_per_node if gpus_per_node is None else gpus_per_node, cpu_procs_per_node)
+    layout = derive_layout(
+        cfg,
+        recipe.nodes if nodes is None else nodes,
+        recipe.gpus_per_node if gpus_per_node is None else gpus_per_node,
+        cpu_procs_per_node,
+    )
     if opts.time_limit is None:
         opts.time_limit = recipe.time_limit
     directory = run_dir(cfg)

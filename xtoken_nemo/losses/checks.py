@@ -28,7 +28,9 @@ def check_logits(
             "merge per-position logits with merge_chunks first"
         )
     if logits.shape[0] == 0:
-        raise LossInputError(f"{name} has no chunks (empty chunk list): nothing to distill; skip the loss for this batch")
+        raise LossInputError(
+            f"{name} has no chunks (empty chunk list): nothing to distill; skip the loss for this batch"
+        )
     if vocab_size is not None and logits.shape[-1] != vocab_size:
         raise LossInputError(f"{name} has vocab dim {logits.shape[-1]} but {vocab_size} was expected")
     if finite:
@@ -90,7 +92,9 @@ def check_pairs(pairs: torch.Tensor, student_vocab: int, teacher_vocab: int) -> 
     """[P, 2] int (student_id, teacher_id), ids in range, each student id at most once."""
     pairs = torch.as_tensor(pairs)
     if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.is_floating_point():
-        raise LossInputError(f"common pairs must be an integer [P, 2] tensor of (student_id, teacher_id), got {tuple(pairs.shape)}")
+        raise LossInputError(
+            f"common pairs must be an integer [P, 2] tensor of (student_id, teacher_id), got {tuple(pairs.shape)}"
+        )
     pairs = pairs.to(torch.int64)
     if pairs.numel():
         if int(pairs[:, 0].min()) < 0 or int(pairs[:, 0].max()) >= student_vocab:
@@ -98,7 +102,9 @@ def check_pairs(pairs: torch.Tensor, student_vocab: int, teacher_vocab: int) -> 
         if int(pairs[:, 1].min()) < 0 or int(pairs[:, 1].max()) >= teacher_vocab:
             raise LossInputError(f"common pairs name a teacher id outside [0, {teacher_vocab})")
         if torch.unique(pairs[:, 0]).numel() != pairs.shape[0]:
-            raise LossInputError("a student id appears in more than one common pair; each student token may match one teacher token")
+            raise LossInputError(
+                "a student id appears in more than one common pair; each student token may match one teacher token"
+            )
     return pairs
 
 

@@ -29,6 +29,7 @@ def _quiet():
         warnings.simplefilter("ignore", FutureWarning)
         yield
 
+
 Group = "dist.ProcessGroup | None"
 
 

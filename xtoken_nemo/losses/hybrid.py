@@ -118,9 +118,7 @@ def _hybrid_layout(
     )
 
 
-def _sorted_l1_gathered(
-    us: torch.Tensor, ut: torch.Tensor, group: object | None, topk: int | None
-) -> torch.Tensor:
+def _sorted_l1_gathered(us: torch.Tensor, ut: torch.Tensor, group: object | None, topk: int | None) -> torch.Tensor:
     """[B, n_S], [B, n_T] local uncommon probabilities (zeros elsewhere) -> [B] ULD over the group."""
     if topk is not None:
         us = us.topk(min(topk, us.shape[-1]), dim=-1).values
@@ -252,7 +250,13 @@ class _VocabParallelHybrid(torch.autograd.Function):
                 for r0 in range(0, r, cr):
                     r1 = min(r, r0 + cr)
                     q, pc = H._masses(
-                        ps[r0:r1], pt[r0:r1], None, None, layout, temperature, group,
+                        ps[r0:r1],
+                        pt[r0:r1],
+                        None,
+                        None,
+                        layout,
+                        temperature,
+                        group,
                         _slot_view(slots, r1 - r0, layout.num_common_teacher),
                     )
                     # sum_t p_T log(p_T / max(q, eps)), in place in q's buffer (0 where p_T = 0)
@@ -300,8 +304,14 @@ class _VocabParallelHybrid(torch.autograd.Function):
                 for r0 in range(0, r, cr):
                     r1 = min(r, r0 + cr)
                     q, pc = H._masses(
-                        ps[r0:r1], None, t_loc[a + r0 : a + r1], (stats[2, a + r0 : a + r1], stats[3, a + r0 : a + r1]),
-                        layout, temperature, group, _slot_view(slots, r1 - r0, layout.num_common_teacher),
+                        ps[r0:r1],
+                        None,
+                        t_loc[a + r0 : a + r1],
+                        (stats[2, a + r0 : a + r1], stats[3, a + r0 : a + r1]),
+                        layout,
+                        temperature,
+                        group,
+                        _slot_view(slots, r1 - r0, layout.num_common_teacher),
                     )
                     small = q.clamp_min_(eps) <= eps  # q <= eps: no gradient (as the reference's clamp)
                     ratio = pc.div_(q).mul_(-w_c).masked_fill_(small, 0.0)  # d/dq of -w_c p_T log q
@@ -385,8 +395,17 @@ def gold_loss_parallel(
         raise LossInputError(f"uld_method must be one of {ULD_METHODS}, got {uld_method!r}")
     if uld_method == "hist" and uld_topk is None:
         per_chunk = _VocabParallelHybrid.apply(
-            student_logits, teacher, layout, s_shard, t_shard, group, float(temperature), weights, float(eps),
-            uld_hist.DEFAULT_GRID_BITS, block,
+            student_logits,
+            teacher,
+            layout,
+            s_shard,
+            t_shard,
+            group,
+            float(temperature),
+            weights,
+            float(eps),
+            uld_hist.DEFAULT_GRID_BITS,
+            block,
         )
         return reduce_chunks(per_chunk, reduction)
     parts = []
@@ -420,8 +439,19 @@ def hkl_loss_parallel(
     """H-KL: GOLD with W's argmax pairs as the common set (pass W or precomputed ``hkl_pairs(W)``)."""
     check_projection_shape(W.shape, student_vocab_size, teacher_vocab_size)
     return gold_loss_parallel(
-        student_logits, teacher_logits, hkl_pairs(W, min_weight), student_vocab_size, teacher_vocab_size,
-        temperature, weighting, eps, uld_topk, group, block_size, reduction, uld_method,
+        student_logits,
+        teacher_logits,
+        hkl_pairs(W, min_weight),
+        student_vocab_size,
+        teacher_vocab_size,
+        temperature,
+        weighting,
+        eps,
+        uld_topk,
+        group,
+        block_size,
+        reduction,
+        uld_method,
     )
 
 
@@ -439,7 +469,17 @@ def uld_loss_parallel(
 ) -> torch.Tensor:
     """ULD on vocab-sharded logits: GOLD with an empty common set and only the ULD term."""
     return gold_loss_parallel(
-        student_logits, teacher_logits, torch.zeros(0, 2, dtype=torch.int64), student_vocab_size,
-        teacher_vocab_size, temperature, (0.0, 1.0), PROB_FLOOR, uld_topk, group, block_size, reduction,
+        student_logits,
+        teacher_logits,
+        torch.zeros(0, 2, dtype=torch.int64),
+        student_vocab_size,
+        teacher_vocab_size,
+        temperature,
+        (0.0, 1.0),
+        PROB_FLOOR,
+        uld_topk,
+        group,
+        block_size,
+        reduction,
         uld_method,
     )

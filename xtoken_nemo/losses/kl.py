@@ -35,9 +35,7 @@ def _kl_terms(log_pt: torch.Tensor, log_ps: torch.Tensor) -> torch.Tensor:
     return (log_pt.exp() * (log_pt - log_ps)).sum(-1)
 
 
-def _lse_pair(
-    ys: list[torch.Tensor], group: object | None
-) -> list[torch.Tensor]:
+def _lse_pair(ys: list[torch.Tensor], group: object | None) -> list[torch.Tensor]:
     """Vocab-parallel log-sum-exp of several [B, n_i] blocks, two collectives in all (no autograd)."""
     m = torch.stack([y.max(dim=-1).values for y in ys])  # [k, B]
     comm.all_reduce_(m, "max", group)

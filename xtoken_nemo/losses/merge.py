@@ -41,8 +41,14 @@ def _checked_shard(
 
 
 def _chain_log_mass(
-    logits: torch.Tensor, pos: torch.Tensor, cid: torch.Tensor, first: torch.Tensor, n: int,
-    targets, shard: Shard, group: object | None,
+    logits: torch.Tensor,
+    pos: torch.Tensor,
+    cid: torch.Tensor,
+    first: torch.Tensor,
+    n: int,
+    targets,
+    shard: Shard,
+    group: object | None,
 ) -> torch.Tensor:
     """[N] sum over each chunk's later positions of log p(actual next token); replicated."""
     if targets is None:

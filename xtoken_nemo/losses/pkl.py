@@ -127,9 +127,7 @@ def prepare_projection(
     return LocalProjection(W, shard, teacher_local_width * comm.world_size(group))
 
 
-def _pkl_terms_(
-    log_pt: torch.Tensor, q: torch.Tensor, reached: torch.Tensor, unreached: torch.Tensor
-) -> torch.Tensor:
+def _pkl_terms_(log_pt: torch.Tensor, q: torch.Tensor, reached: torch.Tensor, unreached: torch.Tensor) -> torch.Tensor:
     """In-place (overwrites both) [n, B] -> [3, B]: this rank's partial of (KL over the reached
     columns, sum p_T log p_T over the real unreached ones, teacher mass on those).
 
@@ -204,10 +202,12 @@ class _VocabParallelPKL(torch.autograd.Function):
         for a, b in token_blocks(n, block):
             ys = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt)  # [n_S, B]
             yt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt)  # [n_T, B]
-            m = torch.stack([
-                _VocabParallelPKL._row_max(s_loc[a:b], s_shard, temperature, cdt),
-                _VocabParallelPKL._row_max(t_loc[a:b], t_shard, temperature, cdt),
-            ])
+            m = torch.stack(
+                [
+                    _VocabParallelPKL._row_max(s_loc[a:b], s_shard, temperature, cdt),
+                    _VocabParallelPKL._row_max(t_loc[a:b], t_shard, temperature, cdt),
+                ]
+            )
             ls, lt = _VocabParallelPKL._lse_cols(ys, yt, m, group)
             lse_s[a:b], lse_t[a:b] = ls, lt
             q = _VocabParallelPKL._project(ys.sub_(ls).exp_(), proj, group)
@@ -280,8 +280,14 @@ def pkl_loss_parallel_parts(
                 "call prepare_projection with this rank's logits"
             )
     reach_kl, unreach, uncovered = _VocabParallelPKL.apply(
-        student_logits, teacher_logits.detach(), proj, s_shard, t_shard, group,
-        float(temperature), check_block(block_size),
+        student_logits,
+        teacher_logits.detach(),
+        proj,
+        s_shard,
+        t_shard,
+        group,
+        float(temperature),
+        check_block(block_size),
     )
     raise_if_not_finite(reach_kl, "student/teacher logits")
     parts = split_parts(reach_kl, unreach - uncovered * math.log(eps), uncovered)
@@ -303,6 +309,14 @@ def pkl_loss_parallel(
     """P-KL: KL(p_T || W^T p_S), its trainable part (teacher columns no W row reaches left out).
     student [N, V_S_pad/tp], teacher [N, V_T_pad/tp], W [V_S, V_T]."""
     return pkl_loss_parallel_parts(
-        student_logits, teacher_logits, W, student_vocab_size, teacher_vocab_size, temperature, eps,
-        group, block_size, reduction,
+        student_logits,
+        teacher_logits,
+        W,
+        student_vocab_size,
+        teacher_vocab_size,
+        temperature,
+        eps,
+        group,
+        block_size,
+        reduction,
     ).trainable

@@ -137,9 +137,7 @@ def uld_loss(
 # ------------------------------------------------------------------------------------------
 # GOLD and H-KL (common-set KL + ULD on the rest)
 # ------------------------------------------------------------------------------------------
-def common_kl(
-    log_ps: torch.Tensor, log_pt: torch.Tensor, pairs: torch.Tensor, eps: float = PROB_FLOOR
-) -> torch.Tensor:
+def common_kl(log_ps: torch.Tensor, log_pt: torch.Tensor, pairs: torch.Tensor, eps: float = PROB_FLOOR) -> torch.Tensor:
     """[N] sum over common teacher tokens t of p_T[t] * (log p_T[t] - log q_C[t]).
 
     q_C[t] = sum of p_S[s] over the pairs (s, t); the full-vocabulary distributions are used as
@@ -201,9 +199,7 @@ def hkl_loss(
     check_logits("student logits", student_logits)
     check_logits("teacher logits", teacher_logits)
     check_projection_shape(tuple(W.shape), student_logits.shape[-1], teacher_logits.shape[-1])
-    return gold_loss(
-        student_logits, teacher_logits, hkl_pairs(W, min_weight), temperature, weighting, eps, reduction
-    )
+    return gold_loss(student_logits, teacher_logits, hkl_pairs(W, min_weight), temperature, weighting, eps, reduction)
 
 
 # ------------------------------------------------------------------------------------------
@@ -388,15 +384,11 @@ def chunk_mass_kl_parts(
     ent_rest = torch.xlogy(one_m_ct, one_m_ct)  # (1 - c_T) log(1 - c_T), 0 when c_T = 1
     zero = log_ct.new_zeros(())
     reach_kl = (
-        c_t * l_r
-        + c_t * m_shape * (log_ct - log_cs)
-        + torch.where(rest_reached, ent_rest - one_m_ct * log1m_cs, zero)
+        c_t * l_r + c_t * m_shape * (log_ct - log_cs) + torch.where(rest_reached, ent_rest - one_m_ct * log1m_cs, zero)
     )
     uncovered = c_t * u + torch.where(rest_reached, zero, one_m_ct)
     unreach_const = (
-        c_t * c_u
-        + c_t * u * log_ct
-        + torch.where(rest_reached, zero, ent_rest - one_m_ct * math.log(MASS_CLAMP))
+        c_t * c_u + c_t * u * log_ct + torch.where(rest_reached, zero, ent_rest - one_m_ct * math.log(MASS_CLAMP))
     )
     return split_parts(reach_kl, unreach_const, uncovered).reduce(reduction)
 

@@ -66,7 +66,7 @@ class Grid:
     bits: int
 
     @staticmethod
-    def of(dtype: torch.dtype, bits: int = DEFAULT_GRID_BITS) -> "Grid":
+    def of(dtype: torch.dtype, bits: int = DEFAULT_GRID_BITS) -> Grid:
         if dtype == torch.float64:
             mant, bias, idt = 52, 1023, torch.int64
         elif dtype == torch.float32:
@@ -220,8 +220,12 @@ def uld_block(
         ib = _entries_in(b, flat_amb, grid, rows, scratch)
         rec = torch.cat(
             [
-                torch.stack([(ia // na_cols).double(), a.reshape(-1)[ia].double(), torch.ones_like(ia, dtype=torch.float64)], 1),
-                torch.stack([(ib // nb_cols).double(), b.reshape(-1)[ib].double(), -torch.ones_like(ib, dtype=torch.float64)], 1),
+                torch.stack(
+                    [(ia // na_cols).double(), a.reshape(-1)[ia].double(), torch.ones_like(ia, dtype=torch.float64)], 1
+                ),
+                torch.stack(
+                    [(ib // nb_cols).double(), b.reshape(-1)[ib].double(), -torch.ones_like(ib, dtype=torch.float64)], 1
+                ),
             ]
         )
         m_own = rec.shape[0]
@@ -327,4 +331,14 @@ def sorted_l1_hist(
     return _SortedL1Hist.apply(a, b.detach(), group, bits)
 
 
-__all__ = ["DEFAULT_GRID_BITS", "FLOOR_LOG2", "KEY_ROWS", "Grid", "key_scratch", "UldBlock", "sorted_l1_hist", "uld_block", "uld_grad"]
+__all__ = [
+    "DEFAULT_GRID_BITS",
+    "FLOOR_LOG2",
+    "KEY_ROWS",
+    "Grid",
+    "key_scratch",
+    "UldBlock",
+    "sorted_l1_hist",
+    "uld_block",
+    "uld_grad",
+]

@@ -113,7 +113,9 @@ def scale_kd_ce(
         return dynamic_kd_scale(kd_loss, ce_loss, min_kd) * kd_loss + ce_loss
     if isinstance(mode, str):
         if mode not in FIXED_WEIGHTINGS:
-            raise LossInputError(f"unknown KD/CE scaling {mode!r}; choose 'dynamic', {sorted(FIXED_WEIGHTINGS)} or (w_kd, w_ce)")
+            raise LossInputError(
+                f"unknown KD/CE scaling {mode!r}; choose 'dynamic', {sorted(FIXED_WEIGHTINGS)} or (w_kd, w_ce)"
+            )
         w_kd, w_ce = FIXED_WEIGHTINGS[mode]
     else:
         w_kd, w_ce = (float(x) for x in mode)

@@ -279,7 +279,13 @@ def build_gpt_model(
     if use_te is None:
         use_te = te_available()
     config = transformer_config(
-        arch, tp, params_dtype, kernels=kernels, use_te=use_te, perform_initialization=perform_initialization, **config_overrides
+        arch,
+        tp,
+        params_dtype,
+        kernels=kernels,
+        use_te=use_te,
+        perform_initialization=perform_initialization,
+        **config_overrides,
     )
     args = gpt_model_args(arch, padded_vocab_size)
     model = GPTModel(config, layer_spec(arch, use_te), parallel_output=parallel_output, **args.as_kwargs())
@@ -315,7 +321,9 @@ def forward_logits(model, input_ids: torch.Tensor, arch: ModelArch | None = None
         return model(ids, pos, causal_mask(b, s, device))
 
 
-def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, tp_rank: int = 0, fill: float = float("-inf")) -> torch.Tensor:
+def mask_padded_vocab(
+    logits: torch.Tensor, vocab_size: int, tp_rank: int = 0, fill: float = float("-inf")
+) -> torch.Tensor:
     """Logits [..., V_shard] with columns of ids >= ``vocab_size`` set to ``fill``.
 
     Returns a new tensor, or ``logits`` itself when this rank holds no padded column.

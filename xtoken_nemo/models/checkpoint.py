@@ -80,8 +80,14 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def write_metadata(
-    out_dir: Path, arch: ModelArch, padded_vocab_size: int, vocab_divisor: int, padded_for_tp: int,
-    params_dtype: torch.dtype, source: str | None = None, write: bool = True,
+    out_dir: Path,
+    arch: ModelArch,
+    padded_vocab_size: int,
+    vocab_divisor: int,
+    padded_for_tp: int,
+    params_dtype: torch.dtype,
+    source: str | None = None,
+    write: bool = True,
 ) -> dict[str, Any]:
     """The architecture record of a checkpoint; written to ``out_dir`` unless ``write`` is False
     (:func:`save_mcore_checkpoint` writes it after the weights: megatron warns about saving into a
@@ -195,7 +201,10 @@ def load_strategy(ckpt_dir: str | Path, parallel: bool | None = None):
 
 
 def dist_load(
-    sharded_state_dict: dict, ckpt_dir: str | Path, error_cls: type[Exception] = ModelError, parallel: bool | None = None,
+    sharded_state_dict: dict,
+    ckpt_dir: str | Path,
+    error_cls: type[Exception] = ModelError,
+    parallel: bool | None = None,
 ) -> dict:
     """``dist_checkpointing.load`` that tolerates exactly the ``_extra_state`` keys one layer spec
     has and the other lacks (see the module docstring); collective over all ranks.
@@ -213,7 +222,10 @@ def dist_load(
 
     with cuda_to_cpu():
         state, ckpt_only, absent = dist_checkpointing.load(
-            sharded_state_dict, str(ckpt_dir), sharded_strategy=load_strategy(ckpt_dir, parallel), strict=StrictHandling.RETURN_ALL,
+            sharded_state_dict,
+            str(ckpt_dir),
+            sharded_strategy=load_strategy(ckpt_dir, parallel),
+            strict=StrictHandling.RETURN_ALL,
         )
     # megatron's names: "unexpected" = requested but not in the checkpoint (per rank),
     # "missing" = in the checkpoint but requested by no rank (the same on all ranks)
@@ -226,12 +238,19 @@ def dist_load(
         )
     extra_absent = [k for k in absent if is_extra_state(k)]
     if extra_absent:
-        log.info("checkpoint %s has no %d _extra_state entries the model asks for (saved with another layer spec): "
-                 "those modules keep their fresh state", ckpt_dir, len(extra_absent))
+        log.info(
+            "checkpoint %s has no %d _extra_state entries the model asks for (saved with another layer spec): "
+            "those modules keep their fresh state",
+            ckpt_dir,
+            len(extra_absent),
+        )
     extra_unused = [k for k in ckpt_only if is_extra_state(k)]
     if extra_unused:
-        log.info("checkpoint %s holds %d _extra_state entries this model does not use (saved with another layer spec)",
-                 ckpt_dir, len(extra_unused))
+        log.info(
+            "checkpoint %s holds %d _extra_state entries this model does not use (saved with another layer spec)",
+            ckpt_dir,
+            len(extra_unused),
+        )
     return state
 
 
@@ -243,7 +262,9 @@ def load_model_state(model, state: dict, ckpt_dir: str | Path, error_cls: type[E
     if missing:
         raise error_cls(f"checkpoint {ckpt_dir} lacks parameters {_few(missing)}: it was written for a different model")
     if unexpected:
-        raise error_cls(f"checkpoint {ckpt_dir} has parameters the model lacks: {_few(unexpected)}; it was written for a different model")
+        raise error_cls(
+            f"checkpoint {ckpt_dir} has parameters the model lacks: {_few(unexpected)}; it was written for a different model"
+        )
 
 
 def load_into_model(model, ckpt_dir: str | Path, parallel: bool | None = None) -> None:
@@ -285,8 +306,14 @@ def load_mcore_checkpoint(
     check_tp(arch, tp, meta["padded_vocab_size"])
     dtype = dtype_from_name(meta["params_dtype"]) if params_dtype is None else params_dtype
     model = build_gpt_model(
-        arch, meta["padded_vocab_size"], tp=tp, params_dtype=dtype, use_te=use_te,
-        parallel_output=parallel_output, perform_initialization=False, kernels=kernels,
+        arch,
+        meta["padded_vocab_size"],
+        tp=tp,
+        params_dtype=dtype,
+        use_te=use_te,
+        parallel_output=parallel_output,
+        perform_initialization=False,
+        kernels=kernels,
     )
     load_into_model(model, ckpt_dir, parallel=parallel)
     log.info("loaded %s checkpoint %s (tp=%d, dtype=%s)", arch.family, ckpt_dir, tp, dtype_name(dtype))

@@ -203,8 +203,13 @@ def parse_rope(cfg: dict[str, Any], family: str, head_dim: int) -> RopeSpec:
             if params.get(key) is None:
                 raise ModelError(f"config.json {field_name}.{key} is required for rope_type 'llama3'")
         return RopeSpec(
-            "llama3", theta, prf, factor=float(params["factor"]), low_freq_factor=float(params["low_freq_factor"]),
-            high_freq_factor=float(params["high_freq_factor"]), original_max_position_embeddings=orig_max(),
+            "llama3",
+            theta,
+            prf,
+            factor=float(params["factor"]),
+            low_freq_factor=float(params["low_freq_factor"]),
+            high_freq_factor=float(params["high_freq_factor"]),
+            original_max_position_embeddings=orig_max(),
         )
     # longrope
     short, long = params.get("short_factor"), params.get("long_factor")
@@ -216,8 +221,12 @@ def parse_rope(cfg: dict[str, Any], family: str, head_dim: int) -> RopeSpec:
                 f"{'a list of ' + str(len(value)) if isinstance(value, list) else repr(value)}"
             )
     return RopeSpec(
-        "longrope", theta, prf, factor=None if params.get("factor") is None else float(params["factor"]),
-        original_max_position_embeddings=orig_max(), short_factor=tuple(float(x) for x in short),
+        "longrope",
+        theta,
+        prf,
+        factor=None if params.get("factor") is None else float(params["factor"]),
+        original_max_position_embeddings=orig_max(),
+        short_factor=tuple(float(x) for x in short),
         long_factor=tuple(float(x) for x in long),
         attention_factor=None if params.get("attention_factor") is None else float(params["attention_factor"]),
     )
@@ -251,7 +260,9 @@ def arch_from_hf_config(cfg: dict[str, Any] | str | Path) -> ModelArch:
         _refuse_true(cfg, "use_sliding_window", "sliding-window attention")
         layer_types = cfg.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
-            raise ModelError(f"config.json layer_types has non-full attention layers {sorted(set(layer_types))}; only full attention is supported")
+            raise ModelError(
+                f"config.json layer_types has non-full attention layers {sorted(set(layer_types))}; only full attention is supported"
+            )
     if family == "phi3" and cfg.get("sliding_window"):
         sliding_window = int(cfg["sliding_window"])
     dtype = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32").replace("torch.", "")
@@ -280,10 +291,15 @@ def arch_from_hf_config(cfg: dict[str, Any] | str | Path) -> ModelArch:
 
 def check_tp(arch: ModelArch, tp: int, padded_vocab_size: int | None = None) -> None:
     """Raise ModelError if the model cannot be split over ``tp`` tensor-parallel ranks."""
-    for name, value in (("num_attention_heads", arch.num_attention_heads), ("num_key_value_heads", arch.num_query_groups),
-                        ("intermediate_size", arch.ffn_hidden_size)):
+    for name, value in (
+        ("num_attention_heads", arch.num_attention_heads),
+        ("num_key_value_heads", arch.num_query_groups),
+        ("intermediate_size", arch.ffn_hidden_size),
+    ):
         if value % tp:
-            raise ModelError(f"config.json {name}={value} is not divisible by tensor-parallel size {tp}; choose a TP size that divides it")
+            raise ModelError(
+                f"config.json {name}={value} is not divisible by tensor-parallel size {tp}; choose a TP size that divides it"
+            )
     if padded_vocab_size is not None and padded_vocab_size % tp:
         raise ModelError(
             f"padded_vocab_size={padded_vocab_size} of this checkpoint is not divisible by tensor-parallel size {tp}; "

@@ -67,10 +67,16 @@ class SafetensorsReader:
         self.dir = Path(hf_dir)
         files = sorted(self.dir.glob("*.safetensors"))
         if not files:
-            other = [p.name for p in self.dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")] if self.dir.is_dir() else []
+            other = (
+                [p.name for p in self.dir.iterdir() if p.suffix in (".bin", ".pt", ".pth")] if self.dir.is_dir() else []
+            )
             raise ModelError(
                 f"no *.safetensors in {self.dir}"
-                + (f" (found {other}: re-save the model with save_pretrained(safe_serialization=True))" if other else "")
+                + (
+                    f" (found {other}: re-save the model with save_pretrained(safe_serialization=True))"
+                    if other
+                    else ""
+                )
             )
         self._handles = {f: safe_open(str(f), framework="pt") for f in files}
         self.file_of: dict[str, Path] = {}
@@ -194,7 +200,9 @@ def load_hf_weights(model, arch: ModelArch, reader: SafetensorsReader, progress:
     leftover = [k for k in reader.keys() if k not in used and not any(k.endswith(s) for s in IGNORED_HF)]
     if arch.tie_embeddings and "lm_head.weight" in leftover:
         leftover.remove("lm_head.weight")
-        log.info("tie_word_embeddings is true: lm_head.weight in the checkpoint is ignored (the embedding is used, as in transformers)")
+        log.info(
+            "tie_word_embeddings is true: lm_head.weight in the checkpoint is ignored (the embedding is used, as in transformers)"
+        )
     if leftover:
         raise ModelError(
             f"HF checkpoint has {len(leftover)} tensors the config does not account for, e.g. {leftover[:4]} "
@@ -248,10 +256,19 @@ def hf_to_mcore(
         params_dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
     _prepare_out(out_dir)
     ensure_model_parallel(1)
-    log.info("building %s model (%d layers, hidden %d, vocab %d padded to %d, %s)", arch.family, arch.num_layers,
-             arch.hidden_size, arch.vocab_size, padded, dtype_name(params_dtype))
+    log.info(
+        "building %s model (%d layers, hidden %d, vocab %d padded to %d, %s)",
+        arch.family,
+        arch.num_layers,
+        arch.hidden_size,
+        arch.vocab_size,
+        padded,
+        dtype_name(params_dtype),
+    )
     model = build_gpt_model(arch, padded, tp=1, params_dtype=params_dtype, use_te=False, perform_initialization=False)
-    model.to(params_dtype)  # megatron keeps norm weights in fp32 (Float16Module casts them in training): store one dtype
+    model.to(
+        params_dtype
+    )  # megatron keeps norm weights in fp32 (Float16Module casts them in training): store one dtype
     load_hf_weights(model, arch, reader, progress=progress)
     save_model(model, out_dir)
     meta = write_metadata(out_dir, arch, padded, vocab_divisor, tp, params_dtype, source=str(hf_dir))
@@ -286,8 +303,11 @@ def mcore_to_hf(
         like = Path(like)
         config = load_hf_config(like)
         like_arch = arch_from_hf_config(config)
-        diffs = [f for f in arch.__dataclass_fields__
-                 if f not in ("hf_config", "torch_dtype") and getattr(arch, f) != getattr(like_arch, f)]
+        diffs = [
+            f
+            for f in arch.__dataclass_fields__
+            if f not in ("hf_config", "torch_dtype") and getattr(arch, f) != getattr(like_arch, f)
+        ]
         if diffs:
             raise ModelError(
                 f"--like {like} describes a different model than checkpoint {mcore_dir}: fields {diffs} differ; "

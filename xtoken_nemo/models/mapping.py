@@ -66,7 +66,11 @@ class ParamMapping:
 
 def _qkv_sizes(arch: ModelArch) -> tuple[int, int, int]:
     """(query rows, key rows, value rows) in HF layout."""
-    return arch.num_attention_heads * arch.head_dim, arch.num_query_groups * arch.head_dim, arch.num_query_groups * arch.head_dim
+    return (
+        arch.num_attention_heads * arch.head_dim,
+        arch.num_query_groups * arch.head_dim,
+        arch.num_query_groups * arch.head_dim,
+    )
 
 
 def interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, arch: ModelArch) -> torch.Tensor:
@@ -146,7 +150,7 @@ def _generic(name: str) -> tuple[str, int | None]:
     m = _LAYER.search(name)
     if not m:
         return name, None
-    return name[: m.start()] + ".layers.*." + name[m.end():], int(m.group(1))
+    return name[: m.start()] + ".layers.*." + name[m.end() :], int(m.group(1))
 
 
 @dataclass(frozen=True)
@@ -174,4 +178,6 @@ class MappingTable:
             if row.megatron == generic and row.applies(arch):
                 hf = tuple(n.replace("*", str(layer)) if layer is not None else n for n in row.hf)
                 return BoundMapping(megatron_name, hf, TRANSFORMS[row.transform], row.fields)
-        raise ModelError(f"megatron parameter {megatron_name} has no HF mapping for family {arch.family}; the model and table disagree")
+        raise ModelError(
+            f"megatron parameter {megatron_name} has no HF mapping for family {arch.family}; the model and table disagree"
+        )

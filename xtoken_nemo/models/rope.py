@@ -73,7 +73,9 @@ def rope_attention_factor(arch: ModelArch) -> float:
         return 1.0
     if rope.attention_factor is not None:
         return rope.attention_factor
-    factor = rope.factor if rope.factor is not None else arch.max_position_embeddings / rope.original_max_position_embeddings
+    factor = (
+        rope.factor if rope.factor is not None else arch.max_position_embeddings / rope.original_max_position_embeddings
+    )
     if factor <= 1.0:
         return 1.0
     return math.sqrt(1 + math.log(factor) / math.log(rope.original_max_position_embeddings))
@@ -135,8 +137,11 @@ def hf_rotary_embedding_class():
             )
             self.arch = arch
             self.inv_freq = rope_inv_freq(arch)
-            self._long_inv_freq = rope_inv_freq(arch, seq_len=arch.rope.original_max_position_embeddings + 1) \
-                if arch.rope.rope_type == "longrope" else None
+            self._long_inv_freq = (
+                rope_inv_freq(arch, seq_len=arch.rope.original_max_position_embeddings + 1)
+                if arch.rope.rope_type == "longrope"
+                else None
+            )
 
         def _inv_freq_for(self, seq_len: int) -> torch.Tensor:
             """[rotary_dim/2] float32, on the compute device."""

@@ -46,7 +46,10 @@ def ensure_model_parallel(tp: int = 1, seed: int = 1234, timeout_minutes: float 
             raise ModelError("WORLD_SIZE > 1 but torch.distributed is not initialized: call init_process_group first")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         torch.distributed.init_process_group(
-            backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+            backend,
+            init_method=f"tcp://127.0.0.1:{_free_port()}",
+            rank=0,
+            world_size=1,
             timeout=datetime.timedelta(minutes=timeout_minutes),
         )
         log.debug("started a one-process %s group", backend)
@@ -56,7 +59,9 @@ def ensure_model_parallel(tp: int = 1, seed: int = 1234, timeout_minutes: float 
         world = torch.distributed.get_world_size()
         if world % tp:
             raise ModelError(f"tensor-parallel size {tp} does not divide the world size {world}")
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, distributed_timeout_minutes=int(math.ceil(timeout_minutes)))
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp, distributed_timeout_minutes=int(math.ceil(timeout_minutes))
+        )
     have = parallel_state.get_tensor_model_parallel_world_size()
     if have != tp:
         raise ModelError(f"megatron is initialized with tensor-parallel size {have}, but {tp} was asked for")

@@ -85,7 +85,9 @@ def score_text(
     check_tokenizer_fits(tok, arch)
     ids = tok.encode(text, add_bos=add_bos).ids
     if len(ids) < 2:
-        raise ModelError(f"text {text!r} is {len(ids)} token(s); scoring needs at least 2 (the first one is only context)")
+        raise ModelError(
+            f"text {text!r} is {len(ids)} token(s); scoring needs at least 2 (the first one is only context)"
+        )
     ensure_model_parallel(1)
     model, arch, meta = load_mcore_checkpoint(checkpoint, params_dtype=params_dtype, parallel_output=False)
     lps = token_logprobs(model, arch, torch.tensor([ids]))[0].tolist()

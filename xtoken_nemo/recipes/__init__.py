@@ -14,14 +14,32 @@ from xtoken_nemo.recipes.common import PaperRow, Recipe, default_root, run_dir
 
 # the paper's table, in its order, then the utility recipes
 PAPER = (
-    "cpt", "llama3b_kl",
-    "qwen3_uld", "qwen3_gold", "qwen3_pkl",
-    "phi4mini_uld", "phi4mini_gold", "phi4mini_hkl", "phi4mini_pkl",
-    "multi_phi_llama", "multi_phi_qwen", "multi_phi_qwen_llama", "multi_phi_llama_adaptive",
+    "cpt",
+    "llama3b_kl",
+    "qwen3_uld",
+    "qwen3_gold",
+    "qwen3_pkl",
+    "phi4mini_uld",
+    "phi4mini_gold",
+    "phi4mini_hkl",
+    "phi4mini_pkl",
+    "multi_phi_llama",
+    "multi_phi_qwen",
+    "multi_phi_qwen_llama",
+    "multi_phi_llama_adaptive",
 )
 UTILITY = ("debug_1gpu", "cpu_tiny")
 
-__all__ = ["PaperRow", "Recipe", "all_recipes", "default_root", "get_recipe", "paper_recipes", "run_dir", "resolve_sweep"]
+__all__ = [
+    "PaperRow",
+    "Recipe",
+    "all_recipes",
+    "default_root",
+    "get_recipe",
+    "paper_recipes",
+    "run_dir",
+    "resolve_sweep",
+]
 
 
 def _load(module: str) -> Recipe:
@@ -42,7 +60,9 @@ def get_recipe(name: str) -> Recipe:
     for recipe in all_recipes():
         if recipe.name == name:
             return recipe
-    raise ConfigError(f"unknown recipe '{name}'; `xtoken recipes` lists them: {', '.join(r.name for r in all_recipes())}")
+    raise ConfigError(
+        f"unknown recipe '{name}'; `xtoken recipes` lists them: {', '.join(r.name for r in all_recipes())}"
+    )
 
 
 def resolve_sweep(name: str) -> list[Recipe]:

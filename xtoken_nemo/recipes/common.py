@@ -16,9 +16,9 @@ Every path is an ordinary config field, so ``data.paths=[/lustre/climbmix]`` or
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from xtoken_nemo.distill.config import (
     CheckpointConfig,
@@ -111,7 +111,14 @@ def paper_config(root: Path, name: str, teachers: list[TeacherConfig], **train) 
         data=DataConfig(paths=[str(root / "data" / "climbmix")], seq_length=PAPER_SEQ_LENGTH),
         optim=OptimConfig(lr=5e-5, warmup_fraction=0.05, weight_decay=0.1, clip_grad=1.0),
         # a progress line every 10 steps (about 15 s at the on-paper 17k tokens/s per GPU): 3,000 per run
-        train=TrainConfig(train_steps=PAPER_STEPS, global_batch_size=PAPER_GLOBAL_BATCH, micro_batch_size=1, tensor_parallel=1, log_interval=10, **train),
+        train=TrainConfig(
+            train_steps=PAPER_STEPS,
+            global_batch_size=PAPER_GLOBAL_BATCH,
+            micro_batch_size=1,
+            tensor_parallel=1,
+            log_interval=10,
+            **train,
+        ),
         checkpoint=CheckpointConfig(dir=str(run / "checkpoints"), save_interval=500),
         log_dir=str(run / "tb"),
     )

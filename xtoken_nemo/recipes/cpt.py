@@ -7,4 +7,9 @@ def build(root):
     return paper_config(root, "cpt", teachers=[], kd_scaling="ce_only")
 
 
-RECIPE = Recipe("cpt", "continued pre-training, CE only", build, paper=PaperRow("no teacher", "continued pre-training", 10.25, 36.63))
+RECIPE = Recipe(
+    "cpt",
+    "continued pre-training, CE only",
+    build,
+    paper=PaperRow("no teacher", "continued pre-training", 10.25, 36.63),
+)

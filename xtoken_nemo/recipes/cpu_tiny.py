@@ -28,23 +28,37 @@ TEACHERS = (  # name, tokenizer, family, mode, alpha
 def build(root):
     base = root / "cpu-tiny"
     teachers = [
-        TeacherConfig(name=name, model=ModelConfig(tokenizer=tok, family=family, checkpoint=str(base / "ckpt" / f"{name}-tiny"), **TINY),
-                      mode=mode, alpha=alpha,
-                      projection=str(base / "w" / f"W_llama3_{tok}.safetensors") if KDMode(mode).needs_projection else None)
+        TeacherConfig(
+            name=name,
+            model=ModelConfig(tokenizer=tok, family=family, checkpoint=str(base / "ckpt" / f"{name}-tiny"), **TINY),
+            mode=mode,
+            alpha=alpha,
+            projection=str(base / "w" / f"W_llama3_{tok}.safetensors") if KDMode(mode).needs_projection else None,
+        )
         for name, tok, family, mode, alpha in TEACHERS
     ]
     run = root / "runs" / "cpu-tiny"
     return DistillConfig(
         name="cpu-tiny",
-        student=ModelConfig(tokenizer="llama3", family="llama", checkpoint=str(base / "ckpt" / "llama3-tiny-student"), **TINY),
+        student=ModelConfig(
+            tokenizer="llama3", family="llama", checkpoint=str(base / "ckpt" / "llama3-tiny-student"), **TINY
+        ),
         teachers=teachers,
         data=DataConfig(paths=[str(base / "data")], seq_length=SEQ_LENGTH),
         optim=OptimConfig(lr=1e-3, warmup_fraction=0.0),
-        train=TrainConfig(train_steps=4, global_batch_size=2, micro_batch_size=1, tensor_parallel=1, loss_block_size=64),
+        train=TrainConfig(
+            train_steps=4, global_batch_size=2, micro_batch_size=1, tensor_parallel=1, loss_block_size=64
+        ),
         checkpoint=CheckpointConfig(dir=str(run / "checkpoints"), save_interval=2),
         log_dir=str(run / "tb"),
     )
 
 
-RECIPE = Recipe("cpu-tiny", "tiny random models on CPU, built-in tokenizers, Qwen3-tok P-KL 0.7 + Llama-tok KL 0.3, 4 steps", build,
-                nodes=1, gpus_per_node=0, time_limit="00:20:00")
+RECIPE = Recipe(
+    "cpu-tiny",
+    "tiny random models on CPU, built-in tokenizers, Qwen3-tok P-KL 0.7 + Llama-tok KL 0.3, 4 steps",
+    build,
+    nodes=1,
+    gpus_per_node=0,
+    time_limit="00:20:00",
+)

@@ -6,7 +6,11 @@ from xtoken_nemo.recipes.common import Recipe, paper_config, teacher
 
 
 def build(root):
-    teachers = [teacher(root, "phi4-mini", "hkl", 0.6), teacher(root, "qwen3-4b", "pkl", 0.2), teacher(root, "llama-3b", "kl", 0.2)]
+    teachers = [
+        teacher(root, "phi4-mini", "hkl", 0.6),
+        teacher(root, "qwen3-4b", "pkl", 0.2),
+        teacher(root, "llama-3b", "kl", 0.2),
+    ]
     cfg = paper_config(root, "debug-1gpu", teachers)
     cfg.data.seq_length = 2048
     cfg.train.train_steps = 20
@@ -15,5 +19,11 @@ def build(root):
     return cfg
 
 
-RECIPE = Recipe("debug-1gpu", "1 GPU smoke run of the 3-teacher mixture: 20 steps, batch 8, context 2048", build,
-                nodes=1, gpus_per_node=1, time_limit="00:30:00")
+RECIPE = Recipe(
+    "debug-1gpu",
+    "1 GPU smoke run of the 3-teacher mixture: 20 steps, batch 8, context 2048",
+    build,
+    nodes=1,
+    gpus_per_node=1,
+    time_limit="00:30:00",
+)

@@ -7,4 +7,6 @@ def build(root):
     return paper_config(root, "phi4mini-hkl", [teacher(root, "phi4-mini", "hkl")])
 
 
-RECIPE = Recipe("phi4mini-hkl", "Phi-4-mini, X-Token H-KL", build, paper=PaperRow("Phi-4-mini", "X-Token H-KL", 19.11, 39.18))
+RECIPE = Recipe(
+    "phi4mini-hkl", "Phi-4-mini, X-Token H-KL", build, paper=PaperRow("Phi-4-mini", "X-Token H-KL", 19.11, 39.18)
+)

@@ -7,4 +7,9 @@ def build(root):
     return paper_config(root, "phi4mini-pkl", [teacher(root, "phi4-mini", "pkl")])
 
 
-RECIPE = Recipe("phi4mini-pkl", "Phi-4-mini, X-Token P-KL (wrong mode)", build, paper=PaperRow("Phi-4-mini", "X-Token P-KL (wrong mode)", None, 37.50))
+RECIPE = Recipe(
+    "phi4mini-pkl",
+    "Phi-4-mini, X-Token P-KL (wrong mode)",
+    build,
+    paper=PaperRow("Phi-4-mini", "X-Token P-KL (wrong mode)", None, 37.50),
+)

@@ -24,7 +24,9 @@ def prepare_cpu_tiny(root: str | Path, documents: int = 60, progress: bool = Fal
     base = Path(root).expanduser().resolve() / "cpu-tiny"
     written = {}
     student = load_tokenizer("llama3")
-    models = [("llama3-tiny-student", "llama3", "llama", 100)] + [(f"{name}-tiny", tok, family, 101 + i) for i, (name, tok, family, _, _) in enumerate(TEACHERS)]
+    models = [("llama3-tiny-student", "llama3", "llama", 100)] + [
+        (f"{name}-tiny", tok, family, 101 + i) for i, (name, tok, family, _, _) in enumerate(TEACHERS)
+    ]
     for name, tok, family, seed in models:
         out = base / "ckpt" / name
         if not (out / "xtoken_model.json").is_file():
@@ -44,9 +46,20 @@ def prepare_cpu_tiny(root: str | Path, documents: int = 60, progress: bool = Fal
     if not (data / "manifest.json").is_file():
         corpus = base / "corpus.jsonl"
         corpus.parent.mkdir(parents=True, exist_ok=True)
-        corpus.write_text("\n".join(json.dumps({"text": t}) for t in synthetic_documents(documents, seed=5, max_sentences=12)))
+        corpus.write_text(
+            "\n".join(json.dumps({"text": t}) for t in synthetic_documents(documents, seed=5, max_sentences=12))
+        )
         teachers = list(dict.fromkeys(tok for _, tok, _, _, _ in TEACHERS))
-        preprocess(PreprocessConfig(inputs=[str(corpus)], student="llama3", teachers=teachers, out=str(data), seq_length=SEQ_LENGTH, progress=progress))
+        preprocess(
+            PreprocessConfig(
+                inputs=[str(corpus)],
+                student="llama3",
+                teachers=teachers,
+                out=str(data),
+                seq_length=SEQ_LENGTH,
+                progress=progress,
+            )
+        )
         written["data"] = str(data)
     log.info("cpu-tiny inputs under %s (new: %s)", base, sorted(written))
     return {"root": str(base), "written": written}

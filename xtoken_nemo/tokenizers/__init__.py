@@ -1,9 +1,9 @@
 """Tokenizers: one interface over HF tokenizers, SentencePiece and tiktoken BPE.
 
-    from xtoken_nemo.tokenizers import load_tokenizer
-    tok = load_tokenizer("qwen3")            # built-in offline name
-    tok = load_tokenizer("/models/Llama-3.2-1B")  # HF dir, tokenizer.json, .model or .tiktoken
-    tok = load_tokenizer("demo_out/vocab/llama3.subvocab.json")  # a compact vocabulary (compact.py)
+from xtoken_nemo.tokenizers import load_tokenizer
+tok = load_tokenizer("qwen3")            # built-in offline name
+tok = load_tokenizer("/models/Llama-3.2-1B")  # HF dir, tokenizer.json, .model or .tiktoken
+tok = load_tokenizer("demo_out/vocab/llama3.subvocab.json")  # a compact vocabulary (compact.py)
 """
 
 from __future__ import annotations

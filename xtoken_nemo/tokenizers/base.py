@@ -93,7 +93,9 @@ class Tokenizer(ABC):
         """[vocab_size] surface bytes per id (None for special/unused ids)."""
         table = self._build_surfaces()
         if len(table) != self.vocab_size:
-            raise TokenizerError(f"tokenizer '{self.name}': surface table has {len(table)} ids, expected {self.vocab_size}")
+            raise TokenizerError(
+                f"tokenizer '{self.name}': surface table has {len(table)} ids, expected {self.vocab_size}"
+            )
         return table
 
     def token_text(self, token_id: int) -> str:

@@ -41,7 +41,14 @@ PHI4MINI_SPECIALS = {
 }
 
 BUILTIN_NAMES = ("llama3", "qwen3", "phi4mini", "o200k")
-ALIASES = {"llama3.2": "llama3", "llama-3.2": "llama3", "qwen": "qwen3", "phi-4-mini": "phi4mini", "phi4-mini": "phi4mini", "o200k_base": "o200k"}
+ALIASES = {
+    "llama3.2": "llama3",
+    "llama-3.2": "llama3",
+    "qwen": "qwen3",
+    "phi-4-mini": "phi4mini",
+    "phi4-mini": "phi4mini",
+    "o200k_base": "o200k",
+}
 
 
 def _package_dir(package: str) -> Path:

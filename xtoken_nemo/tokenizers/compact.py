@@ -85,7 +85,12 @@ class CompactTokenizer(Tokenizer):
         path = Path(path)
         if not path.name.endswith(SUBVOCAB_SUFFIX):
             raise TokenizerError(f"a compact vocabulary file must end with {SUBVOCAB_SUFFIX}: {path}")
-        data = {"format": FORMAT_NAME, "base": base_spec, "base_fingerprint": self.base.fingerprint, "ids": self.kept_ids}
+        data = {
+            "format": FORMAT_NAME,
+            "base": base_spec,
+            "base_fingerprint": self.base.fingerprint,
+            "ids": self.kept_ids,
+        }
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(data))
         os.replace(tmp, path)

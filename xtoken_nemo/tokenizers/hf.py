@@ -15,7 +15,9 @@ SP_SPACE = "\u2581"  # "▁", SentencePiece's space marker
 @lru_cache(maxsize=1)
 def byte_level_decoder() -> dict[str, int]:
     """Inverse of byte-level BPE's byte->printable-char table ("Ġ" -> 0x20, "Ċ" -> 0x0A)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = {b: chr(b) for b in printable}
     shift = 0
     for b in range(256):
@@ -81,7 +83,9 @@ class HFTokenizer(Tokenizer):
             spec = json.loads(json_path.read_text(encoding="utf-8"))
             self._tok = RustTokenizer.from_str(json.dumps(spec))
         except Exception as exc:
-            raise TokenizerError(f"cannot read tokenizer {json_path}: {exc}; check the file is a complete tokenizer.json") from None
+            raise TokenizerError(
+                f"cannot read tokenizer {json_path}: {exc}; check the file is a complete tokenizer.json"
+            ) from None
         self._tok.encode_special_tokens = True
         self.name = name or str(path)
         self._fragment_tok = self._without_prefix_space(spec) or self._tok
@@ -90,7 +94,9 @@ class HFTokenizer(Tokenizer):
         config = self._read_json(config_dir / "tokenizer_config.json")
         model_config = self._read_json(config_dir / "config.json")
 
-        self._byte_level = any(d.get("type") == "ByteLevel" for d in _walk([spec.get("decoder"), spec.get("pre_tokenizer")]))
+        self._byte_level = any(
+            d.get("type") == "ByteLevel" for d in _walk([spec.get("decoder"), spec.get("pre_tokenizer")])
+        )
         pieces = {tid: piece for piece, tid in spec["model"]["vocab"].items()}
         added = {a["id"]: a for a in spec.get("added_tokens", [])}
         known_ids = set(pieces) | set(added)
@@ -119,7 +125,9 @@ class HFTokenizer(Tokenizer):
         else:  # no config: the post-processor's template says whether BOS is prepended
             template = [d for d in _walk(spec.get("post_processor")) if d.get("type") == "TemplateProcessing"]
             first = template[0]["single"][0] if template and template[0].get("single") else {}
-            adds_bos = "SpecialToken" in first and first["SpecialToken"]["id"] == self.special_tokens.get(self.special_ids.get("bos"))
+            adds_bos = "SpecialToken" in first and first["SpecialToken"]["id"] == self.special_tokens.get(
+                self.special_ids.get("bos")
+            )
         self.adds_bos_by_default = adds_bos and "bos" in self.special_ids
         self._apply_special_overrides(special_tokens)
 

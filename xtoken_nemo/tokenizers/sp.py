@@ -32,17 +32,26 @@ class SentencePieceTokenizer(Tokenizer):
         try:
             self._sp = spm.SentencePieceProcessor(model_file=str(path))
         except Exception as exc:
-            raise TokenizerError(f"cannot load SentencePiece model {path} ({exc}); check it is a complete .model file") from None
+            raise TokenizerError(
+                f"cannot load SentencePiece model {path} ({exc}); check it is a complete .model file"
+            ) from None
         self._fragment_sp = self._without_dummy_prefix(path.read_bytes()) or self._sp
         size = self._sp.get_piece_size()
         self.vocab_size = vocab_size or size
         if self.vocab_size < size:
-            raise TokenizerError(f"vocab_size={self.vocab_size} is smaller than SentencePiece model {path}'s {size} pieces")
+            raise TokenizerError(
+                f"vocab_size={self.vocab_size} is smaller than SentencePiece model {path}'s {size} pieces"
+            )
         self.special_tokens = {
             i: self._sp.id_to_piece(i) for i in range(size) if self._sp.is_control(i) or self._sp.is_unknown(i)
         }
         self.special_ids = {}
-        for role, tid in (("bos", self._sp.bos_id()), ("eos", self._sp.eos_id()), ("pad", self._sp.pad_id()), ("unk", self._sp.unk_id())):
+        for role, tid in (
+            ("bos", self._sp.bos_id()),
+            ("eos", self._sp.eos_id()),
+            ("pad", self._sp.pad_id()),
+            ("unk", self._sp.unk_id()),
+        ):
             if tid >= 0:
                 self.special_ids[role] = tid
         self.adds_bos_by_default = "bos" in self.special_ids

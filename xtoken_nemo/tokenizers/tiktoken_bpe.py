@@ -85,7 +85,9 @@ class TiktokenTokenizer(Tokenizer):
 
         specials = dict(specials or {})
         self.name = name
-        self._enc = tiktoken.Encoding(name=f"xtoken-{name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials)
+        self._enc = tiktoken.Encoding(
+            name=f"xtoken-{name}", pat_str=pattern, mergeable_ranks=ranks, special_tokens=specials
+        )
         self._ranks_size = max(ranks.values()) + 1
         natural = max([self._ranks_size - 1, *specials.values()]) + 1
         self.vocab_size = vocab_size or natural

@@ -109,7 +109,9 @@ def build_projection_matrix(
             byte_rows.append(sid)
 
     pieces_by_row: dict[int, list[int]] = {}
-    bar = tqdm(total=len(texts), desc=f"W {student.name}->{teacher.name}", unit="tok", disable=not progress, leave=False)
+    bar = tqdm(
+        total=len(texts), desc=f"W {student.name}->{teacher.name}", unit="tok", disable=not progress, leave=False
+    )
     for start in range(0, len(texts), config.batch_size):
         batch = texts[start : start + config.batch_size]
         for sid, pieces in zip(text_rows[start : start + config.batch_size], teacher.encode_batch(batch)):

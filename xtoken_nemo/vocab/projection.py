@@ -98,9 +98,7 @@ class ProjectionMatrix:
         """[V_S, V_T] torch sparse COO tensor (coalesced)."""
         mask = self.indices >= 0
         rows = torch.arange(self.shape[0])[:, None].expand_as(self.indices)[mask]
-        coo = torch.sparse_coo_tensor(
-            torch.stack([rows, self.indices[mask]]), self.values[mask], self.shape
-        )
+        coo = torch.sparse_coo_tensor(torch.stack([rows, self.indices[mask]]), self.values[mask], self.shape)
         return coo.coalesce()
 
     def to_sparse_csr(self) -> torch.Tensor:
@@ -201,7 +199,10 @@ class ProjectionMatrix:
                     f"`xtoken build-w --student {student.name if student else '...'} "
                     f"--teacher {teacher.name if teacher else '...'} --out W.safetensors`"
                 )
-        expected_rows = {"student": student.vocab_size if student else None, "teacher": teacher.vocab_size if teacher else None}
+        expected_rows = {
+            "student": student.vocab_size if student else None,
+            "teacher": teacher.vocab_size if teacher else None,
+        }
         if expected_rows["student"] is not None and expected_rows["student"] != self.shape[0]:
             raise ProjectionMatrixError(
                 f"{source} has {self.shape[0]} student rows but the student tokenizer has "
