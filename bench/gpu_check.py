@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive,
         default=None,
         metavar="S",
-        help=f"time box of the whole run in seconds (default {DEFAULT_BUDGET_S:.0f}; parts that do not fit are SKIPPED (budget))",
+        help=(
+            f"time box of the whole run in seconds (default {DEFAULT_BUDGET_S:.0f}; "
+            "parts that do not fit are SKIPPED (budget))"
+        ),
     )
     p.add_argument(
         "--parts",
@@ -133,13 +136,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         w = Path(args.wheels)
         if not w.is_dir():
             print(
-                f"gpu_check: --wheels {args.wheels}: no such folder (download it with bash bench/gpu_wheels.sh {args.wheels})",
+                f"gpu_check: --wheels {args.wheels}: no such folder "
+                f"(download it with bash bench/gpu_wheels.sh {args.wheels})",
                 file=sys.stderr,
             )
             sys.exit(EXIT_WHEELS)
         if not list(w.glob("*.whl")):
             print(
-                f"gpu_check: --wheels {args.wheels}: the folder holds no .whl file (run bash bench/gpu_wheels.sh {args.wheels})",
+                f"gpu_check: --wheels {args.wheels}: the folder holds no .whl file "
+                f"(run bash bench/gpu_wheels.sh {args.wheels})",
                 file=sys.stderr,
             )
             sys.exit(EXIT_WHEELS)
@@ -517,7 +522,8 @@ def main(argv: list[str] | None = None) -> int:
     hard.daemon = True
     hard.start()
     report.say(
-        f"[gpu_check] start: device {what if ok else 'cpu (--allow-cpu)'}, budget {args.budget_s:.0f} s, parts {','.join(args.parts)}"
+        f"[gpu_check] start: device {what if ok else 'cpu (--allow-cpu)'}, budget {args.budget_s:.0f} s, "
+        f"parts {','.join(args.parts)}"
         f"{', TINY shapes' if args.tiny else ''}"
     )
     import tempfile

@@ -326,7 +326,8 @@ def check_resume(report, prep: dict, work: Path, keep: dict) -> None:
         len(after) == 2 and worst <= 1e-3,
         worst,
         1e-3,
-        f"bitwise equal: {bitwise} (total {[round(m['total'], 6) for m in after]} vs {[round(m['total'], 6) for m in straight[2:]]})",
+        f"bitwise equal: {bitwise} (total {[round(m['total'], 6) for m in after]} "
+        f"vs {[round(m['total'], 6) for m in straight[2:]]})",
     )
     report.measure("ckpt.resume_bitwise_equal", bitwise)
 

@@ -322,8 +322,10 @@ def run_paper(kind: str, args, report, prep: dict, deadline: float) -> None:
                 elif phase == "instrumented":
                     instrumented.append(profile.split(dt))
                 report.say(
-                    f"[gpu_check] {kind} {phase} step {step}: {dt:.3f} s  total={metrics.get('total', float('nan')):.4g} "
-                    f"ce={metrics.get('ce', float('nan')):.4g} kd={metrics.get('kd', float('nan')):.4g} grad_norm={metrics.get('grad_norm', float('nan')):.3g}"
+                    f"[gpu_check] {kind} {phase} step {step}: {dt:.3f} s  "
+                    f"total={metrics.get('total', float('nan')):.4g} "
+                    f"ce={metrics.get('ce', float('nan')):.4g} kd={metrics.get('kd', float('nan')):.4g} "
+                    f"grad_norm={metrics.get('grad_norm', float('nan')):.3g}"
                 )
     except Exception as exc:  # noqa: BLE001
         report.error(f"{kind}.step{step}", exc)

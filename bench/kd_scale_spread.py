@@ -135,7 +135,8 @@ def _pretrain(
     trainer = Trainer(cfg, progress=False)
     hist = [trainer.train_step(step) for step in range(steps)]  # no checkpoints
     print(
-        f"  pre-trained {tokenizer}/{family} seed {seed}: ce {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f} in {steps} steps",
+        f"  pre-trained {tokenizer}/{family} seed {seed}: "
+        f"ce {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f} in {steps} steps",
         flush=True,
     )
     return {
@@ -293,7 +294,8 @@ def main() -> None:
         print(
             f"seq {seq:4d}: cv of the micro-batch ratio around the step's {stats['cv_micro']:.4f} "
             f"(r_i/R in [{stats['weight_min']:.3f}, {stats['weight_max']:.3f}]); step-to-step change of R "
-            f"{stats['step_change']:.4f} (max {stats['step_change_max']:.4f}; sampling part {stats['step_change_sampling']:.4f}, "
+            f"{stats['step_change']:.4f} (max {stats['step_change_max']:.4f}; "
+            f"sampling part {stats['step_change_sampling']:.4f}, "
             f"drift part {stats['step_change_drift']:.4f}); R = {stats['global_ratio']}",
             flush=True,
         )
@@ -305,7 +307,8 @@ def main() -> None:
         a.update({f"ratio_{k}": v for k, v in _ratio_stats(steps, args.skip).items() if k != "global_ratio"})
         results["alphas"] = {"mode": args.alpha_mode, "seq": seqs[0], **a}
         print(
-            f"alphas ({args.alpha_mode}, seq {seqs[0]}): sd of the micro-batch alphas around the step's {a['alpha_sd_micro']:.4f}, "
+            f"alphas ({args.alpha_mode}, seq {seqs[0]}): "
+            f"sd of the micro-batch alphas around the step's {a['alpha_sd_micro']:.4f}, "
             f"step-to-step change {a['alpha_step_change']:.4f}; global alphas {a['global_alphas'][-3:]}",
             flush=True,
         )
@@ -319,7 +322,8 @@ def main() -> None:
         results["cv_fit_exponent"] = slope
         results["cv_at_4096_extrapolated"] = math.exp(my + slope * (math.log(4096) - mx))
         print(
-            f"cv ~ seq^{slope:.2f}: extrapolated to one 4,096-token micro-batch: {results['cv_at_4096_extrapolated']:.4f}"
+            f"cv ~ seq^{slope:.2f}: extrapolated to one 4,096-token micro-batch: "
+            f"{results['cv_at_4096_extrapolated']:.4f}"
         )
     print(json.dumps(results))
 

@@ -17,7 +17,8 @@ compare with the aim ("at most one [block, V_T] buffer beyond KL") is `extra_vs_
 
 Runtime on 2 CPU cores at 2048 chunks: a few minutes (the ``*_sort`` losses sort full vocabularies).
 
-    .venv/bin/python bench/losses.py [--chunks 2048] [--block 256] [--losses kl,gold,gold_sort,hkl,hkl_sort,uld,uld_sort]
+    .venv/bin/python bench/losses.py [--chunks 2048] [--block 256]
+        [--losses kl,gold,gold_sort,hkl,hkl_sort,uld,uld_sort]
     .venv/bin/python bench/losses.py --chunks 256      # quick run
 Last line: one JSON object with every figure.
 """
@@ -251,11 +252,16 @@ def main() -> None:
         srt = results.get(base + "_sort")
         summary[f"aim_{base}_time_le_2x_kl"] = res["time_ratio"] <= 2.0
         summary[f"aim_{base}_extra_le_2_block_buffers"] = res["extra_vs_kl_in_block_buffers"] <= 2.0
-        line = f"{base:5s} hist: time x{res['time_ratio']:.2f} KL, extra {res['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
+        line = (
+            f"{base:5s} hist: time x{res['time_ratio']:.2f} KL, "
+            f"extra {res['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
+        )
         if srt is not None:
             line += (
-                f" | sort: time x{srt['time_ratio']:.2f} KL, extra {srt['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
-                f" | speed-up x{srt['time_s'] / res['time_s']:.1f}, |value diff| {abs(res['value'] - srt['value']):.2e}"
+                f" | sort: time x{srt['time_ratio']:.2f} KL, "
+                f"extra {srt['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
+                f" | speed-up x{srt['time_s'] / res['time_s']:.1f}, "
+                f"|value diff| {abs(res['value'] - srt['value']):.2e}"
             )
             summary[f"{base}_hist_vs_sort_value_diff"] = abs(res["value"] - srt["value"])
         print(line)

@@ -96,10 +96,10 @@ def main() -> None:
         for teacher in trainer.teachers:
             forward = teacher.forward
 
-            def timed(*a, _forward=forward, **k):
+            def timed(*a, _forward=forward, _teacher_time=teacher_time, **k):
                 t0 = time.perf_counter()
                 out = _forward(*a, **k)
-                teacher_time["s"] += time.perf_counter() - t0
+                _teacher_time["s"] += time.perf_counter() - t0
                 return out
 
             teacher.forward = timed
@@ -113,7 +113,8 @@ def main() -> None:
                 teacher_times.append(teacher_time["s"])
         results[name] = {"step_s": statistics.median(step_times), "teacher_forward_s": statistics.median(teacher_times)}
         print(
-            f"{name:<13} {results[name]['step_s']:.3f} s/step (teacher forwards {results[name]['teacher_forward_s']:.3f} s)"
+            f"{name:<13} {results[name]['step_s']:.3f} s/step "
+            f"(teacher forwards {results[name]['teacher_forward_s']:.3f} s)"
         )
 
     base = results["ce_only"]["step_s"]
@@ -129,7 +130,8 @@ def main() -> None:
             },
         )
         print(
-            f"{name:<13} {r['overhead_vs_ce']:.2f}x the CE-only step; share of the step: student {r['split']['student_fwd_bwd_ce_optim']:.0%}, "
+            f"{name:<13} {r['overhead_vs_ce']:.2f}x the CE-only step; "
+            f"share of the step: student {r['split']['student_fwd_bwd_ce_optim']:.0%}, "
             f"teacher forward {r['split']['teacher_forward']:.0%}, KD loss {r['split']['kd_loss']:.0%}"
         )
     print(

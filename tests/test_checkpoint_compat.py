@@ -330,7 +330,8 @@ def test_corrupt_latest_falls_back_to_the_previous_checkpoint(two_checkpoints, t
         and "\n" not in errors[0]
     )
     assert warnings == [
-        f"resuming from iter_0000001 instead of corrupt iter_0000002: 1 steps will be recomputed; delete or move {root / 'iter_0000002'}"
+        "resuming from iter_0000001 instead of corrupt iter_0000002: 1 steps will be recomputed; "
+        f"delete or move {root / 'iter_0000002'}"
     ]
 
 

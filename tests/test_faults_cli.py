@@ -255,8 +255,8 @@ REAL_WARNINGS = [
         "megatron.core.optimizer",
     ),
     (
-        "Transformer Engine and Apex are not installed. Falling back to local implementations of multi_tensor_applier and "
-        "multi_tensor_scale",
+        "Transformer Engine and Apex are not installed. "
+        "Falling back to local implementations of multi_tensor_applier and multi_tensor_scale",
         UserWarning,
         "megatron.core.distributed.fsdp.src.megatron_fsdp.mixed_precision",
     ),

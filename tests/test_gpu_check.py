@@ -32,7 +32,7 @@ def run(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess
 
 
 def json_of(stdout: str) -> dict:
-    lines = [l for l in stdout.splitlines() if l.startswith(gpu_check.JSON_PREFIX)]
+    lines = [line for line in stdout.splitlines() if line.startswith(gpu_check.JSON_PREFIX)]
     assert len(lines) == 1, stdout[-2000:]
     assert stdout.rstrip().splitlines()[-1] == lines[0], "the JSON line is the last line"
     return json.loads(lines[0][len(gpu_check.JSON_PREFIX) :])
@@ -183,7 +183,7 @@ def test_report_records_prints_and_writes(tmp_path):
     assert (data["passed"], data["failed"]) == (1, 1)
     assert data["checks"][1]["status"] == "FAIL" and "ValueError: boom" in data["checks"][1]["traceback"]
     assert lines[0] == "[gpu_check] PASS a.pass max_err=1e-07 (tol 1e-05) fine"
-    assert any(l.startswith("[gpu_check] AIM m.aim: 0.2 (aim <= 0.15) -> MISSED") for l in lines)
+    assert any(ln.startswith("[gpu_check] AIM m.aim: 0.2 (aim <= 0.15) -> MISSED") for ln in lines)
     assert "[gpu_check] SKIPPED (budget) c" in lines
     line = gpu_check.json_line(data)
     assert line.startswith("GPU_CHECK_JSON {") and "\n" not in line

@@ -95,7 +95,10 @@ def test_paper_layout_is_derived_and_impossible_ones_are_refused(tmp_path):
     cfg = get_recipe("qwen3-pkl").config(tmp_path)
     with pytest.raises(
         LayoutError,
-        match=r"global batch 768 is not divisible by micro-batch 1 x DP 40 .*node counts that fit: \[1, 2, 3, 4, 6, 8, 12, 16\]",
+        match=(
+            r"global batch 768 is not divisible by micro-batch 1 x DP 40 "
+            r".*node counts that fit: \[1, 2, 3, 4, 6, 8, 12, 16\]"
+        ),
     ):
         derive_layout(cfg, 5, 8)
     cfg.train.tensor_parallel = 16
