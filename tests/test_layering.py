@@ -1,6 +1,8 @@
 """The package layering (``LAYERS`` below): every import of our own modules, at the top of a file
 or inside a function, read with ``ast``, points down the layers or within its package, and neither
-the packages nor the modules import each other in a cycle.
+the packages nor the modules import each other in a cycle. Outside ``cli/`` (whose commands import
+lazily on purpose, see its docstring) our modules are imported at the top of a file; one imported
+inside a function says why on its line (``# lazy: ...``: an import cycle).
 
     python tests/test_layering.py    # prints the package-level import graph
 """
@@ -131,6 +133,31 @@ def _without_own_package_init(graph: dict[str, set[str]]) -> dict[str, set[str]]
     return out
 
 
+LAZY_EXEMPT = ("cli",)  # the commands import inside their functions (xtoken_nemo/cli/__init__.py)
+
+
+def _is_ours(node: ast.Import | ast.ImportFrom) -> bool:
+    if isinstance(node, ast.ImportFrom):
+        return bool(node.level) or (node.module or "").split(".")[0] == TOP
+    return any(alias.name.split(".")[0] == TOP for alias in node.names)
+
+
+def unexplained_lazy_imports(path: Path) -> list[str]:
+    """``file:line`` of each import of our modules inside a function of ``path`` whose lines carry no
+    ``# lazy:`` comment saying why it is not at the top of the file."""
+    source = path.read_text()
+    lines = source.splitlines()
+    found = set()
+    for fn in ast.walk(ast.parse(source, filename=str(path))):
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        for node in ast.walk(fn):
+            if isinstance(node, ast.Import | ast.ImportFrom) and _is_ours(node):
+                if not any("# lazy:" in line for line in lines[node.lineno - 1 : node.end_lineno]):
+                    found.add((node.lineno, f"{path}:{node.lineno}: {lines[node.lineno - 1].strip()}"))
+    return [text for _, text in sorted(found)]
+
+
 def test_every_package_has_a_layer():
     missing = set(package_graph(module_graph())) - set(LAYER)
     assert not missing, f"give {sorted(missing)} a layer in LAYERS"
@@ -165,6 +192,37 @@ def test_the_checker_sees_imports_inside_functions(tmp_path):
     found = imports_of("xtoken_nemo.tokenizers.m", tmp_path / "m.py", modules)
     assert found == {"xtoken_nemo.vocab.build", "xtoken_nemo.tokenizers.x"}
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_imports_inside_functions_say_why():
+    found = [
+        hit
+        for path in module_files().values()
+        if path.relative_to(ROOT).parts[0] not in LAZY_EXEMPT
+        for hit in unexplained_lazy_imports(path)
+    ]
+    assert not found, (
+        "import these at the top of the file, or say why not on the line (`# lazy: cycle with ...`):\n"
+        + "\n".join(found)
+    )
+
+
+def test_the_lazy_check_sees_imports_without_a_reason(tmp_path):
+    (tmp_path / "m.py").write_text(
+        "from xtoken_nemo.errors import XTokenError\n"
+        "def f():\n"
+        "    from xtoken_nemo.vocab import build\n"
+        "    from . import x  # lazy: cycle with x\n"
+        "    import xtoken_nemo.align\n"
+        "    import torch\n"
+        "    class C:\n"
+        "        def g(self):\n"
+        "            from xtoken_nemo.tokenizers import (  # lazy: cycle\n"
+        "                load_tokenizer,\n"
+        "            )\n"
+    )
+    found = unexplained_lazy_imports(tmp_path / "m.py")
+    assert [hit.split(": ", 1)[0].rsplit(":", 1)[1] for hit in found] == ["3", "5"]
 
 
 if __name__ == "__main__":

@@ -3,7 +3,12 @@
 One module per group of commands (``vocab``: build-w, audit, inspect-w; ``align``; ``data``:
 preprocess; ``models``: convert, score; ``train``: train, export, init-model; ``recipes``: recipes,
 prepare-cpu-tiny; ``launch``; ``evaluate``: eval, report; ``demo``), each adding its subcommands
-to the parser here. Library code logs; only this package prints."""
+to the parser here. Library code logs; only this package prints.
+
+The command modules import the library inside the functions that run a command, on purpose:
+``main`` configures logging and warning filters before torch and megatron load (``xtoken train``
+installs its preemption handler before that), and ``xtoken --help`` stays fast (no torch). The
+rest of the package imports our modules at the top of a file (docs/architecture.md, "Imports")."""
 
 from __future__ import annotations
 

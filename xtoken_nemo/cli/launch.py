@@ -58,7 +58,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     for job in jobs:
         job_id = submit(job, args.sbatch_command)
         print(
-            f"{job.recipe}: submitted job {job_id} ({job.script_path}; output {job.script_path.parent}/slurm-{job_id}.out)"
+            f"{job.recipe}: submitted job {job_id} ({job.script_path}; "
+            f"output {job.script_path.parent}/slurm-{job_id}.out)"
         )
     return 0
 
@@ -67,7 +68,8 @@ def add_launch_parser(sub) -> None:
     p = sub.add_parser(
         "launch",
         help="render a recipe's sbatch script and submit it (SLURM; pyxis container or bare metal)",
-        description="Submit a recipe (or a sweep of recipes, one job each) to SLURM. Overrides key.sub=value apply to every job.",
+        description="Submit a recipe (or a sweep of recipes, one job each) to SLURM. "
+        "Overrides key.sub=value apply to every job.",
     )
     p.add_argument("--recipe", help="a recipe name (`xtoken recipes`)")
     p.add_argument("--sweep", help="'paper' for every run of the paper's table, or name,name,...")

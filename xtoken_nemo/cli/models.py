@@ -29,7 +29,8 @@ def cmd_hf_to_mcore(args: argparse.Namespace) -> int:
         progress=not args.quiet,
     )
     print(
-        f"{meta['family']} ({meta['architecture']}) -> megatron-core checkpoint {args.out}: vocab {meta['vocab_size']:,} "
+        f"{meta['family']} ({meta['architecture']}) -> megatron-core checkpoint {args.out}: "
+        f"vocab {meta['vocab_size']:,} "
         f"padded to {meta['padded_vocab_size']:,} (multiple of {meta['vocab_divisor']} x tp {meta['padded_for_tp']}), "
         f"dtype {meta['params_dtype']}, tied embeddings: {meta['tie_embeddings']}"
     )

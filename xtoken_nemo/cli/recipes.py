@@ -51,7 +51,8 @@ def cmd_recipes(args: argparse.Namespace) -> int:
         return 0
     print(format_table(rows, ["name", "student", "teachers", "steps", "batch", "context", "nodes"]))
     print(
-        "\nteachers: name:mode@alpha. Paths come from $XTOKEN_ROOT (or --root); `xtoken train --recipe NAME --print-config` shows one in full."
+        "\nteachers: name:mode@alpha. Paths come from $XTOKEN_ROOT (or --root); "
+        "`xtoken train --recipe NAME --print-config` shows one in full."
     )
     return 0
 

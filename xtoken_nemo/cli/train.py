@@ -49,7 +49,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                 }
                 print(
                     f"{cfg.name}: {summary['status']} at step {summary['step']}/{cfg.train.train_steps}"
-                    f" (skipped {summary['skipped_steps']} non-finite steps); last step {shown}; checkpoints in {cfg.checkpoint.dir}"
+                    f" (skipped {summary['skipped_steps']} non-finite steps); last step {shown}; "
+                    f"checkpoints in {cfg.checkpoint.dir}"
                 )
         finally:
             trainer.close()
@@ -89,7 +90,8 @@ def cmd_init_model(args: argparse.Namespace) -> int:
     ensure_model_parallel(1)
     save_random_checkpoint(mc, load_tokenizer(args.tokenizer).vocab_size, args.out, pad_for_tp=args.pad_for_tp)
     print(
-        f"wrote a random {args.family} model ({args.num_layers} layers, hidden {args.hidden_size}) for tokenizer {args.tokenizer} to {args.out}"
+        f"wrote a random {args.family} model ({args.num_layers} layers, hidden {args.hidden_size}) "
+        f"for tokenizer {args.tokenizer} to {args.out}"
     )
     return 0
 

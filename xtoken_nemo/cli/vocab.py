@@ -30,16 +30,19 @@ def cmd_build_w(args: argparse.Namespace) -> int:
         return 0
     pieces = ", ".join(f"{k} pieces: {v:,}" for k, v in stats["multi_token_rows"].items())
     print(
-        f"W {student.name} -> {teacher.name}: shape {W.shape[0]:,} x {W.shape[1]:,}, nnz {stats['nnz']:,}, written to {args.out}"
+        f"W {student.name} -> {teacher.name}: shape {W.shape[0]:,} x {W.shape[1]:,}, nnz {stats['nnz']:,}, "
+        f"written to {args.out}"
     )
     print(
-        f"  exact rows        {stats['exact_rows']:,}  (+ {stats['special_rows']} special tokens matched by role/content)"
+        f"  exact rows        {stats['exact_rows']:,}  "
+        f"(+ {stats['special_rows']} special tokens matched by role/content)"
     )
     print(f"  multi-token rows  {sum(stats['multi_token_rows'].values()):,}  ({pieces})")
     print(f"  byte-fragment rows {stats['byte_rows']:,}  (non-UTF-8 pieces, greedy byte match)")
     print(f"  rows > {config.max_pieces} pieces  {stats['long_rows']:,}  (policy: {stats['long_rows_policy']})")
     print(
-        f"  zero rows         {stats['zero_rows']:,}  (incl. {stats['unmatched_special_rows']} special tokens with no counterpart)"
+        f"  zero rows         {stats['zero_rows']:,}  "
+        f"(incl. {stats['unmatched_special_rows']} special tokens with no counterpart)"
     )
     print(f"  time              {stats['seconds']:.2f} s")
     return 0

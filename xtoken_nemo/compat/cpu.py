@@ -1,4 +1,4 @@
-"""CPU/gloo compatibility layer for megatron-core (CPU runs and tests only; never imported on GPU).
+"""CPU/gloo compatibility layer for megatron-core (CPU runs and tests only; never installed on GPU).
 
 megatron-core assumes CUDA in a few places even for code paths that work on CPU. On a machine
 without CUDA, :func:`install_cpu_shims` maps the handful of ``torch.cuda`` calls that megatron

@@ -3,9 +3,9 @@
 megatron-core creates tensors with ``device=torch.cuda.current_device()`` / ``device="cuda"`` and
 calls ``.cuda()`` in places that are otherwise device-agnostic (dist_checkpointing's save
 finalisation and load validation, DDP buffers, the optimizer, grad clipping). Inside
-:func:`cuda_to_cpu` every such device argument becomes CPU, ``Tensor.cuda()`` returns the
-tensor itself and ``Tensor.type()`` reports "torch.cuda.*" names (megatron asserts them). It is a no-op context when CUDA is available, so callers may use it
-unconditionally::
+:func:`cuda_to_cpu` every such device argument becomes CPU, ``Tensor.cuda()`` returns the tensor
+itself and ``Tensor.type()`` reports "torch.cuda.*" names (megatron asserts them). It is a no-op
+context when CUDA is available, so callers may use it unconditionally::
 
     with cuda_to_cpu():
         dist_checkpointing.save(model.sharded_state_dict(), path)

@@ -147,7 +147,8 @@ class DistillDataset(torch.utils.data.Dataset):
             chunks = IndexedDataset(str(self.path / entry["chunks_prefix"]))
             if len(ids) != len(self._student) or len(chunks) != len(self._student):
                 raise DataError(
-                    f"{self.path}: teacher '{entry['tokenizer']}' files do not match the student's document count; preprocess again"
+                    f"{self.path}: teacher '{entry['tokenizer']}' files do not match the student's document count; "
+                    "preprocess again"
                 )
             t_cum = np.concatenate(([0], np.cumsum(ids.sequence_lengths.astype(np.int64))))
             self._teachers.append((ids, chunks, t_cum))

@@ -115,7 +115,8 @@ def check_preprocessed(path: str | Path, manifest: dict) -> None:
     fix = (
         f"delete {path}/manifest.json and rerun `{rebuild_command(path, manifest)}` (the kept shards are merged again)"
         if shards
-        else f"delete {path} and rebuild it with `{rebuild_command(path, manifest)}` (a finished directory is never redone)"
+        else f"delete {path} and rebuild it with `{rebuild_command(path, manifest)}` "
+        "(a finished directory is never redone)"
     )
     docs = manifest.get("documents")
     sides = [("student", manifest["student"]["prefix"], manifest["student"].get("tokens"))]

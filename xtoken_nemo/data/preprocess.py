@@ -43,9 +43,12 @@ from pathlib import Path
 
 import numpy as np
 
+from xtoken_nemo import __version__ as pkg_version
 from xtoken_nemo.align.exact import align_bytes, align_offsets, surface_table
 from xtoken_nemo.data.errors import DataError
+from xtoken_nemo.data.integrity import check_indexed
 from xtoken_nemo.data.readers import SKIP_REASONS, ShardSpec, expand_inputs, plan_shards, read_shard
+from xtoken_nemo.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +121,6 @@ _STATE: dict = {}
 
 
 def _setup(cfg: PreprocessConfig) -> dict:
-    from xtoken_nemo.tokenizers import load_tokenizer
-
     student = _Side(cfg.student, load_tokenizer(cfg.student), cfg.student_bos)
     teachers = []
     for spec in cfg.teachers:
@@ -379,7 +380,6 @@ def _merge(cfg, state, plan, shard_dirs, out: Path, key_hash: str) -> dict:
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
-    from xtoken_nemo.data.integrity import check_indexed
 
     for d in shard_dirs:  # a shard cut after it was finished would poison the merged files
         for prefix, _ in prefixes:
@@ -399,7 +399,6 @@ def _merge(cfg, state, plan, shard_dirs, out: Path, key_hash: str) -> dict:
     skipped = {r: sum(s["skipped"][r] for s in all_stats) for r in SKIP_REASONS}
     examples = [e for s in all_stats for e in s["skipped_examples"]][:MAX_SKIP_EXAMPLES]
     seconds = {k: sum(s["seconds"][k] for s in all_stats) for k in ("read", "tokenize", "align", "write")}
-    from xtoken_nemo import __version__ as pkg_version
 
     def side_entry(side: _Side) -> dict:
         return {
@@ -415,8 +414,6 @@ def _merge(cfg, state, plan, shard_dirs, out: Path, key_hash: str) -> dict:
     teacher_entries = []
     for m, side in enumerate(teachers):
         if side is None:
-            from xtoken_nemo.tokenizers import load_tokenizer
-
             tok = load_tokenizer(cfg.teachers[m])
             teacher_entries.append(
                 {

@@ -27,6 +27,9 @@ import numpy as np
 import torch
 
 from xtoken_nemo.demo.corpus import LookupItem
+from xtoken_nemo.models.build import forward_logits, mask_padded_vocab
+from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
+from xtoken_nemo.models.runtime import ensure_model_parallel
 
 _NUMBER = re.compile(r"\s*(\d+)")
 
@@ -75,9 +78,6 @@ class ModelScorer:
     """A loaded checkpoint (TP=1, gathered logits) with its tokenizer."""
 
     def __init__(self, checkpoint: str, tokenizer) -> None:
-        from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
-        from xtoken_nemo.models.runtime import ensure_model_parallel
-
         ensure_model_parallel(1)
         self.tok = tokenizer
         self.model, self.arch, _ = load_mcore_checkpoint(checkpoint, params_dtype=torch.float32, parallel_output=False)
@@ -89,8 +89,6 @@ class ModelScorer:
     @torch.no_grad()
     def _logits(self, ids: torch.Tensor) -> torch.Tensor:
         """[b, s] -> [b, s, V] fp32 logits, padded vocabulary columns at -inf."""
-        from xtoken_nemo.models.build import forward_logits, mask_padded_vocab
-
         return mask_padded_vocab(forward_logits(self.model, ids, self.arch).float(), self.vocab)
 
     def _pad_batch(self, seqs: list[list[int]]) -> torch.Tensor:

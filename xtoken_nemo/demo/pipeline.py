@@ -29,8 +29,32 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
+from xtoken_nemo.demo.corpus import LookupItem, LookupTable, documents
+from xtoken_nemo.demo.evaluate import EvalItems, evaluate_checkpoint
+from xtoken_nemo.demo.report import write_report
 from xtoken_nemo.demo.runs import RunSpec, run_dir_name
-from xtoken_nemo.distill.config import KDMode
+from xtoken_nemo.distill.config import (
+    CheckpointConfig,
+    DataConfig,
+    DistillConfig,
+    KDMode,
+    ModelConfig,
+    OptimConfig,
+    TeacherConfig,
+    TrainConfig,
+)
+from xtoken_nemo.distill.model_setup import save_random_checkpoint
+from xtoken_nemo.distill.run_checkpoints import latest_checkpoint
+from xtoken_nemo.distill.trainer import Trainer
+from xtoken_nemo.errors import XTokenError
+from xtoken_nemo.models.runtime import ensure_model_parallel
+from xtoken_nemo.tokenizers import load_tokenizer
+from xtoken_nemo.tokenizers.compact import CompactTokenizer, corpus_ids
+from xtoken_nemo.vocab import ProjectionMatrix
+from xtoken_nemo.vocab.audit import audit, plot_audits
+from xtoken_nemo.vocab.build import build_projection_matrix
+from xtoken_nemo.vocab.compact import projection_support, restrict_projection
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +164,6 @@ class Demo:
         )
         evals = self._step("evaluation", lambda: self.evaluate(runs))
         self.timings["total"] = time.perf_counter() - started
-        from xtoken_nemo.demo.report import write_report
 
         return write_report(
             self.out, self.cfg, audits, vocab, runs, teachers, students, evals, self.timings, echo=self.echo
@@ -161,8 +184,6 @@ class Demo:
         if path.exists():
             theirs = json.loads(path.read_text())
             if theirs != mine:
-                from xtoken_nemo.errors import XTokenError
-
                 raise XTokenError(
                     f"{self.out} holds a demo run with another configuration ({path}); "
                     "use another --out or delete that directory"
@@ -172,9 +193,6 @@ class Demo:
     # ------------------------------------------------------------------------------------------
     def vocabulary(self) -> list[dict]:
         """The full W per teacher (cached in --out) and the coverage audit, on the full tokenizers."""
-        from xtoken_nemo.tokenizers import load_tokenizer
-        from xtoken_nemo.vocab.audit import audit, plot_audits
-
         student = load_tokenizer(STUDENT_TOK)
         reports, summaries = [], []
         for name in TEACHER_TOKS:
@@ -189,8 +207,10 @@ class Demo:
             summaries.append(summary)
             cats = summary["categories"]
             self.echo(
-                f"   {STUDENT_TOK} -> {name}: W nnz {stats['nnz']:,}; numerals_2 {cats['numerals_2']['covered']}/{cats['numerals_2']['total']}, "
-                f"numerals_3 {cats['numerals_3']['covered']}/{cats['numerals_3']['total']} in the common set -> {report.recommended_loss.upper()}"
+                f"   {STUDENT_TOK} -> {name}: W nnz {stats['nnz']:,}; "
+                f"numerals_2 {cats['numerals_2']['covered']}/{cats['numerals_2']['total']}, "
+                f"numerals_3 {cats['numerals_3']['covered']}/{cats['numerals_3']['total']} in the common set "
+                f"-> {report.recommended_loss.upper()}"
             )
         plot_audits(reports, str(self.out / "audit.png"))
         return summaries
@@ -200,9 +220,6 @@ class Demo:
         and the compact vocabularies both use it)."""
         if teacher in self._full_w:
             return self._full_w[teacher]
-        from xtoken_nemo.tokenizers import load_tokenizer
-        from xtoken_nemo.vocab import ProjectionMatrix
-        from xtoken_nemo.vocab.build import build_projection_matrix
 
         student, tok = load_tokenizer(STUDENT_TOK), load_tokenizer(teacher)
         path = self.out / "vocab" / f"W_{STUDENT_TOK}_{teacher}.full.safetensors"
@@ -223,8 +240,6 @@ class Demo:
 
     # ------------------------------------------------------------------------------------------
     def texts(self) -> dict[str, list[str]]:
-        from xtoken_nemo.demo.corpus import LookupTable, documents
-
         c = self.cfg
         table = LookupTable(c.num_facts, c.table_seed, c.rooms)
         return {
@@ -234,14 +249,10 @@ class Demo:
         }
 
     def items(self):
-        from xtoken_nemo.demo.corpus import LookupTable
-
         return LookupTable(self.cfg.num_facts, self.cfg.table_seed, self.cfg.rooms).items()
 
     def data(self) -> dict:
         """Corpus files, the compact vocabularies, restricted W, preprocessed datasets."""
-        from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
-
         c = self.cfg
         corpus = self.out / "corpus"
         corpus.mkdir(exist_ok=True)
@@ -279,17 +290,14 @@ class Demo:
                 )
             )
             self.echo(
-                f"   {out.name}: {manifest['documents']:,} documents, {manifest['student']['tokens']:,} {Path(student).name.split('.')[0]} tokens"
+                f"   {out.name}: {manifest['documents']:,} documents, "
+                f"{manifest['student']['tokens']:,} {Path(student).name.split('.')[0]} tokens"
             )
         return vocab
 
     def compact_vocabularies(self, texts: list[str]) -> dict:
         """Each tokenizer restricted to the ids the demo's text uses; a teacher's also keeps the ids
         W's rows for the student's kept ids reach, so the restricted W loses no mass."""
-        from xtoken_nemo.tokenizers import load_tokenizer
-        from xtoken_nemo.tokenizers.compact import CompactTokenizer, corpus_ids
-        from xtoken_nemo.vocab.compact import projection_support, restrict_projection
-
         full = {t: load_tokenizer(t) for t in (STUDENT_TOK, *TEACHER_TOKS)}
         student_ids = corpus_ids(full[STUDENT_TOK], texts)
         keep = {STUDENT_TOK: student_ids}
@@ -314,8 +322,6 @@ class Demo:
         return self.out / "data" / name
 
     def heldout(self):
-        from xtoken_nemo.demo.corpus import LookupItem
-
         corpus = self.out / "corpus"
         docs = [json.loads(line)["text"] for line in (corpus / "heldout.jsonl").read_text().splitlines() if line]
         items = [
@@ -327,15 +333,6 @@ class Demo:
     def _run_config(
         self, name: str, tok: str, family: str, size: ModelSize, data: Path, teachers: list, init: str | None, seed: int
     ):
-        from xtoken_nemo.distill.config import (
-            CheckpointConfig,
-            DataConfig,
-            DistillConfig,
-            ModelConfig,
-            OptimConfig,
-            TrainConfig,
-        )
-
         run_dir = self.out / "runs" / name
         model = ModelConfig(
             tokenizer=str(self.vocab_path(tok)),
@@ -370,9 +367,6 @@ class Demo:
 
     def _train(self, cfg) -> dict:
         """Train one run (or load its finished result); writes runs/<name>/config.json, history.json."""
-        from xtoken_nemo.distill.run_checkpoints import latest_checkpoint
-        from xtoken_nemo.distill.trainer import Trainer
-
         run_dir = self.out / "runs" / cfg.name
         done = run_dir / "history.json"
         if done.exists():
@@ -388,8 +382,6 @@ class Demo:
         finally:
             trainer.close()
         if summary["status"] != "completed":
-            from xtoken_nemo.errors import XTokenError
-
             raise XTokenError(f"run {cfg.name} stopped with status {summary['status']}; run the demo again to resume")
         seconds = time.perf_counter() - t0
         keep = ("ce", "kd", "total", "kd_scale", "grad_norm", "lr")
@@ -404,7 +396,8 @@ class Demo:
         hist = record["history"]
         kd = f", KD {hist[0]['kd']:.2f} -> {hist[-1]['kd']:.2f}" if cfg.teachers and "kd" in hist[-1] else ""
         self.echo(
-            f"   {cfg.name}: {record['steps']} steps in {seconds:.0f} s, CE {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f}{kd}"
+            f"   {cfg.name}: {record['steps']} steps in {seconds:.0f} s, "
+            f"CE {hist[0]['ce']:.2f} -> {hist[-1]['ce']:.2f}{kd}"
         )
         return record
 
@@ -454,11 +447,6 @@ class Demo:
 
     def student_init(self, seed: int) -> str:
         """One random initial student checkpoint per seed, shared by every student run of that seed."""
-        from xtoken_nemo.distill.config import ModelConfig
-        from xtoken_nemo.distill.model_setup import save_random_checkpoint
-        from xtoken_nemo.models.runtime import ensure_model_parallel
-        from xtoken_nemo.tokenizers import load_tokenizer
-
         path = self.out / "runs" / f"student-init-s{seed}"
         if not (path / "xtoken_model.json").exists():
             s = self.cfg.student
@@ -476,8 +464,6 @@ class Demo:
         return str(path)
 
     def train_students(self, runs: list[RunSpec], teachers: dict[str, dict]) -> dict[str, dict]:
-        from xtoken_nemo.distill.config import ModelConfig, TeacherConfig
-
         t_size = self.cfg.teacher
         cfgs = []
         for seed in self.cfg.seeds:
@@ -514,9 +500,6 @@ class Demo:
     # ------------------------------------------------------------------------------------------
     def evaluate(self, runs: list[RunSpec]) -> dict[str, object]:
         from tqdm.auto import tqdm
-
-        from xtoken_nemo.demo.evaluate import EvalItems, evaluate_checkpoint
-        from xtoken_nemo.tokenizers import load_tokenizer
 
         docs, items = self.heldout()
         models = [(f"teacher-{t}", t) for t in TEACHER_TOKS]

@@ -191,7 +191,8 @@ def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals,
     echo("\n" + table)
     echo("\n" + claim_table)
     echo(
-        f"\nwrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(str(out / p) for p in plots)} (total {timings.get('total', 0):.0f} s)"
+        f"\nwrote {out / 'report.md'}, {out / 'results.json'}, {', '.join(str(out / p) for p in plots)} "
+        f"(total {timings.get('total', 0):.0f} s)"
     )
     return results
 
@@ -277,10 +278,14 @@ learn the table only from its teachers. Evaluation: the {c.num_facts} prompts "T
 exact match, first digit, NLL of the answer) and {c.heldout_docs} held-out documents stating the true numbers
 (CE on all tokens and on numeral tokens, nats per student token).
 
-**Models.** Teachers: Qwen3 and Phi-4-mini tokenizers, {c.teacher.num_layers}-layer hidden-{c.teacher.hidden_size} models trained CE-only,
-{c.teacher.steps} steps of {c.teacher.batch} x {c.seq_length} tokens. Students: Llama-3.2 tokenizer, {c.student.num_layers}-layer hidden-{c.student.hidden_size}, {c.student.steps} steps of
-{c.student.batch} x {c.seq_length} tokens, lr {c.student.lr:g}, through the real trainer with the paper's dynamic KD/CE scale and
-chain-rule merge; seeds {", ".join(map(str, c.seeds))} (within a seed every student has the same initial weights and data order).
+**Models.** Teachers: Qwen3 and Phi-4-mini tokenizers, \
+{c.teacher.num_layers}-layer hidden-{c.teacher.hidden_size} models trained CE-only,
+{c.teacher.steps} steps of {c.teacher.batch} x {c.seq_length} tokens. Students: Llama-3.2 tokenizer, \
+{c.student.num_layers}-layer hidden-{c.student.hidden_size}, {c.student.steps} steps of
+{c.student.batch} x {c.seq_length} tokens, lr {c.student.lr:g}, through the real trainer with the paper's \
+dynamic KD/CE scale and
+chain-rule merge; seeds {", ".join(map(str, c.seeds))} (within a seed every student has the same initial \
+weights and data order).
 
 **What is scaled down.** Model sizes and data; and the vocabularies: each model's embedding and output
 layer span only the token ids the demo's text uses ({vocab_line}; a teacher's

@@ -20,15 +20,14 @@ from functools import partial
 
 import torch
 
-from xtoken_nemo.distill.config import DistillConfig
+from xtoken_nemo.data.dataset import BlendedDistillDataset, DistillDataset, collate_distill
+from xtoken_nemo.data.errors import DataError
+from xtoken_nemo.distill.config import ConfigError, DistillConfig
 
 log = logging.getLogger(__name__)
 
 
 def build_dataset(cfg: DistillConfig, student_tok, teacher_toks: list):
-    from xtoken_nemo.data.dataset import BlendedDistillDataset, DistillDataset
-    from xtoken_nemo.data.errors import DataError
-
     datasets = [
         DistillDataset(
             path,
@@ -100,8 +99,6 @@ class MicroBatches:
         pin_memory: bool = False,
         teacher_pad_multiple: int = 1,
     ):
-        from xtoken_nemo.distill.config import ConfigError
-
         self.dataset = dataset
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -144,8 +141,6 @@ class MicroBatches:
         return [(start + i) % len(self.dataset) for i in range(self.per_rank)]
 
     def _collate(self):
-        from xtoken_nemo.data.dataset import collate_distill
-
         # teacher padding lies beyond every chunk (masked out of the KD loss): any id serves
         return partial(collate_distill, teacher_pad_id=0, teacher_pad_multiple=self.teacher_pad_multiple)
 

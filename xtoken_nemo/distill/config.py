@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from xtoken_nemo.errors import XTokenError
 from xtoken_nemo.losses import MERGE_MODES, ULD_METHODS
+from xtoken_nemo.models.config import KernelOptions
 
 
 class KDMode(enum.StrEnum):
@@ -203,8 +204,6 @@ class ParallelConfig:
 
     def kernel_options(self):
         """The model-side part as :class:`xtoken_nemo.models.config.KernelOptions`."""
-        from xtoken_nemo.models.config import KernelOptions
-
         return KernelOptions(**{name: getattr(self, name) for name in KernelOptions.__dataclass_fields__})
 
     def ddp_options(self, dp_size: int, distributed_optimizer: bool) -> tuple[dict, dict[str, str]]:
@@ -300,7 +299,8 @@ class DistillConfig:
             if tc.needs_projection and not tc.projection:
                 raise ConfigError(
                     f"{where}.mode={tc.mode} needs {where.split(' ')[0]}.projection, a W file: "
-                    f"`xtoken build-w --student {self.student.tokenizer} --teacher {tc.model.tokenizer} --out W.safetensors`"
+                    f"`xtoken build-w --student {self.student.tokenizer} --teacher {tc.model.tokenizer} "
+                    "--out W.safetensors`"
                 )
         if self.teachers and t.alpha_mode == "static" and self.train.kd_scaling != "ce_only":
             total = sum(tc.alpha for tc in self.teachers)

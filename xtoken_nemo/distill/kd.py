@@ -13,9 +13,10 @@ then ``c_T * L_shape + KL_Bernoulli(c_T || c_S)`` (:func:`chunk_mass_kl_parts`),
 unnormalized chain-rule vectors. For ``first``/``logmean`` it is the shape loss alone.
 
 Every teacher's loss is split (docs/method.md, "Trainable part and constant"; docs/losses.md): the
-part that trains (KL over the outcomes the student can reach) is what enters L_KD and the dynamic scale; the gradient-free
-constant of the unreachable outcomes (P-KL's teacher columns no W row reaches, the rest bucket of
-a chunk whose student side is one token) and the teacher mass on them are only reported.
+part that trains (KL over the outcomes the student can reach) is what enters L_KD and the dynamic
+scale; the gradient-free constant of the unreachable outcomes (P-KL's teacher columns no W row
+reaches, the rest bucket of a chunk whose student side is one token) and the teacher mass on them
+are only reported.
 
 Each teacher's mode-specific loss comes from :mod:`xtoken_nemo.distill.teacher_loss` (its spec and
 the mode registry). Profiler ranges (``torch.profiler.record_function``; nearly free when no
@@ -41,6 +42,7 @@ from xtoken_nemo.losses import (
     teacher_confidence_parallel,
 )
 from xtoken_nemo.losses.weighting import FIXED_WEIGHTINGS, dynamic_kd_scale
+from xtoken_nemo.models.build import mask_padded_vocab
 
 #: value written into padded vocabulary columns before any softmax
 PAD_LOGIT = -1e4
@@ -97,8 +99,6 @@ def student_ce(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tens
     Megatron's padded vocabulary columns masked (the KD losses mask them themselves)."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
-
-    from xtoken_nemo.models.build import mask_padded_vocab
 
     rank = parallel_state.get_tensor_model_parallel_rank()
     with record_function("xtoken/ce_forward"):

@@ -13,6 +13,9 @@ import logging
 import torch
 
 from xtoken_nemo.distill.config import ConfigError, ModelConfig
+from xtoken_nemo.models.build import build_gpt_model
+from xtoken_nemo.models.checkpoint import load_mcore_checkpoint, save_mcore_checkpoint, write_metadata
+from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR, arch_from_hf_config
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +57,7 @@ def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.d
     :func:`save_random_checkpoint` (``xtoken init-model``) and load it. ``kernels``: the run's
     :class:`~xtoken_nemo.models.config.KernelOptions` (None: unfused).
     """
-    from xtoken_nemo.models.build import build_gpt_model
-    from xtoken_nemo.models.config import arch_from_hf_config
-
     if mc.checkpoint:
-        from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
-
         model, arch, meta = load_mcore_checkpoint(mc.checkpoint, params_dtype=params_dtype, tp=tp, kernels=kernels)
         padded = int(meta["padded_vocab_size"])
         if arch.vocab_size < vocab_size:
@@ -123,10 +121,6 @@ def mark_tensor_parallel_params(model) -> int:
 def save_random_checkpoint(mc: ModelConfig, vocab_size: int, out_dir: str, pad_for_tp: int = 8) -> str:
     """Write a random model of ``mc``'s family/shape as a checkpoint that loads at any TP size
     dividing ``pad_for_tp`` (call with megatron initialized at TP=1)."""
-    from xtoken_nemo.models.build import build_gpt_model
-    from xtoken_nemo.models.checkpoint import save_mcore_checkpoint, write_metadata
-    from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR, arch_from_hf_config
-
     arch = arch_from_hf_config(hf_config_for(mc, vocab_size))
     padded = arch.padded_vocab_size(pad_for_tp)
     torch.manual_seed(mc.init_seed)

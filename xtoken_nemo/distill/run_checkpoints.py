@@ -36,11 +36,11 @@ Async save (``checkpoint.async_save``, default off)
 (``dist_checkpointing.save(..., async_sharded_save=True)`` returns megatron's ``AsyncRequest``,
 scheduled on an ``AsyncCallsQueue``) and returns (``write_extra`` has run, into ``.partial``); the
 publication (the rename of ``.partial``, ``latest.txt``, retention) runs as the request's
-finalization, on all ranks, when :func:`finalize_pending_save` finds every rank's writer done. A save that has not been finalized
-is a ``.partial`` directory like any interrupted save. One save is in flight at a time: the next
-:func:`save_checkpoint` first waits for the previous one. The training loop must call
-``finalize_pending_save(blocking=True)`` before it exits, and should save synchronously when it
-was told to stop (the job is about to be killed).
+finalization, on all ranks, when :func:`finalize_pending_save` finds every rank's writer done. A
+save that has not been finalized is a ``.partial`` directory like any interrupted save. One save is
+in flight at a time: the next :func:`save_checkpoint` first waits for the previous one. The training
+loop must call ``finalize_pending_save(blocking=True)`` before it exits, and should save
+synchronously when it was told to stop (the job is about to be killed).
 
 Retention (``checkpoint.keep_last``)
 ------------------------------------
@@ -65,7 +65,10 @@ from pathlib import Path
 
 import torch
 
+from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 from xtoken_nemo.errors import XTokenError
+from xtoken_nemo.models import checkpoint as mcore_checkpoint  # its dist_load through the module: a test wraps it
+from xtoken_nemo.models.checkpoint import load_model_state, parallel_io_group
 from xtoken_nemo.models.runtime import true_on_any_rank
 
 log = logging.getLogger(__name__)
@@ -179,8 +182,6 @@ def save_strategy(parallel: bool | None = True):
         FullyParallelSaveStrategyWrapper,
     )
 
-    from xtoken_nemo.models.checkpoint import parallel_io_group
-
     strategy = get_default_save_sharded_strategy()
     group = parallel_io_group(parallel)
     return strategy if group is None else FullyParallelSaveStrategyWrapper(strategy, group)
@@ -201,7 +202,6 @@ def finalize_pending_save(blocking: bool = True) -> int:
     ranks, and leaves its ``.partial`` directory unpublished."""
     if not pending_saves():
         return 0
-    from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 
     with cuda_to_cpu():  # megatron's completion all-reduces use torch.cuda.current_device()
         return len(_async_queue.maybe_finalize_async_calls(blocking=blocking))
@@ -230,8 +230,6 @@ def save_checkpoint(
     """
     global _async_queue
     from megatron.core import dist_checkpointing
-
-    from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 
     if keep_last is not None and keep_last < 1:
         raise CheckpointError(f"checkpoint.keep_last={keep_last}: keep at least 1 checkpoint, or null to keep all")
@@ -316,9 +314,6 @@ def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, p
     the ranks exchange the rest (``FullyParallelLoadStrategyWrapper``; a no-op at DP = 1)."""
     from megatron.core import dist_checkpointing
 
-    from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
-    from xtoken_nemo.models.checkpoint import dist_load, load_model_state
-
     path = iteration_dir(Path(root), iteration)
     run_state = dict(dist_checkpointing.load_common_state_dict(str(path))["run_state"])
     saved_layout = run_state.pop("layout", None)
@@ -327,7 +322,7 @@ def load_checkpoint(root: str | os.PathLike, iteration: int, model, optimizer, p
         _allocate_optimizer_state(optimizer)
         template = _sharded_state(model, optimizer, {}, is_loading=True, with_rng=same_layout)
         template.pop("run_state")  # common (non-sharded) state, read above
-        loaded = dist_load(template, path, error_cls=CheckpointError, parallel=parallel)
+        loaded = mcore_checkpoint.dist_load(template, path, error_cls=CheckpointError, parallel=parallel)
         load_model_state(model, loaded["model"], path, error_cls=CheckpointError)
         optimizer.load_state_dict(loaded["optimizer"])
     if same_layout:

@@ -23,11 +23,23 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
+from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
+from xtoken_nemo.distill import kd, model_setup  # called through the module: tests wrap these functions
+from xtoken_nemo.distill.batches import MicroBatches, build_dataset
 from xtoken_nemo.distill.config import DistillConfig
+from xtoken_nemo.distill.kd import KDOptions
 from xtoken_nemo.distill.preemption import PreemptionFlag
+from xtoken_nemo.distill.progress import ProgressLog
+from xtoken_nemo.distill.run_checkpoints import finalize_pending_save, resume_latest, save_checkpoint
+from xtoken_nemo.distill.teacher_loss import build_teacher_spec, check_teacher_tokenizer
 from xtoken_nemo.errors import XTokenError
 from xtoken_nemo.losses import adaptive_alphas
-from xtoken_nemo.models.runtime import collective_device
+from xtoken_nemo.losses.checks import nonfinite_checks_deferred
+from xtoken_nemo.models.build import causal_mask
+from xtoken_nemo.models.checkpoint import write_metadata
+from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR
+from xtoken_nemo.models.runtime import collective_device, ensure_model_parallel, install_shims
+from xtoken_nemo.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +87,6 @@ def init_distributed(tp: int, seed: int, timeout_minutes: float = 30.0) -> bool:
 
     Returns True when this call created the process group (the caller then destroys it).
     """
-    from xtoken_nemo.models.runtime import ensure_model_parallel, install_shims
-
     install_shims()
     created = not torch.distributed.is_initialized()
     if created and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
@@ -142,13 +152,6 @@ class Trainer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-        from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
-        from xtoken_nemo.distill.batches import MicroBatches, build_dataset
-        from xtoken_nemo.distill.kd import KDOptions
-        from xtoken_nemo.distill.model_setup import build_model
-        from xtoken_nemo.distill.teacher_loss import build_teacher_spec, check_teacher_tokenizer
-        from xtoken_nemo.tokenizers import load_tokenizer
-
         cfg = self.cfg
         self.kd_options = KDOptions.from_config(cfg.train)
         self.student_tok = load_tokenizer(cfg.student.tokenizer)
@@ -157,14 +160,14 @@ class Trainer:
             check_teacher_tokenizer(tc, self.student_tok, tok)  # before any model loads
 
         kernels = cfg.parallel.kernel_options()  # resolved per model against this machine (one log line)
-        student, self.student_arch, s_padded = build_model(
+        student, self.student_arch, s_padded = model_setup.build_model(
             cfg.student, self.student_tok.vocab_size, self.tp, self.dtype, trainable=True, kernels=kernels
         )
         self.student_vocab = self.student_tok.vocab_size
         self.student_padded = s_padded
         self.teachers, self.teacher_specs, self.teacher_archs = [], [], []
         for tc, tok in zip(cfg.teachers, self.teacher_toks):
-            model, arch, t_padded = build_model(
+            model, arch, t_padded = model_setup.build_model(
                 tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False, kernels=kernels
             )
             spec = build_teacher_spec(tc, self.student_tok, tok, s_padded // self.tp, t_padded // self.tp)
@@ -232,10 +235,6 @@ class Trainer:
 
     # ..........................................................................................
     def _forward_step(self, data_iterator, model):
-        from xtoken_nemo.distill.kd import distillation_loss
-        from xtoken_nemo.losses.checks import nonfinite_checks_deferred
-        from xtoken_nemo.models.build import causal_mask
-
         batch = next(data_iterator)
         tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
         B, S = tokens.shape
@@ -257,7 +256,7 @@ class Trainer:
         # NaN/inf is not raised here (one rank raising while the others wait in a collective would
         # hang the job): it is flagged, and train_step skips the step on every rank at once
         with nonfinite_checks_deferred():
-            losses = distillation_loss(
+            losses = kd.distillation_loss(
                 student_logits,
                 labels.to(device),
                 loss_mask.to(device),
@@ -374,8 +373,6 @@ class Trainer:
         ``preempted`` (a signal reached some rank before this step's reduction)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
-
         num_micro = self.batches.num_micro
         S = self.cfg.data.seq_length
         self._step_kd_scale, self._step_alphas = self._batch_stats_for_step(num_micro)
@@ -402,14 +399,16 @@ class Trainer:
                 self.model.zero_grad_buffer()  # NaN gradients never reach the optimizer
                 self.optimizer.zero_grad()
                 log.warning(
-                    "step %d: NaN/inf in the logits or the loss on some rank; step skipped on every rank (%d in a row, %d in all)",
+                    "step %d: NaN/inf in the logits or the loss on some rank; "
+                    "step skipped on every rank (%d in a row, %d in all)",
                     step + 1,
                     self.state.consecutive_nonfinite,
                     self.state.skipped_steps,
                 )
                 if self.state.consecutive_nonfinite >= self.cfg.train.max_consecutive_nonfinite:
                     raise TrainingError(
-                        f"{self.state.consecutive_nonfinite} steps in a row had NaN/inf logits or loss (last at step {step + 1}); "
+                        f"{self.state.consecutive_nonfinite} steps in a row had NaN/inf logits or loss "
+                        f"(last at step {step + 1}); "
                         "stopping. Lower optim.lr, check the data and the teacher checkpoints, or raise "
                         "train.max_consecutive_nonfinite"
                     )
@@ -433,8 +432,6 @@ class Trainer:
     def resume(self) -> bool:
         """Load the newest checkpoint that loads (an unreadable latest one falls back to the one
         before it unless ``checkpoint.fallback_on_corrupt`` is off)."""
-        from xtoken_nemo.distill.run_checkpoints import resume_latest
-
         ckpt = self.cfg.checkpoint
         if not ckpt.resume:
             return False
@@ -453,8 +450,6 @@ class Trainer:
     def save(self, final: bool = False) -> Path:
         """Checkpoint the current step (``final``: the last save of this process, never async:
         the job is about to end or be requeued)."""
-        from xtoken_nemo.distill.run_checkpoints import save_checkpoint
-
         ckpt = self.cfg.checkpoint
         self.state.scheduler = self.scheduler.state_dict()
         return save_checkpoint(
@@ -472,9 +467,6 @@ class Trainer:
     def _write_model_record(self, directory: Path) -> None:
         """The student's architecture record (xtoken_model.json) and the run config, so that the
         checkpoint directory loads with `xtoken score` / `xtoken export`."""
-        from xtoken_nemo.models.checkpoint import write_metadata
-        from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR
-
         write_metadata(
             directory,
             self.student_arch,
@@ -489,9 +481,6 @@ class Trainer:
     def run(self) -> dict:
         """Train to ``train.train_steps``; returns a summary (losses per step, status)."""
         from tqdm.auto import tqdm
-
-        from xtoken_nemo.distill.progress import ProgressLog
-        from xtoken_nemo.distill.run_checkpoints import finalize_pending_save
 
         cfg = self.cfg
         self.resume()
@@ -630,7 +619,8 @@ def _distributed_optimizer_works() -> bool:
         return True
     _log_once(
         logging.WARNING,
-        "Apex/Transformer-Engine not installed: using megatron's non-distributed optimizer (optimizer state replicated over data-parallel ranks)",
+        "Apex/Transformer-Engine not installed: using megatron's non-distributed optimizer "
+        "(optimizer state replicated over data-parallel ranks)",
     )
     return False
 

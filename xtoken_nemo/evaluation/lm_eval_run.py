@@ -15,7 +15,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from xtoken_nemo.distill.run_checkpoints import latest_checkpoint
 from xtoken_nemo.errors import XTokenError
+from xtoken_nemo.models.convert import mcore_to_hf
+from xtoken_nemo.tokenizers import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,6 @@ def run_dir_of(checkpoint: str | Path) -> Path:
 
 def write_tokenizer(tokenizer_spec: str, out_dir: Path) -> None:
     """Tokenizer files for transformers' AutoTokenizer beside an exported model."""
-    from xtoken_nemo.tokenizers import load_tokenizer
-
     tok = load_tokenizer(tokenizer_spec)
     path = Path(tokenizer_spec)
     if path.is_dir():
@@ -77,7 +78,8 @@ def write_tokenizer(tokenizer_spec: str, out_dir: Path) -> None:
         (out_dir / "tokenizer.json").write_text(rust.to_str())
     else:
         raise EvalError(
-            f"cannot write HF tokenizer files for tokenizer '{tokenizer_spec}': give --like with the student's HF directory"
+            f"cannot write HF tokenizer files for tokenizer '{tokenizer_spec}': "
+            "give --like with the student's HF directory"
         )
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -95,9 +97,6 @@ def write_tokenizer(tokenizer_spec: str, out_dir: Path) -> None:
 
 def export_student(checkpoint: str | Path, out_dir: Path, like: str | None = None, dtype: str | None = None) -> dict:
     """Export the newest checkpoint (same code path as `xtoken export`) plus tokenizer files."""
-    from xtoken_nemo.distill.run_checkpoints import latest_checkpoint
-    from xtoken_nemo.models.convert import mcore_to_hf
-
     source = latest_checkpoint(checkpoint)
     mcore_to_hf(source, out_dir, like=like, dtype=dtype)
     run_config = {}

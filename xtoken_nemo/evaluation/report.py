@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 from xtoken_nemo.evaluation.lm_eval_run import PAPER_TASKS, RESULTS_FILE, EvalError
+from xtoken_nemo.recipes import all_recipes
 
 HEADERS = {"mmlu": "MMLU", "gsm8k": "GSM8k", "hendrycks_math": "MATH", "winogrande": "Wino", "hellaswag": "HS"}
 
@@ -25,8 +26,6 @@ def _fmt(value: float | None) -> str:
 
 
 def report_rows(paths: list[str | Path]) -> list[dict]:
-    from xtoken_nemo.recipes import all_recipes
-
     paper = {r.name: r.paper for r in all_recipes() if r.paper}
     rows = []
     for path in paths:

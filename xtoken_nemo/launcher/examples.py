@@ -22,6 +22,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from xtoken_nemo.launcher.sbatch import JobOptions
+from xtoken_nemo.launcher.submit import prepare
+from xtoken_nemo.recipes import paper_recipes
+
 ROOT = "/path/to/XTOKEN_ROOT"
 CONTAINER = "/path/to/xtoken-nemo.sqsh"
 COMMAND = "python -m xtoken_nemo.launcher.examples"
@@ -30,10 +34,6 @@ DEFAULT_DIR = Path("launcher") / "scripts"
 
 def render_examples() -> dict[str, str]:
     """File name -> script text, one per paper recipe (the runs of ``--sweep paper``)."""
-    from xtoken_nemo.launcher.sbatch import JobOptions
-    from xtoken_nemo.launcher.submit import prepare
-    from xtoken_nemo.recipes import paper_recipes
-
     note = f"example from `{COMMAND}`: replace {ROOT} and {CONTAINER}"
     scripts = {}
     for recipe in paper_recipes():

@@ -33,7 +33,8 @@ class Layout:
     def describe(self) -> str:
         devices = f"{self.gpus_per_node} GPUs" if self.gpus_per_node else f"{self.procs_per_node} CPU process(es)"
         return (
-            f"{self.nodes} node(s) x {devices} = {self.world} ranks: TP {self.tp}, DP {self.dp}, micro-batch {self.micro_batch}, "
+            f"{self.nodes} node(s) x {devices} = {self.world} ranks: TP {self.tp}, DP {self.dp}, "
+            f"micro-batch {self.micro_batch}, "
             f"{self.accumulation} accumulation step(s) -> global batch {self.global_batch} "
             f"({self.micro_batch} x {self.accumulation} x {self.dp})"
         )
@@ -55,7 +56,8 @@ def derive_layout(cfg: DistillConfig, nodes: int, gpus_per_node: int, cpu_procs_
     world = nodes * procs
     if t.tensor_parallel < 1 or procs % t.tensor_parallel:
         raise LayoutError(
-            f"train.tensor_parallel={t.tensor_parallel} must divide the {procs} ranks of a node (tensor parallelism stays "
+            f"train.tensor_parallel={t.tensor_parallel} must divide the {procs} ranks of a node "
+            "(tensor parallelism stays "
             f"inside a node, on NVLink); choose one of {_divisors(procs)}"
         )
     dp = world // t.tensor_parallel
@@ -81,7 +83,8 @@ def derive_layout(cfg: DistillConfig, nodes: int, gpus_per_node: int, cpu_procs_
         padded_for = meta.get("padded_for_tp")
         if padded_for and padded_for % t.tensor_parallel:
             raise LayoutError(
-                f"{where}: checkpoint {mc.checkpoint} has its vocabulary padded for TP sizes dividing {padded_for}, not "
+                f"{where}: checkpoint {mc.checkpoint} has its vocabulary padded for TP sizes dividing {padded_for}, "
+                "not "
                 f"TP {t.tensor_parallel}: reconvert with `xtoken convert hf-to-mcore ... --tp {t.tensor_parallel}`"
             )
     cfg.validate(world_size=world)

@@ -100,7 +100,8 @@ def _cpus(layout: Layout, opts: JobOptions) -> tuple[int, str]:
     n = default_cpus_per_task(layout)
     if layout.gpus_per_node:
         return n, (
-            f"# {n} = the default, {CPUS_PER_GPU} per GPU x {layout.gpus_per_node} GPUs: each GPU's worker with its NCCL and\n"
+            f"# {n} = the default, {CPUS_PER_GPU} per GPU x {layout.gpus_per_node} GPUs: "
+            "each GPU's worker with its NCCL and\n"
             "# pin-memory threads, plus data reading and torchrun (torchtitan's multinode script asks for 96 on\n"
             f"# an 8-GPU node). Needs nodes with >= {n} CPUs; --cpus-per-task N asks for another count, e.g. the\n"
             f"# node's (an --exclusive job holds the whole node, but its step uses only what srun asks for)."
@@ -174,7 +175,8 @@ on_signal() {
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
 
-srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=@@CPUS@@ --export=ALL --kill-on-bad-exit=1 @@SRUN_ARGS@@bash -c "$NODE_SCRIPT" &
+srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --cpus-per-task=@@CPUS@@ --export=ALL \
+--kill-on-bad-exit=1 @@SRUN_ARGS@@bash -c "$NODE_SCRIPT" &
 SRUN_PID=$!
 # wait returns early when a trapped signal arrives: keep waiting for srun (children must not outlive us)
 wait "$SRUN_PID"; rc=$?

@@ -244,7 +244,7 @@ def uld_block(
         contested = int(gpos.numel())
         o1 = torch.argsort(val, descending=True, stable=True)
         order = o1[torch.argsort(row[o1], stable=True)]
-        gpos, r, v, l = gpos[order], row[order].long(), val[order], lab[order]
+        gpos, r, v, lab_sorted = gpos[order], row[order].long(), val[order], lab[order]
         k = grid.keys(v.to(grid.dtype)).long()
         kf = r * K + k
         start = torch.ones_like(kf, dtype=torch.bool)
@@ -252,8 +252,8 @@ def uld_block(
         seg = torch.cumsum(start.long(), 0) - 1
         first = torch.nonzero(start).squeeze(1)
         dt = d_top.view(-1)[kf].double()
-        d_above = dt + _exclusive_in_segments(l, first, seg)  # D just above each element
-        d_below = d_above + l
+        d_above = dt + _exclusive_in_segments(lab_sorted, first, seg)  # D just above each element
+        d_below = d_above + lab_sorted
         last = torch.ones_like(start)
         last[:-1] = start[1:]
         v_next = torch.where(last, lo[k], torch.roll(v, -1))
@@ -265,9 +265,9 @@ def uld_block(
         G_lo = torch.cumsum(J, -1) - J
         G = G_lo.view(-1)[kf] + J.view(-1)[kf] - H
         own = (gpos // M) == rk if ws > 1 else torch.ones_like(gpos, dtype=torch.bool)
-        own_rows, own_contrib = r[own], (l * G)[own]
+        own_rows, own_contrib = r[own], (lab_sorted * G)[own]
         loc = gpos[own] % M if ws > 1 else gpos[own]
-        is_a = l[own] > 0
+        is_a = lab_sorted[own] > 0
         sign_a = torch.where(d_above[own] >= 0, 1, -1).to(torch.int8)
         amb_idx, amb_sign = ia[loc[is_a]], sign_a[is_a]
     else:

@@ -23,6 +23,7 @@ from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 from xtoken_nemo.models.config import KernelOptions, ModelArch, check_tp
 from xtoken_nemo.models.errors import ModelError
 from xtoken_nemo.models.rope import hf_rotary_embedding_class, rope_attention_factor, set_rope_mscale
+from xtoken_nemo.models.runtime import ensure_rng_tracker
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,6 @@ def resolve_kernel_options(requested: KernelOptions | None, arch: ModelArch, tp:
     RMSNorm asserts both off); sequence parallelism only means something at TP > 1.
     ``requested`` None: all off (the unfused model), nothing logged.
     """
-    from xtoken_nemo.models.rope import rope_attention_factor
-
     if requested is None:
         requested = KernelOptions.off()
     wanted = {name: bool(getattr(requested, name)) for name in KernelOptions.__dataclass_fields__}
@@ -267,8 +266,6 @@ def build_gpt_model(
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
-
-    from xtoken_nemo.models.runtime import ensure_rng_tracker
 
     ensure_rng_tracker()
     if tp is None:

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
+from xtoken_nemo.models import build  # build.build_gpt_model through the module: a test wraps it
 from xtoken_nemo.models.config import ModelArch, arch_from_hf_config, check_tp
 from xtoken_nemo.models.errors import ModelError
 from xtoken_nemo.models.runtime import true_on_any_rank
@@ -263,7 +264,8 @@ def load_model_state(model, state: dict, ckpt_dir: str | Path, error_cls: type[E
         raise error_cls(f"checkpoint {ckpt_dir} lacks parameters {_few(missing)}: it was written for a different model")
     if unexpected:
         raise error_cls(
-            f"checkpoint {ckpt_dir} has parameters the model lacks: {_few(unexpected)}; it was written for a different model"
+            f"checkpoint {ckpt_dir} has parameters the model lacks: {_few(unexpected)}; "
+            "it was written for a different model"
         )
 
 
@@ -297,15 +299,13 @@ def load_mcore_checkpoint(
     """
     from megatron.core import parallel_state
 
-    from xtoken_nemo.models.build import build_gpt_model
-
     meta = read_metadata(ckpt_dir)
     arch = arch_from_metadata(meta)
     if tp is None:
         tp = parallel_state.get_tensor_model_parallel_world_size()
     check_tp(arch, tp, meta["padded_vocab_size"])
     dtype = dtype_from_name(meta["params_dtype"]) if params_dtype is None else params_dtype
-    model = build_gpt_model(
+    model = build.build_gpt_model(
         arch,
         meta["padded_vocab_size"],
         tp=tp,

@@ -261,7 +261,8 @@ def arch_from_hf_config(cfg: dict[str, Any] | str | Path) -> ModelArch:
         layer_types = cfg.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
             raise ModelError(
-                f"config.json layer_types has non-full attention layers {sorted(set(layer_types))}; only full attention is supported"
+                f"config.json layer_types has non-full attention layers {sorted(set(layer_types))}; "
+                "only full attention is supported"
             )
     if family == "phi3" and cfg.get("sliding_window"):
         sliding_window = int(cfg["sliding_window"])
@@ -298,7 +299,8 @@ def check_tp(arch: ModelArch, tp: int, padded_vocab_size: int | None = None) -> 
     ):
         if value % tp:
             raise ModelError(
-                f"config.json {name}={value} is not divisible by tensor-parallel size {tp}; choose a TP size that divides it"
+                f"config.json {name}={value} is not divisible by tensor-parallel size {tp}; "
+                "choose a TP size that divides it"
             )
     if padded_vocab_size is not None and padded_vocab_size % tp:
         raise ModelError(

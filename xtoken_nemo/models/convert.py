@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from xtoken_nemo.models.build import build_gpt_model
 from xtoken_nemo.models.checkpoint import (
     arch_from_metadata,
     dtype_from_name,
@@ -48,6 +49,7 @@ from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR, ModelArch, arch_fro
 from xtoken_nemo.models.errors import ModelError
 from xtoken_nemo.models.families import IGNORED_HF, TABLES
 from xtoken_nemo.models.mapping import BoundMapping
+from xtoken_nemo.models.runtime import ensure_model_parallel
 
 log = logging.getLogger(__name__)
 
@@ -183,13 +185,17 @@ def load_hf_weights(model, arch: ModelArch, reader: SafetensorsReader, progress:
             if hf_name not in reader:
                 hint = ""
                 if hf_name == "lm_head.weight":
-                    hint = " (config.json tie_word_embeddings is false: set it to true if the output layer shares the embedding)"
+                    hint = (
+                        " (config.json tie_word_embeddings is false: "
+                        "set it to true if the output layer shares the embedding)"
+                    )
                 raise ModelError(f"HF checkpoint {reader.dir} lacks tensor '{hf_name}' needed for {name}{hint}")
             got = reader.shape(hf_name)
             if got != tuple(shape):
                 raise ModelError(
                     f"HF tensor '{hf_name}' has shape {list(got)} but config.json ({_describe_fields(arch, m.fields)}) "
-                    f"implies {list(shape)}: the weights and config.json disagree; use the config.json saved with these weights"
+                    f"implies {list(shape)}: the weights and config.json disagree; "
+                    "use the config.json saved with these weights"
                 )
         hf_tensors = [reader.get(n) for n in m.hf]
         value = m.transform.to_megatron(hf_tensors, tuple(param.shape), arch)
@@ -201,7 +207,8 @@ def load_hf_weights(model, arch: ModelArch, reader: SafetensorsReader, progress:
     if arch.tie_embeddings and "lm_head.weight" in leftover:
         leftover.remove("lm_head.weight")
         log.info(
-            "tie_word_embeddings is true: lm_head.weight in the checkpoint is ignored (the embedding is used, as in transformers)"
+            "tie_word_embeddings is true: lm_head.weight in the checkpoint is ignored "
+            "(the embedding is used, as in transformers)"
         )
     if leftover:
         raise ModelError(
@@ -213,7 +220,7 @@ def load_hf_weights(model, arch: ModelArch, reader: SafetensorsReader, progress:
 
 def iter_hf_weights(model, arch: ModelArch) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) pairs of a TP=1 GPTModel, in parameter order."""
-    for name, param, m in _bound_params(model, arch):
+    for _name, param, m in _bound_params(model, arch):
         tensors = m.transform.to_hf(param.detach(), arch)
         yield from zip(m.hf, tensors)
 
@@ -241,9 +248,6 @@ def hf_to_mcore(
     against the head counts; the checkpoint itself loads at any TP size dividing the padded vocab.
     ``dtype`` defaults to the dtype of the HF tensors (exact round trips).
     """
-    from xtoken_nemo.models.build import build_gpt_model
-    from xtoken_nemo.models.runtime import ensure_model_parallel
-
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     arch = arch_from_hf_config(load_hf_config(hf_dir))
     reader = SafetensorsReader(hf_dir)
@@ -292,8 +296,6 @@ def mcore_to_hf(
     config.json recorded at conversion is written.
     """
     from tqdm import tqdm
-
-    from xtoken_nemo.models.runtime import ensure_model_parallel
 
     mcore_dir, out_dir = Path(mcore_dir), Path(out_dir)
     meta = read_metadata(mcore_dir)

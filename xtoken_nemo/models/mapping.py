@@ -179,5 +179,6 @@ class MappingTable:
                 hf = tuple(n.replace("*", str(layer)) if layer is not None else n for n in row.hf)
                 return BoundMapping(megatron_name, hf, TRANSFORMS[row.transform], row.fields)
         raise ModelError(
-            f"megatron parameter {megatron_name} has no HF mapping for family {arch.family}; the model and table disagree"
+            f"megatron parameter {megatron_name} has no HF mapping for family {arch.family}; "
+            "the model and table disagree"
         )

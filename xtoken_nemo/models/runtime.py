@@ -18,6 +18,7 @@ import socket
 
 import torch
 
+from xtoken_nemo.compat.cpu import install_cpu_shims
 from xtoken_nemo.models.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -32,8 +33,6 @@ def _free_port() -> int:
 def install_shims() -> None:
     """CPU shims for megatron-core when CUDA is absent (no-op on GPU)."""
     if not torch.cuda.is_available():
-        from xtoken_nemo.compat.cpu import install_cpu_shims
-
         install_cpu_shims(groups=("core", "rng"))
 
 

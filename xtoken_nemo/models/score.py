@@ -9,8 +9,12 @@ from typing import Any
 
 import torch
 
+from xtoken_nemo.models.build import forward_logits, mask_padded_vocab
+from xtoken_nemo.models.checkpoint import arch_from_metadata, load_mcore_checkpoint, read_metadata
 from xtoken_nemo.models.config import ModelArch
 from xtoken_nemo.models.errors import ModelError
+from xtoken_nemo.models.runtime import ensure_model_parallel
+from xtoken_nemo.tokenizers import Tokenizer, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,8 @@ def check_tokenizer_fits(tokenizer, arch: ModelArch) -> None:
     if tokenizer.vocab_size > arch.vocab_size:
         raise ModelError(
             f"tokenizer '{tokenizer.name}' has vocab_size {tokenizer.vocab_size} but the model's config.json "
-            f"vocab_size is {arch.vocab_size}: ids >= {arch.vocab_size} have no embedding row; use the model's own tokenizer"
+            f"vocab_size is {arch.vocab_size}: ids >= {arch.vocab_size} have no embedding row; "
+            "use the model's own tokenizer"
         )
 
 
@@ -55,8 +60,6 @@ def token_logprobs(model, arch: ModelArch, ids: torch.Tensor) -> torch.Tensor:
     The model must gather its output (``parallel_output=False``) or run at TP=1: logits are
     [b, s, V_padded]; padded columns are masked before the softmax.
     """
-    from xtoken_nemo.models.build import forward_logits, mask_padded_vocab
-
     with torch.no_grad():
         logits = forward_logits(model, ids, arch).float()
     logits = mask_padded_vocab(logits, arch.vocab_size)
@@ -76,10 +79,6 @@ def score_text(
     ``tokenizer``: a loaded :class:`xtoken_nemo.tokenizers.Tokenizer` or a name/path for
     ``load_tokenizer``. BOS follows the tokenizer family's default unless ``add_bos`` is given.
     """
-    from xtoken_nemo.models.checkpoint import arch_from_metadata, load_mcore_checkpoint, read_metadata
-    from xtoken_nemo.models.runtime import ensure_model_parallel
-    from xtoken_nemo.tokenizers import Tokenizer, load_tokenizer
-
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     arch = arch_from_metadata(read_metadata(checkpoint))
     check_tokenizer_fits(tok, arch)

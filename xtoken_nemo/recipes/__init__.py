@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 
+from xtoken_nemo.distill.config import ConfigError
 from xtoken_nemo.recipes.common import PaperRow, Recipe, default_root, run_dir
 
 # the paper's table, in its order, then the utility recipes
@@ -55,8 +56,6 @@ def paper_recipes() -> list[Recipe]:
 
 
 def get_recipe(name: str) -> Recipe:
-    from xtoken_nemo.distill.config import ConfigError
-
     for recipe in all_recipes():
         if recipe.name == name:
             return recipe

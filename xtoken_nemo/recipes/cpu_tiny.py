@@ -1,8 +1,9 @@
 """Tiny random models on CPU with the real built-in tokenizers: a Llama-3.2-tokenizer student and
 two teachers (Qwen3 tokenizer with P-KL, Llama-3.2 tokenizer with KL), a few steps on synthetic
 text. (H-KL/GOLD/ULD sort the 200k-wide distributions for their ULD part, about 3 s per step on 2
-CPU cores even at this size, so the CPU recipe leaves them to the GPU recipes and the tests.) `xtoken prepare-cpu-tiny` writes its inputs to $XTOKEN_ROOT/cpu-tiny
-first. Same code path as the paper runs; minutes on a laptop, CI or a one-node SLURM test."""
+CPU cores even at this size, so the CPU recipe leaves them to the GPU recipes and the tests.)
+`xtoken prepare-cpu-tiny` writes its inputs to $XTOKEN_ROOT/cpu-tiny first. Same code path as the
+paper runs; minutes on a laptop, CI or a one-node SLURM test."""
 
 from xtoken_nemo.distill.config import (
     CheckpointConfig,

@@ -8,19 +8,19 @@ import json
 import logging
 from pathlib import Path
 
+from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
+from xtoken_nemo.data.synthetic import documents as synthetic_documents
+from xtoken_nemo.distill.config import KDMode, ModelConfig
+from xtoken_nemo.distill.model_setup import save_random_checkpoint
+from xtoken_nemo.models.runtime import ensure_model_parallel
+from xtoken_nemo.recipes.cpu_tiny import SEQ_LENGTH, TEACHERS, TINY
+from xtoken_nemo.tokenizers import load_tokenizer
+from xtoken_nemo.vocab.build import build_projection_matrix
+
 log = logging.getLogger(__name__)
 
 
 def prepare_cpu_tiny(root: str | Path, documents: int = 60, progress: bool = False) -> dict:
-    from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
-    from xtoken_nemo.data.synthetic import documents as synthetic_documents
-    from xtoken_nemo.distill.config import KDMode, ModelConfig
-    from xtoken_nemo.distill.model_setup import save_random_checkpoint
-    from xtoken_nemo.models.runtime import ensure_model_parallel
-    from xtoken_nemo.recipes.cpu_tiny import SEQ_LENGTH, TEACHERS, TINY
-    from xtoken_nemo.tokenizers import load_tokenizer
-    from xtoken_nemo.vocab.build import build_projection_matrix
-
     base = Path(root).expanduser().resolve() / "cpu-tiny"
     written = {}
     student = load_tokenizer("llama3")

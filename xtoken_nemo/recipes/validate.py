@@ -7,6 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from xtoken_nemo.distill.config import DistillConfig
+from xtoken_nemo.tokenizers import load_tokenizer
+from xtoken_nemo.vocab import ProjectionMatrix
 
 
 def check_files(cfg: DistillConfig) -> list[str]:
@@ -22,7 +24,8 @@ def check_files(cfg: DistillConfig) -> list[str]:
     for path in cfg.data.paths:
         if not (Path(path) / "manifest.json").is_file():
             problems.append(
-                f"data: {path} is not a preprocessed dataset (no manifest.json): run `xtoken preprocess ... --out {path}`"
+                f"data: {path} is not a preprocessed dataset (no manifest.json): "
+                f"run `xtoken preprocess ... --out {path}`"
             )
     student_tok = None
     for i, tc in enumerate(cfg.teachers):
@@ -36,13 +39,11 @@ def check_files(cfg: DistillConfig) -> list[str]:
             problems.append(f"{where}: W file {tc.projection} missing: {command}")
             continue
         try:
-            from xtoken_nemo.tokenizers import load_tokenizer
-            from xtoken_nemo.vocab import ProjectionMatrix
-
             student_tok = student_tok or load_tokenizer(cfg.student.tokenizer)
             ProjectionMatrix.load(tc.projection, student_tok, load_tokenizer(tc.model.tokenizer))
         except Exception as exc:  # the loader's message says which tokenizer differs
             problems.append(
-                f"{where}: W file {tc.projection} does not fit tokenizers {cfg.student.tokenizer} -> {tc.model.tokenizer}: {exc}; rebuild it with {command}"
+                f"{where}: W file {tc.projection} does not fit tokenizers "
+                f"{cfg.student.tokenizer} -> {tc.model.tokenizer}: {exc}; rebuild it with {command}"
             )
     return problems

@@ -14,6 +14,9 @@ from pathlib import Path
 from xtoken_nemo.errors import TokenizerError
 from xtoken_nemo.tokenizers.base import ROLES, Encoding, Tokenizer
 from xtoken_nemo.tokenizers.builtin import ALIASES, BUILTIN_NAMES, load_builtin
+from xtoken_nemo.tokenizers.hf import HFTokenizer
+from xtoken_nemo.tokenizers.sp import SentencePieceTokenizer
+from xtoken_nemo.tokenizers.tiktoken_bpe import TiktokenTokenizer, read_ranks
 
 __all__ = ["ROLES", "BUILTIN_NAMES", "Encoding", "Tokenizer", "load_tokenizer"]
 
@@ -48,16 +51,10 @@ def load_tokenizer(
             "give a built-in name, an HF model directory, a tokenizer.json, a .model or a .tiktoken file"
         )
     if path.is_dir() or path.suffix == ".json":
-        from xtoken_nemo.tokenizers.hf import HFTokenizer
-
         return HFTokenizer(path, name=key, vocab_size=vocab_size, special_tokens=special_tokens)
     if path.suffix == ".model":
-        from xtoken_nemo.tokenizers.sp import SentencePieceTokenizer
-
         return SentencePieceTokenizer(path, name=key, vocab_size=vocab_size, special_tokens=special_tokens)
     if path.suffix in (".tiktoken", ".vocab"):
-        from xtoken_nemo.tokenizers.tiktoken_bpe import TiktokenTokenizer, read_ranks
-
         return TiktokenTokenizer(read_ranks(path), name=key, vocab_size=vocab_size, roles=special_tokens)
     raise TokenizerError(
         f"cannot tell the tokenizer format of {path}; expected an HF directory, tokenizer.json, .model or .tiktoken"
@@ -71,6 +68,6 @@ def _cached_builtin(name: str) -> Tokenizer:
 
 @lru_cache(maxsize=8)
 def _cached_compact(path: str, mtime_ns: int) -> Tokenizer:
-    from xtoken_nemo.tokenizers.compact import load_compact
+    from xtoken_nemo.tokenizers.compact import load_compact  # lazy: cycle, compact.py imports load_tokenizer
 
     return load_compact(path)

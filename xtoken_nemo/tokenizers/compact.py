@@ -25,6 +25,7 @@ import os
 from pathlib import Path
 
 from xtoken_nemo.errors import TokenizerError
+from xtoken_nemo.tokenizers import load_tokenizer
 from xtoken_nemo.tokenizers.base import Encoding, Tokenizer
 
 SUBVOCAB_SUFFIX = ".subvocab.json"
@@ -56,7 +57,8 @@ class CompactTokenizer(Tokenizer):
                 where = f" in {text[:60]!r}" if text is not None else ""
                 raise TokenizerError(
                     f"token {self.base.token_text(b)!r} (id {b} of '{self.base.name}'){where} is not in the compact "
-                    f"vocabulary '{self.name}' ({self.vocab_size} ids); rebuild it from a corpus that includes this text"
+                    f"vocabulary '{self.name}' ({self.vocab_size} ids); "
+                    "rebuild it from a corpus that includes this text"
                 )
             out.append(c)
         return out
@@ -98,8 +100,6 @@ class CompactTokenizer(Tokenizer):
 
 def load_compact(path: str | os.PathLike) -> CompactTokenizer:
     """Read a ``.subvocab.json`` file; its base tokenizer must be the one it was made from."""
-    from xtoken_nemo.tokenizers import load_tokenizer
-
     path = Path(path)
     try:
         data = json.loads(path.read_text())

@@ -13,14 +13,11 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from xtoken_nemo.errors import ProjectionMatrixError
-
-if TYPE_CHECKING:
-    from xtoken_nemo.tokenizers.base import Tokenizer
+from xtoken_nemo.tokenizers.base import Tokenizer
 
 FORMAT_NAME = "xtoken-nemo/projection-matrix"
 FORMAT_VERSION = "1"
