@@ -282,3 +282,19 @@ def test_bad_input_raises_clear_error(case, name):
     with pytest.raises(LossInputError, match=match):
         fn()
     assert issubclass(LossInputError, XTokenError)
+
+
+def test_host_alphas_are_the_same_softmax_as_the_tensor_alphas():
+    """The trainer applies the previous step's alphas from host floats: the same rule as the
+    per-micro-batch tensor form, and None (keep the old alphas) when a confidence is not finite."""
+    from xtoken_nemo.losses import adaptive_alphas, adaptive_alphas_host
+
+    gen = torch.Generator().manual_seed(0)
+    for temperature in (0.5, 1.0, 2.0):
+        for _ in range(50):
+            conf = (torch.rand(3, generator=gen, dtype=torch.float64) * -6).tolist()
+            host = adaptive_alphas_host(conf, temperature)
+            assert host == pytest.approx(adaptive_alphas(conf, temperature).tolist(), abs=1e-6)
+            assert sum(host) == pytest.approx(1.0, abs=1e-12)
+    assert adaptive_alphas_host([-1.0, float("nan")], 1.0) is None
+    assert adaptive_alphas_host([-1.0, float("-inf")], 1.0) is None

@@ -33,7 +33,7 @@ from xtoken_nemo.distill.progress import ProgressLog
 from xtoken_nemo.distill.run_checkpoints import finalize_pending_save, resume_latest, save_checkpoint
 from xtoken_nemo.distill.teacher_loss import build_teacher_spec, check_teacher_tokenizer
 from xtoken_nemo.errors import XTokenError
-from xtoken_nemo.losses import adaptive_alphas
+from xtoken_nemo.losses import adaptive_alphas_host
 from xtoken_nemo.losses.checks import nonfinite_checks_deferred
 from xtoken_nemo.models.build import causal_mask
 from xtoken_nemo.models.checkpoint import write_metadata
@@ -357,11 +357,11 @@ class Trainer:
             self.state.kd_scale = ratio
         names = [spec.config.name for spec in self.teacher_specs]
         if conf and all(counts.get(n, 0.0) > 0 for n in names):
-            temperature = self.cfg.train.alpha_temperature
             means = [conf[n] / counts[n] for n in names]
-            if all(math.isfinite(m / temperature) for m in means):
-                # the losses' own softmax, on the host (a CPU tensor: no device work)
-                self.state.alphas = adaptive_alphas(torch.tensor(means, dtype=torch.float64), temperature).tolist()
+            # host floats (no device sync); None if not finite: keep the previous alphas
+            alphas = adaptive_alphas_host(means, self.cfg.train.alpha_temperature)
+            if alphas is not None:
+                self.state.alphas = alphas
 
     @staticmethod
     def _loss_func(metrics: dict, output_tensor: torch.Tensor):

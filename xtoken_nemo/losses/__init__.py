@@ -32,7 +32,13 @@ from xtoken_nemo.losses.reference import (
     pkl_loss_parts,
     uld_loss,
 )
-from xtoken_nemo.losses.weighting import adaptive_alphas, combine_teachers, scale_kd_ce, teacher_confidence
+from xtoken_nemo.losses.weighting import (
+    adaptive_alphas,
+    adaptive_alphas_host,
+    combine_teachers,
+    scale_kd_ce,
+    teacher_confidence,
+)
 
 __all__ = [
     "MERGE_MODES",
@@ -41,6 +47,7 @@ __all__ = [
     "LossParts",
     "MergedChunks",
     "adaptive_alphas",
+    "adaptive_alphas_host",
     "chunk_log_mass_parallel",
     "chunk_mass_kl",
     "chunk_mass_kl_parts",

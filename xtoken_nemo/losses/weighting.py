@@ -17,6 +17,7 @@ confidence score divided by a temperature, computed without gradient. Scores com
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -58,14 +59,25 @@ def teacher_confidence(teacher_logits: torch.Tensor, kind: str, targets: torch.T
 
 
 def adaptive_alphas(confidences: Sequence[torch.Tensor | float], temperature: float = 1.0) -> torch.Tensor:
-    """[M] alphas = softmax(confidence / temperature) over teachers (stop-gradient); float32, or
-    float64 when the confidences are (the trainer's host-side means of the previous step)."""
+    """[M] alphas = softmax(confidence / temperature) over teachers (stop-gradient), float32 on the
+    confidences' device: the per-micro-batch form (``train.kd_scale_source="micro_batch"``)."""
     check_temperature(temperature)
-    wide = any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in confidences)
-    dtype = torch.float64 if wide else torch.float32
-    c = torch.stack([torch.as_tensor(x, dtype=dtype).detach().reshape(()) for x in confidences])
+    c = torch.stack([torch.as_tensor(x, dtype=torch.float32).detach().reshape(()) for x in confidences])
     check_finite("teacher confidences", c)
     return torch.softmax(c / temperature, dim=0)
+
+
+def adaptive_alphas_host(confidences: Sequence[float], temperature: float = 1.0) -> list[float] | None:
+    """The same softmax as :func:`adaptive_alphas` on host floats (the previous step's reduced mean
+    confidences, which the trainer applies to the next step): no tensor, so no device sync.
+    None when a scaled confidence is not finite (the caller keeps its previous alphas)."""
+    check_temperature(temperature)
+    scaled = [c / temperature for c in confidences]
+    if not all(math.isfinite(x) for x in scaled):
+        return None
+    top = max(scaled)
+    weights = [math.exp(x - top) for x in scaled]
+    return [w / sum(weights) for w in weights]
 
 
 def combine_teachers(losses: Sequence[torch.Tensor], alphas: Sequence[float] | torch.Tensor) -> torch.Tensor:
