@@ -1,13 +1,29 @@
 """`xtoken demo --fast`: the CPU demo end to end on tiny sizes (the numbers mean nothing here; the
-full demo's results are in docs/demo.md). Checks the files it writes and that a rerun skips work."""
+full demo's results are in docs/demo.md). Checks the files it writes and that a rerun skips work.
+The report's statistics (intervals over seeds and items, t-intervals, verdicts) are checked on
+small fixed inputs."""
 
 from __future__ import annotations
 
 import json
+import math
+
+import numpy as np
+import pytest
 
 from xtoken_nemo.cli import main
 from xtoken_nemo.demo.corpus import NAMES, LookupTable, documents
+from xtoken_nemo.demo.evaluate import (
+    EvalItems,
+    bootstrap_indices,
+    items_only_difference,
+    paired_difference,
+    summarize,
+    t975,
+    t_interval,
+)
 from xtoken_nemo.demo.pipeline import fast_config
+from xtoken_nemo.demo.report import check_claim, claim_verdict
 from xtoken_nemo.tokenizers import load_tokenizer
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,3 +133,104 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("finished earlier") == len(RUNS) * len(seeds) + 2
     assert json.loads((out / "results.json").read_text())["runs"]["qwen3-pkl"] == results["runs"]["qwen3-pkl"]
+
+
+# ----------------------------------------------------------------------------------------------
+# statistics on small fixed inputs (no training)
+# ----------------------------------------------------------------------------------------------
+ITEMS, DOCS = 120, 8
+
+
+def _eval(correct) -> EvalItems:
+    """One seed's model: exact match per lookup item as given; fixed document values."""
+    correct = np.asarray(correct, dtype=np.float64)
+    docs = np.linspace(1.0, 2.0, DOCS)
+    return EvalItems(
+        docs * 50, docs * 40, docs * 200, docs * 5, docs * 2, docs * 4, correct, correct, 1.0 - correct, []
+    )
+
+
+def _runs(wins: list[bool], seed: int = 0) -> tuple[list[EvalItems], list[EvalItems]]:
+    """Runs a and b over len(wins) seeds: on a seed where a wins, a answers ~90% of the items and b
+    ~10%; where a loses, the other way round (the same item-level margin on every seed)."""
+    rng = np.random.default_rng(seed)
+    a, b = [], []
+    for w in wins:
+        hi, lo = (rng.random(ITEMS) < 0.9).astype(float), (rng.random(ITEMS) < 0.1).astype(float)
+        a.append(_eval(hi if w else lo))
+        b.append(_eval(lo if w else hi))
+    return a, b
+
+
+def test_items_agree_seeds_disagree_is_not_yes():
+    """a beats b on 3 seeds and loses on 2, each by a wide margin over every item: resampling the
+    items alone (the former interval) would call a > b outside noise; the interval over seeds and
+    items includes 0, and the claim is not established."""
+    a, b = _runs([True, True, True, False, False])
+    idx = bootstrap_indices(DOCS, ITEMS, 1000, seed=1234)
+    old_lo, old_hi = items_only_difference(a, b, idx)["numeral_exact_match"]
+    assert 0 < old_lo < old_hi  # items only: "yes (95% CI excludes 0)" under the former verdict
+    c = check_claim(a, b, "numeral_exact_match", +1, False, idx)
+    lo, hi = c["ci95"]
+    assert lo < 0 < hi and c["diff"] > 0
+    assert c["seeds_agreeing"] == "3/5"
+    assert not c["holds"].startswith("yes") and c["holds"].startswith("not established")
+    assert c["t95"][0] < 0 < c["t95"][1]
+    # the reverse claim (b above a) is not "the opposite, outside noise" either
+    assert claim_verdict(-c["diff"], [-hi, -lo], +1, False).startswith("not established")
+
+
+def test_all_seeds_agree_is_yes():
+    a, b = _runs([True] * 5)
+    idx = bootstrap_indices(DOCS, ITEMS, 1000, seed=1234)
+    c = check_claim(a, b, "numeral_exact_match", +1, False, idx)
+    assert c["ci95"][0] > 0 and c["t95"][0] > 0 and c["seeds_agreeing"] == "5/5"
+    assert c["holds"].startswith("yes (95% CI")
+    # seen from the other side: b above a is the opposite, outside noise; "b at least a" too
+    assert check_claim(b, a, "numeral_exact_match", +1, False, idx)["holds"].startswith("no: the opposite")
+    assert check_claim(b, a, "numeral_exact_match", +1, True, idx)["holds"].startswith("no: the opposite")
+    # lower-is-better metric (answer NLL here is 1 - correct): a's is below b's
+    assert check_claim(a, b, "answer_nll", -1, False, idx)["holds"].startswith("yes")
+
+
+def test_statistics_are_deterministic():
+    a, b = _runs([True, False, True, True, False], seed=3)
+
+    def once():
+        idx = bootstrap_indices(DOCS, ITEMS, 300, seed=7)
+        return summarize(a, idx), paired_difference(a, b, idx), items_only_difference(a, b, idx)
+
+    assert once() == once()
+    # the seed draws are the same for every run with the same number of seeds, and differ by count
+    idx = bootstrap_indices(DOCS, ITEMS, 300, seed=7)
+    assert np.array_equal(idx.seeds(5), idx.seeds(5)) and idx.seeds(5).shape == (300, 5)
+    assert idx.seeds(5).max() == 4 and idx.seeds(1).max() == 0
+
+
+def test_t_interval_by_hand():
+    """Three seeds with exact match 50%, 60%, 90%: mean 2/3, squared deviations sum 13/150, sample
+    variance 13/300, standard error sqrt(13)/30, t(0.975, 2) = 4.302653."""
+    seeds = [_eval(np.arange(ITEMS) < n) for n in (60, 72, 108)]
+    half = 4.302653 * math.sqrt(13) / 30
+    expected = [2 / 3 - half, 2 / 3 + half]  # [0.149552, 1.183781]
+    assert t_interval([0.5, 0.6, 0.9]) == pytest.approx(expected, abs=1e-6)
+    s = summarize(seeds, bootstrap_indices(DOCS, ITEMS, 200, seed=0))
+    assert s["t95"]["numeral_exact_match"] == pytest.approx(expected, abs=1e-6)
+    assert s["per_seed"]["numeral_exact_match"] == pytest.approx([0.5, 0.6, 0.9])
+    # paired: the t-interval is over the per-seed differences (here against a run at 50% every seed)
+    base = [_eval(np.arange(ITEMS) < 60)] * 3
+    d = paired_difference(seeds, base, bootstrap_indices(DOCS, ITEMS, 200, seed=0))["numeral_exact_match"]
+    assert d["t95"] == pytest.approx([x - 0.5 for x in expected], abs=1e-6)
+    # one seed (a teacher): no t-interval, and the bootstrap resamples the items only
+    idx = bootstrap_indices(DOCS, ITEMS, 200, seed=0)
+    one = summarize(seeds[:1], idx)
+    assert one["t95"]["numeral_exact_match"] is None
+    items_only = np.percentile(seeds[0].correct[idx.items].mean(1), [2.5, 97.5])
+    assert one["ci95"]["numeral_exact_match"] == pytest.approx(items_only.tolist())
+    assert t_interval([0.3]) is None
+
+
+def test_t_quantiles_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (*range(1, 31), 31, 40, 100, 1000):
+        assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-6), df

@@ -1,10 +1,14 @@
 """The demo's outputs: results.json, report.md (table in the layout of the paper's), PNG plots,
 and the paper's claims as checks (computed from the measurements, whichever way they come out).
 
-Every student metric is the mean over the seeds; its 95% interval comes from resampling the
-evaluation items (lookup prompts / held-out documents), the same resamples for every run and
-seed, so differences between runs are paired: seed i of run a against seed i of run b (same
-initial weights, same data order) on the same items.
+Every student metric is the mean over the seeds. Its 95% interval comes from a hierarchical
+bootstrap that includes training noise: each resample draws the seeds with replacement, then the
+evaluation items (lookup prompts / held-out documents) with replacement, and averages the metric
+over the drawn seeds. Differences between runs are paired: the same seed draws for both runs (seed
+i of run a against seed i of run b: same initial weights, same data order) and the same items.
+Beside it, the 95% t-interval over the per-seed values (n - 1 degrees of freedom). A claim holds
+("yes") only when the hierarchical interval excludes 0 in the claimed direction; the report also
+gives how many seeds agree.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from xtoken_nemo.demo.evaluate import bootstrap_indices, paired_difference, summarize
+from xtoken_nemo.demo.evaluate import EvalItems, Resamples, bootstrap_indices, paired_difference, summarize
 from xtoken_nemo.demo.runs import run_dir_name
 
 METRICS = ("numeral_exact_match", "first_digit_match", "answer_nll", "numeral_ce", "heldout_ce")
@@ -100,18 +104,37 @@ CLAIMS = (
 )
 
 
-def _verdict(diff: float, ci: list[float], sign: int, at_least: bool) -> str:
+def claim_verdict(diff: float, ci: list[float], sign: int, at_least: bool) -> str:
+    """The verdict on "a - b has sign ``sign``" (``at_least``: or a tie) from the seed-mean
+    difference and its 95% interval over seeds and items (the hierarchical bootstrap's): "yes" only
+    when the interval excludes 0 in the claimed direction."""
     lo, hi = ci
     if sign > 0:
         lo, hi, diff = -hi, -lo, -diff
     # now "as claimed" means diff < 0
     if hi < 0:
-        return "yes (95% CI excludes 0)"
+        return "yes (95% CI over seeds and items excludes 0)"
     if lo > 0:
         return "no: the opposite, outside noise"
     if at_least:
         return "yes within noise (CI includes 0)" if diff <= 0 else "tie within noise (CI includes 0), leaning no"
-    return "inconclusive (CI includes 0)" + (", leaning yes" if diff < 0 else ", leaning no")
+    return "not established (CI includes 0)" + (", leaning yes" if diff < 0 else ", leaning no")
+
+
+def check_claim(a: list[EvalItems], b: list[EvalItems], metric: str, sign: int, at_least: bool, idx: Resamples) -> dict:
+    """One paired claim on runs a and b (their seeds' evaluations, seed i against seed i): the
+    seed-mean difference, its hierarchical 95% interval (``ci95``), the t-interval over the per-seed
+    differences (``t95``), the per-seed differences, how many seeds agree, and the verdict."""
+    d = paired_difference(a, b, idx)[metric]
+    agree = sum(1 for x in d["per_seed"] if x * sign > 0 or (at_least and x == 0))
+    return {
+        "diff": d["diff"],
+        "ci95": d["ci95"],
+        "t95": d["t95"],
+        "per_seed": d["per_seed"],
+        "seeds_agreeing": f"{agree}/{len(d['per_seed'])}",
+        "holds": claim_verdict(d["diff"], d["ci95"], sign, at_least),
+    }
 
 
 def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals, timings, echo=print) -> dict:
@@ -147,6 +170,7 @@ def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals,
                 "metric": "numeral_exact_match",
                 "diff": em,
                 "ci95": e["ci95"]["numeral_exact_match"],
+                "t95": None,
                 "per_seed": None,
                 "holds": "yes" if em >= TEACHER_BAR else f"no: below {TEACHER_BAR:.0%}",
                 "text": f"the {t} teacher knows the table (exact match at least {TEACHER_BAR:.0%})",
@@ -154,22 +178,8 @@ def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals,
         )
     for key, a, b, metric, sign, at_least, text in CLAIMS:
         b = best_single if b == "best-single" else b
-        d = paired_difference(per_run[a], per_run[b], idx)[metric]
-        agree = sum(1 for x in d["per_seed"] if x * sign > 0 or (at_least and x == 0))
-        claims.append(
-            {
-                "claim": key,
-                "a": a,
-                "b": b,
-                "metric": metric,
-                "diff": d["diff"],
-                "ci95": d["ci95"],
-                "per_seed": d["per_seed"],
-                "seeds_agreeing": f"{agree}/{len(d['per_seed'])}",
-                "holds": _verdict(d["diff"], d["ci95"], sign, at_least),
-                "text": text,
-            }
-        )
+        c = check_claim(per_run[a], per_run[b], metric, sign, at_least, idx)
+        claims.append({"claim": key, "a": a, "b": b, "metric": metric, **c, "text": text})
     results["claims"] = claims
     results["audit"] = {
         a["teacher"]: {
@@ -204,16 +214,23 @@ def _fmt(entry: dict, metric: str) -> str:
     return f"{v:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
+def _fmt_t(ci: list[float] | None, scale: float = 100, digits: int = 1, signed: bool = False) -> str:
+    if ci is None:
+        return "-"
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
+    return f"[{f.format(scale * ci[0])}, {f.format(scale * ci[1])}]"
+
+
 def results_table(runs, results) -> str:
     head = (
-        "| setting | method | run | exact match % [95% CI] | first digit % | answer NLL | numeral CE | held-out CE "
-        "| exact match % per seed |"
+        "| setting | method | run | exact match % [95% CI] | exact match % [95% t, seeds] | first digit % "
+        "| answer NLL | numeral CE | held-out CE | exact match % per seed |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for t, e in results["teachers"].items():
         lines.append(
             f"| teacher | {t} tokenizer, CE only on the true table | teacher-{t} | "
-            + " | ".join(_fmt(e, m) for m in METRICS)
+            + " | ".join([_fmt(e, METRICS[0]), "-"] + [_fmt(e, m) for m in METRICS[1:]])
             + " | (one teacher) |"
         )
     for run in runs:
@@ -221,7 +238,7 @@ def results_table(runs, results) -> str:
         seeds = ", ".join(f"{100 * v:.0f}" for v in e["per_seed"]["numeral_exact_match"])
         lines.append(
             f"| {run.setting} | {run.method} | {run.name} | "
-            + " | ".join(_fmt(e, m) for m in METRICS)
+            + " | ".join([_fmt(e, METRICS[0]), _fmt_t(e["t95"][METRICS[0]])] + [_fmt(e, m) for m in METRICS[1:]])
             + f" | {seeds} |"
         )
     return "\n".join(lines)
@@ -229,14 +246,15 @@ def results_table(runs, results) -> str:
 
 def claims_table(claims) -> str:
     lines = [
-        "| claim | comparison | metric | a - b, seed mean [95% CI] | seeds agreeing | holds? |",
-        "|---|---|---|---|---|---|",
+        "| claim | comparison | metric | a - b, seed mean [95% CI, seeds + items] | [95% t, seeds] | seeds agreeing "
+        "| holds? |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in claims:
         pct = 100 if c["metric"] in PERCENT else 1
         if c["b"] is None:
             value = f"{pct * c['diff']:.1f}% [{pct * c['ci95'][0]:.1f}, {pct * c['ci95'][1]:.1f}]"
-            lines.append(f"| {c['text']} | {c['a']} | {c['metric']} | {value} | - | {c['holds']} |")
+            lines.append(f"| {c['text']} | {c['a']} | {c['metric']} | {value} | - | - | {c['holds']} |")
             continue
         unit = " pts" if pct == 100 else ""
         value = (
@@ -244,8 +262,10 @@ def claims_table(claims) -> str:
             if pct == 100
             else f"{c['diff']:+.3f} [{c['ci95'][0]:+.3f}, {c['ci95'][1]:+.3f}]"
         )
+        t95 = _fmt_t(c["t95"], signed=True) if pct == 100 else _fmt_t(c["t95"], 1, 3, signed=True)
         lines.append(
-            f"| {c['text']} | {c['a']} - {c['b']} | {c['metric']} | {value} | {c['seeds_agreeing']} | {c['holds']} |"
+            f"| {c['text']} | {c['a']} - {c['b']} | {c['metric']} | {value} | {t95} | {c['seeds_agreeing']} "
+            f"| {c['holds']} |"
         )
     return "\n".join(lines)
 
@@ -299,11 +319,20 @@ tokenizers' (Llama's and Phi-4-mini's two-digit numerals against Qwen3's single 
 
 ![audit](audit.png)
 
-## Results (mean over seeds; 95% interval from {c.bootstrap} resamples of the items)
+## Results (mean over seeds; 95% interval over seeds and items)
+
+The interval after each mean comes from {c.bootstrap} hierarchical resamples: each draws the seeds with
+replacement, then the evaluation items with replacement, and averages over the drawn seeds, so it
+includes the seed-to-seed spread of training as well as the sampling of the items. The column "95% t,
+seeds" is the t-interval over the per-seed values (n - 1 degrees of freedom); the per-seed values are
+in the last column and in results.json.
 
 {table}
 
 ## The paper's claims, measured here (paired: same seeds, same items)
+
+A claim holds ("yes") only when its hierarchical 95% interval excludes 0 in the claimed direction
+(for "at least" claims, an interval that includes 0 is a tie); otherwise it is not established.
 
 {claim_table}
 
