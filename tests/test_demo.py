@@ -234,3 +234,12 @@ def test_t_quantiles_match_scipy():
     stats = pytest.importorskip("scipy.stats")
     for df in (*range(1, 31), 31, 40, 100, 1000):
         assert t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=2e-6), df
+
+
+def test_a_seed_that_did_not_take_off_is_reported_as_collapsed():
+    from xtoken_nemo.demo.report import collapsed_seeds
+
+    assert collapsed_seeds((1, 2, 3, 4, 5), [0.96, 0.95, 0.05, 0.93, 0.96]) == [3]
+    assert collapsed_seeds((1, 2, 3), [0.96, 0.95, 0.93]) == []
+    # a run near chance (CE only, ULD) has no seed to lose: its low values are the method's, not a collapse
+    assert collapsed_seeds((1, 2, 3), [0.02, 0.0, 0.01]) == []

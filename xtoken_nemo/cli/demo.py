@@ -28,6 +28,9 @@ def run_demo_command(args) -> int:
     import logging
     import warnings
 
+    from xtoken_nemo.demo.numerics import pin_cpu_numerics
+
+    pin_cpu_numerics()  # before torch loads: the same kernels on every x86-64 machine with AVX2
     from xtoken_nemo.demo.pipeline import run_demo
 
     # megatron-core warns about missing Apex/Transformer-Engine at every model build on CPU

@@ -84,13 +84,33 @@ def _shim_rng() -> None:
     mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)  # type: ignore[assignment]
 
 
+def _shim_buffers() -> None:
+    """megatron's global memory buffer (unfused attention's score buffer) allocates with
+    ``device=torch.cuda.current_device()``: allocate inside the CUDA->CPU redirect, so that the
+    model forward itself can run outside it (:func:`~xtoken_nemo.compat.cuda_redirect.outside_cuda_redirect`)."""
+    try:
+        from megatron.core.utils import GlobalMemoryBuffer
+    except Exception:  # megatron not installed: nothing to patch
+        return
+    from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu  # lazy: compat modules stay independent
+
+    get_tensor = GlobalMemoryBuffer.get_tensor
+
+    def get_tensor_on_cpu(self, *args, **kwargs):
+        with cuda_to_cpu():
+            return get_tensor(self, *args, **kwargs)
+
+    GlobalMemoryBuffer.get_tensor = get_tensor_on_cpu  # type: ignore[method-assign]
+
+
 _SHIM_GROUPS: dict[str, Callable[[], None]] = {
     "core": _shim_core,
     "rng": _shim_rng,
+    "buffers": _shim_buffers,
 }
 
 
-def install_cpu_shims(groups: Iterable[str] = ("core", "rng"), force: bool = False) -> set[str]:
+def install_cpu_shims(groups: Iterable[str] = ("core", "rng", "buffers"), force: bool = False) -> set[str]:
     """Install the named shim groups (idempotent); return the set of groups now installed.
 
     Does nothing when CUDA is available unless ``force`` is set (tests of this module).

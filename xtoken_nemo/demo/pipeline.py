@@ -32,6 +32,7 @@ from pathlib import Path
 from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
 from xtoken_nemo.demo.corpus import LookupItem, LookupTable, documents
 from xtoken_nemo.demo.evaluate import EvalItems, evaluate_checkpoint
+from xtoken_nemo.demo.numerics import numerics_in_effect
 from xtoken_nemo.demo.report import write_report
 from xtoken_nemo.demo.runs import RunSpec, run_dir_name
 from xtoken_nemo.distill.config import (
@@ -72,6 +73,7 @@ class ModelSize:
     steps: int = 30
     batch: int = 4
     lr: float = 5e-3
+    warmup_fraction: float = 0.05
 
 
 @dataclass
@@ -166,7 +168,17 @@ class Demo:
         self.timings["total"] = time.perf_counter() - started
 
         return write_report(
-            self.out, self.cfg, audits, vocab, runs, teachers, students, evals, self.timings, echo=self.echo
+            self.out,
+            self.cfg,
+            audits,
+            vocab,
+            runs,
+            teachers,
+            students,
+            evals,
+            self.timings,
+            echo=self.echo,
+            numerics=numerics_in_effect(),
         )
 
     def _step(self, title: str, fn):
@@ -351,7 +363,7 @@ class Demo:
             # no teacher padding: the demo's models hold 4 x seq_length positions, and a CPU has
             # no kernels that want few shapes
             data=DataConfig(paths=[str(data)], seq_length=self.cfg.seq_length, teacher_pad_multiple=1),
-            optim=OptimConfig(lr=size.lr, min_lr=size.lr / 10, warmup_fraction=0.05, weight_decay=0.0),
+            optim=OptimConfig(lr=size.lr, min_lr=size.lr / 10, warmup_fraction=size.warmup_fraction, weight_decay=0.0),
             train=TrainConfig(
                 train_steps=size.steps,
                 global_batch_size=size.batch,

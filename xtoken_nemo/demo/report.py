@@ -25,6 +25,18 @@ from xtoken_nemo.demo.runs import run_dir_name
 METRICS = ("numeral_exact_match", "first_digit_match", "answer_nll", "numeral_ce", "heldout_ce")
 PERCENT = {"numeral_exact_match", "first_digit_match"}
 TEACHER_BAR = 0.8  # the teachers must know the table (exact match) for the comparison to mean anything
+COLLAPSE_FRACTION = 0.5  # a seed below this fraction of its run's median exact match has collapsed
+COLLAPSE_MIN_MEDIAN = 0.2  # ... when the run learns at all (a run near chance has nothing to lose)
+
+
+def collapsed_seeds(seeds, exact_match) -> list[int]:
+    """The seeds whose exact match fell below COLLAPSE_FRACTION of their run's median: training
+    that did not take off where the run's other seeds did (reported, never dropped)."""
+    median = float(np.median(exact_match))
+    if median < COLLAPSE_MIN_MEDIAN:
+        return []
+    return [s for s, v in zip(seeds, exact_match) if v < COLLAPSE_FRACTION * median]
+
 
 # (claim, a, b, metric, expected sign of a - b, "at least" (ties count), text); b "best-single":
 # the better (exact match) of the two single-teacher runs the two-teacher run combines
@@ -137,7 +149,9 @@ def check_claim(a: list[EvalItems], b: list[EvalItems], metric: str, sign: int, 
     }
 
 
-def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals, timings, echo=print) -> dict:
+def write_report(
+    out: Path, cfg, audits, vocab, runs, teachers, students, evals, timings, echo=print, numerics=None
+) -> dict:
     first = next(iter(evals.values()))
     idx = bootstrap_indices(len(first.doc_nll), len(first.correct), cfg.bootstrap, seed=cfg.seed)
     per_run = {r.name: [evals[run_dir_name(r.name, s)] for s in cfg.seeds] for r in runs}
@@ -154,6 +168,7 @@ def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals,
             method=r.method,
             train_seconds=[x["seconds"] for x in recs],
             final_train_ce=[x["history"][-1]["ce"] for x in recs],
+            collapsed_seeds=collapsed_seeds(cfg.seeds, entry["per_seed"]["numeral_exact_match"]),
         )
         results["runs"][r.name] = entry
 
@@ -192,6 +207,7 @@ def write_report(out: Path, cfg, audits, vocab, runs, teachers, students, evals,
     results["vocabularies"] = vocab
     results["config"] = json.loads(json.dumps(asdict(cfg)))
     results["timings_seconds"] = timings
+    results["numerics"] = numerics or {}
     (out / "results.json").write_text(json.dumps(results, indent=1))
 
     plots = plot_metrics(out, runs, results) + plot_losses(out, cfg, runs, teachers, students)
@@ -289,6 +305,17 @@ def report_markdown(cfg, audits, vocab, results, table, claim_table, plots, timi
     c = cfg
     vocab_line = ", ".join(f"{t} {v['compact']:,} of {v['full']:,} ids" for t, v in vocab.items())
     timing_lines = [f"- {k}: {v:.0f} s" for k, v in timings.items()]
+    collapsed = [
+        f"{name} (seeds {', '.join(map(str, e['collapsed_seeds']))})"
+        for name, e in results["runs"].items()
+        if e.get("collapsed_seeds")
+    ]
+    collapse_line = (
+        "Collapsed seeds (exact match below half of the run's median, in a run whose median is at least "
+        f"{COLLAPSE_MIN_MEDIAN:.0%}): " + ("; ".join(collapsed) if collapsed else "none") + "."
+    )
+    if results.get("numerics"):
+        timing_lines.append("- numerics: " + ", ".join(f"{k} {v}" for k, v in results["numerics"].items()))
     return f"""# X-Token CPU demo: a small reproduction
 
 **Task.** A lookup table gives each of {c.num_facts} people a room number ({c.rooms[0]}-{c.rooms[1]}). The teachers'
@@ -328,6 +355,8 @@ seeds" is the t-interval over the per-seed values (n - 1 degrees of freedom); th
 in the last column and in results.json.
 
 {table}
+
+{collapse_line}
 
 ## The paper's claims, measured here (paired: same seeds, same items)
 

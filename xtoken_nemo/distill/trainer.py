@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.profiler import record_function
 
-from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
+from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu, outside_cuda_redirect
 from xtoken_nemo.distill import kd, model_setup  # called through the module: tests wrap these functions
 from xtoken_nemo.distill.batches import MicroBatches, build_dataset
 from xtoken_nemo.distill.config import DistillConfig
@@ -235,7 +235,12 @@ class Trainer:
 
     # ..........................................................................................
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        # the model forward and the losses are device-agnostic: outside the CPU runs' CUDA->CPU
+        # redirect, whose Python hook would otherwise see every op of the step (no-op on CUDA)
+        with outside_cuda_redirect():
+            return self._forward_and_loss(next(data_iterator), model)
+
+    def _forward_and_loss(self, batch: dict, model):
         tokens, labels, loss_mask = batch["tokens"], batch["labels"], batch["loss_mask"]
         B, S = tokens.shape
         device = next(self.student.parameters()).device

@@ -33,7 +33,7 @@ def _free_port() -> int:
 def install_shims() -> None:
     """CPU shims for megatron-core when CUDA is absent (no-op on GPU)."""
     if not torch.cuda.is_available():
-        install_cpu_shims(groups=("core", "rng"))
+        install_cpu_shims(groups=("core", "rng", "buffers"))
 
 
 def ensure_model_parallel(tp: int = 1, seed: int = 1234, timeout_minutes: float = 30.0) -> None:
