@@ -64,6 +64,10 @@ def _entry(
         raise
 
 
+class _PortTaken(RuntimeError):
+    """The rendezvous port was taken by another process between choosing and binding it."""
+
+
 def run_distributed(
     fn: Callable[..., Any],
     world_size: int = 2,
@@ -71,7 +75,20 @@ def run_distributed(
     args: tuple = (),
     threads_per_process: int = 1,
 ) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return results by rank."""
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes; return results by rank.
+
+    The port is chosen free but bound seconds later (after the spawn and the imports): if another
+    process took it meanwhile, the run is repeated on a new port (up to 3 tries)."""
+    for attempt in range(3):
+        try:
+            return _run_once(fn, world_size, tp, args, threads_per_process)
+        except _PortTaken:
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _run_once(fn: Callable[..., Any], world_size: int, tp: int, args: tuple, threads_per_process: int) -> list[Any]:
     with tempfile.TemporaryDirectory(prefix="xtoken-dist-") as outdir:
         port = _free_port()
         ctx = mp.start_processes(
@@ -94,6 +111,8 @@ def run_distributed(
                 raise RuntimeError(f"rank {rank} produced no result ({error})")
             rec = torch.load(path, weights_only=False)
             if not rec["ok"]:
+                if "EADDRINUSE" in rec["error"] and "init_process_group" in rec["error"]:
+                    raise _PortTaken(f"rank {rank}: port {port} taken before the rendezvous bound it")
                 raise RuntimeError(f"rank {rank} failed:\n{rec['error']}")
             results.append(rec["result"])
         if error is not None:
