@@ -72,7 +72,7 @@ def cuda_to_cpu() -> Iterator[None]:
 def outside_cuda_redirect() -> Iterator[None]:
     """Suspend the innermost :func:`cuda_to_cpu` inside the block, for device-agnostic code that
     runs many ops (the model forward, the losses): the mode's Python hook costs microseconds per
-    op, a third of a demo student's step. Other torch-function modes (a test's sync counter)
+    op (docs/demo.md, "Cost of the demo"). Other torch-function modes (a test's sync counter)
     stay active. No-op when no redirect is the innermost mode (always so on CUDA)."""
     if not isinstance(torch.overrides._get_current_function_mode(), CudaToCpuMode):
         yield
