@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 from collections.abc import MutableMapping
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
@@ -40,7 +41,7 @@ def pin_cpu_numerics(environ: MutableMapping[str, str] | None = None) -> dict[st
 def cpu_description() -> str:
     """'<model name>, <widest vector ISA>, <n> cores' from /proc/cpuinfo (Linux), else the platform."""
     try:
-        text = open("/proc/cpuinfo").read()
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
     model = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "?")
