@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from collections.abc import MutableMapping
+from pathlib import Path
 
 PINNED = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 
