@@ -243,3 +243,21 @@ def test_a_seed_that_did_not_take_off_is_reported_as_collapsed():
     assert collapsed_seeds((1, 2, 3), [0.96, 0.95, 0.93]) == []
     # a run near chance (CE only, ULD) has no seed to lose: its low values are the method's, not a collapse
     assert collapsed_seeds((1, 2, 3), [0.02, 0.0, 0.01]) == []
+
+
+def test_default_demo_trains_exactly_the_runs_its_claims_compare():
+    from xtoken_nemo.demo.pipeline import full_config, student_runs
+    from xtoken_nemo.demo.report import CLAIMS
+
+    recommended = {"qwen3": "pkl", "phi4mini": "hkl"}  # the audit's picks in the demo
+    cfg = full_config()
+    assert not cfg.all_methods and len(cfg.seeds) >= 5
+    names = [r.name for r in student_runs(recommended, cfg.multi_alphas, cfg.all_methods)]
+    compared = {n for c in CLAIMS for n in (c[1], c[2]) if n != "best-single"}
+    singles = {f"{t}-{m}" for t, m in recommended.items()}
+    assert set(names) == compared | singles | {"multi-xtoken"}
+    assert {"qwen3-uld", "phi4mini-uld"}.isdisjoint(names)
+    # another audit pick: the two-teacher run's singles are still trained
+    other = [r.name for r in student_runs({"qwen3": "hkl", "phi4mini": "hkl"}, all_methods=False)]
+    assert "qwen3-hkl" in other
+    assert [r.name for r in student_runs(recommended)] == RUNS  # --all-methods, and the fast demo

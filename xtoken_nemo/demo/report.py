@@ -114,6 +114,9 @@ CLAIMS = (
         "two teachers answer at least as many lookups as the better single teacher (audit's modes)",
     ),
 )
+#: the student runs the claims compare ("best-single" is one of the two-teacher run's singles,
+#: phi4mini-hkl and qwen3-pkl with the audit's picks): the default demo trains only these
+CLAIM_RUNS = frozenset(name for c in CLAIMS for name in (c[1], c[2]) if name != "best-single") | {"multi-xtoken"}
 
 
 def claim_verdict(diff: float, ci: list[float], sign: int, at_least: bool) -> str:
