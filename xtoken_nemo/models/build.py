@@ -23,7 +23,7 @@ from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu
 from xtoken_nemo.models.config import KernelOptions, ModelArch, check_tp
 from xtoken_nemo.models.errors import ModelError
 from xtoken_nemo.models.rope import hf_rotary_embedding_class, rope_attention_factor, set_rope_mscale
-from xtoken_nemo.models.runtime import ensure_rng_tracker
+from xtoken_nemo.models.runtime import ensure_rng_tracker, seed_model_init
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +255,7 @@ def build_gpt_model(
     parallel_output: bool = True,
     perform_initialization: bool = True,
     kernels: KernelOptions | None = None,
+    init_seed: int | None = None,
     **config_overrides: Any,
 ):
     """A megatron-core GPTModel for ``arch`` on this rank's TP shard (parallel_state must be up).
@@ -262,7 +263,10 @@ def build_gpt_model(
     ``padded_vocab_size`` defaults to Megatron padding for the current TP size. The rotary module
     is :class:`~xtoken_nemo.models.rope.HFRotaryEmbedding` (HF-exact frequencies, LongRoPE).
     ``kernels``: fused kernels / sequence parallelism asked for (resolved against this machine;
-    None: unfused). Returns the model on CUDA when available, else on CPU, in eval mode.
+    None: unfused). ``init_seed``: the seed of a random model's weights
+    (:func:`~xtoken_nemo.models.runtime.seed_model_init`: torch and megatron's CUDA RNG tracker, which
+    ``torch.manual_seed`` does not reach); None: draw from the RNGs as they are. Returns the model
+    on CUDA when available, else on CPU, in eval mode.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -285,6 +289,8 @@ def build_gpt_model(
         **config_overrides,
     )
     args = gpt_model_args(arch, padded_vocab_size)
+    if perform_initialization and init_seed is not None:
+        seed_model_init(init_seed)  # right before the draws: same seed, same weights, on CUDA too
     model = GPTModel(config, layer_spec(arch, use_te), parallel_output=parallel_output, **args.as_kwargs())
     model.rotary_pos_emb = hf_rotary_embedding_class()(arch, cp_group=model.rotary_pos_emb.cp_group)
     if torch.cuda.is_available():

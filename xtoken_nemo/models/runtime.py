@@ -76,6 +76,28 @@ def ensure_rng_tracker(seed: int = 1234) -> None:
         model_parallel_cuda_manual_seed(seed)
 
 
+def seed_model_init(seed: int) -> None:
+    """Seed every RNG a random model build draws from (parallel_state must be up).
+
+    ``torch.manual_seed`` alone is not enough on CUDA: with ``use_cpu_initialization`` off,
+    megatron-core (0.16.1, tensor_parallel.layers._initialize_affine_weight_gpu; TE linears through
+    ``get_rng_state_tracker``) draws the weights inside ``get_cuda_rng_tracker().fork()``, i.e. from
+    the tracker's own stored generator states, which only ``model_parallel_cuda_manual_seed``
+    resets. Without it a second build with the same seed in one process (a resumed run, the next
+    seed of a sweep) starts from the states the first build advanced: other weights. This reseeds
+    the tracker's streams: tensor-parallel ``seed + 2718 + tp_rank`` (each rank its own shard),
+    expert ``seed + 1024 + 100 * ep_rank + etp_rank``, data-parallel ``seed``, and the default
+    CUDA generator; the tracker's dropout streams stay derived from ``seed`` afterwards (dropout is
+    0 in our configs). On CPU (shimmed tracker) the CPU generator ends seeded with ``seed``, as with
+    ``torch.manual_seed`` alone, so CPU-initialized weights are unchanged.
+    """
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    install_shims()
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
 def collective_device() -> torch.device:
     """Where tensors for collectives live: NCCL needs CUDA tensors, gloo CPU ones."""
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
