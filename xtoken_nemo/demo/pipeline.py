@@ -74,6 +74,7 @@ class ModelSize:
     batch: int = 4
     lr: float = 5e-3
     warmup_fraction: float = 0.05
+    min_lr_fraction: float = 0.1  # the cosine decay ends at lr * this
 
 
 @dataclass
@@ -90,10 +91,13 @@ class DemoConfig:
     teacher: ModelSize = field(
         default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=300, batch=16, lr=1e-2)
     )
-    # 300 steps: at 200, one seed in five of the Phi-4-mini H-KL student stayed at 5% exact match
-    # (docs/demo.md, "Training that does not collapse"); at 300 every seed of every run learned
+    # a student learns the table in a late breakthrough (KD loss from a 0.35 plateau to 0.01) at
+    # step 130-230 depending on the seed: a constant lr after warm-up and 300 steps let every seed
+    # of every run get there; a cosine decay left some at the plateau (docs/demo.md, "Training")
     student: ModelSize = field(
-        default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=300, batch=16, lr=2e-2)
+        default_factory=lambda: ModelSize(
+            hidden_size=64, num_layers=2, steps=300, batch=16, lr=2e-2, min_lr_fraction=1.0
+        )
     )
     seeds: tuple = (1, 2, 3, 4, 5)
     # False: only the runs the claims compare (CLAIM_RUNS); True adds ULD from each teacher, Qwen3's
@@ -373,7 +377,12 @@ class Demo:
             # no teacher padding: the demo's models hold 4 x seq_length positions, and a CPU has
             # no kernels that want few shapes
             data=DataConfig(paths=[str(data)], seq_length=self.cfg.seq_length, teacher_pad_multiple=1),
-            optim=OptimConfig(lr=size.lr, min_lr=size.lr / 10, warmup_fraction=size.warmup_fraction, weight_decay=0.0),
+            optim=OptimConfig(
+                lr=size.lr,
+                min_lr=size.lr * size.min_lr_fraction,
+                warmup_fraction=size.warmup_fraction,
+                weight_decay=0.0,
+            ),
             train=TrainConfig(
                 train_steps=size.steps,
                 global_batch_size=size.batch,
