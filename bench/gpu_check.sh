@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 15): the CUDA path (part 1) and the paper-shape step (part 2).
+# One prepared GPU check (issue 15): the CUDA path (parts correct, fused) and the paper-shape step.
 #
 #   bash bench/gpu_check.sh --wheels gpu_wheels --out "$OUT"      # on the machine with one GPU
 #   bash bench/gpu_check.sh --help                                 # every option
@@ -9,7 +9,9 @@
 # bench/gpu_wheels.sh; installed with pip --no-index --no-deps into a temp folder that goes on
 # PYTHONPATH together with the repo root. Exit codes: 0 every check passed (aims never fail the
 # run), 1 some check failed, 2 usage error, 3 no CUDA, 4 bad --wheels folder or install, 5 the
-# whole run overran its hard time limit. Python: $PYTHON, else python3. See docs/gpu_check.md.
+# whole run overran its hard time limit, 6 nothing failed but a part was stopped by its time box
+# (TIMEOUT). Budget 310 s; the device call's timeout_s: 350. Python: $PYTHON, else python3.
+# See docs/gpu_check.md.
 set -u
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO" || exit 2

@@ -10,6 +10,12 @@ error and never stops the run (a sub-check that raises is a FAIL with its traceb
   those of a straight run) on CUDA
 - a random checkpoint written on CPU (a process with ``CUDA_VISIBLE_DEVICES=""``) loaded on CUDA:
   logits equal the CPU load's
+- part ``fused`` (:func:`run_fused`): a tiny model with megatron's torch.compile'd fusions, as
+  the library builds it by default, against the same weights unfused
+
+Every model here is built with the fused kernels off (``unfused_parallel``) except in ``fused``:
+megatron's fusions are torch.compile'd, and their compilation would land inside each part's time
+box. A checkpoint is written only when psutil imports (:func:`checkpoint_writer_problem`).
 """
 
 from __future__ import annotations
@@ -17,13 +23,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
-from gpu_check_paper import model_config, shapes, sync
+from gpu_check import run_boxed
+from gpu_check_paper import model_config, shapes, sync, unfused_parallel
 
 N, VS, VT = 48, 1000, 1300
 VS_PAD, VT_PAD = 1024, 1408
@@ -210,6 +216,8 @@ def _tiny_cfg(prep: dict, run_dir: Path, steps: int):
         TrainConfig,
     )
 
+    # every model of the straight and the resumed runs is built by the trainer's own path
+    # (model_setup.build_model) with these init seeds: same seeds, same weights at start
     m = shapes(True)["models"]  # tiny shapes, real tokenizers (real vocabularies)
     return DistillConfig(
         name="gpu-check-correct",
@@ -230,6 +238,7 @@ def _tiny_cfg(prep: dict, run_dir: Path, steps: int):
             loss_block_size=32,
         ),
         checkpoint=CheckpointConfig(dir=str(run_dir / "ckpt"), save_interval=10**9, resume=True),
+        parallel=unfused_parallel(),
         log_dir=str(run_dir / "logs"),
     )
 
@@ -248,6 +257,34 @@ def _max_diff(a: dict, b: dict) -> float:
     return max((float((a[k] - b[k]).abs().max()) if a[k].numel() else 0.0) for k in a)
 
 
+def _models_snapshot(trainer) -> dict:
+    """{model: its weights} of the student and every teacher of ``trainer``, on CPU."""
+    out = {"student": _snapshot(trainer.student)}
+    for spec, teacher in zip(trainer.teacher_specs, trainer.teachers):
+        out[f"teacher {spec.config.name}"] = _snapshot(teacher)
+    return out
+
+
+def checkpoint_writer_problem() -> str | None:
+    """Why no checkpoint can be written in this process, or None.
+
+    megatron-core 0.16.1 writes every checkpoint (sync or async) through
+    ``FileSystemWriterAsync.write_preloaded_data_multiproc``: forked writer processes that call
+    ``_process_memory()`` (psutil) before their try block. Without psutil each one raises there,
+    never marks its task done, ``count_queue.join()`` waits forever and the part hangs until its
+    time box (seen in the GPU-machine emulation). So: no psutil, no save.
+    """
+    try:
+        import psutil  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return (
+            f"psutil cannot be imported ({type(exc).__name__}: {exc}); megatron's checkpoint writer calls it in "
+            "every writer process (dist_checkpointing/strategies/filesystem_async.py, _process_memory) and the "
+            "save would hang; carry psutil as a wheel in the --wheels folder"
+        )
+    return None
+
+
 def check_train_step(report, prep: dict, work: Path, keep: dict) -> None:
     from xtoken_nemo.distill.trainer import Trainer
 
@@ -257,7 +294,7 @@ def check_train_step(report, prep: dict, work: Path, keep: dict) -> None:
     p = next(trainer.student.parameters())
     want = torch.bfloat16 if dev == "cuda" else torch.float32
     report.check("train.student_on_device", p.device.type == dev and p.dtype == want, detail=f"{p.device} {p.dtype}")
-    before_s, before_t = _snapshot(trainer.student), [_snapshot(t) for t in trainer.teachers]
+    start = _models_snapshot(trainer)
     sync()
     t0 = time.perf_counter()
     metrics = trainer.train_step(0)
@@ -272,18 +309,36 @@ def check_train_step(report, prep: dict, work: Path, keep: dict) -> None:
         finite,
         detail=f"{dt:.2f} s " + json.dumps({k: None if v is None else round(v, 5) for k, v in vals.items()}),
     )
-    moved = _max_diff(before_s, _snapshot(trainer.student))
+    after = _models_snapshot(trainer)
+    moved = _max_diff(start["student"], after["student"])
     report.check("train.student_updated", 0 < moved < math.inf, moved, detail="max |delta weight| after one step")
-    frozen = max(_max_diff(b, _snapshot(t)) for b, t in zip(before_t, trainer.teachers))
+    frozen = max(_max_diff(start[k], after[k]) for k in start if k != "student")
     report.check("train.teachers_frozen", frozen == 0.0, frozen, 0.0)
     if torch.cuda.is_available():
         report.measure("train.tiny_peak_allocated_gib", round(torch.cuda.max_memory_allocated() / 2**30, 3), "GiB")
-    keep.update(trainer=trainer, first=metrics)  # the straight run of the resume check goes on from here
+    # the straight run of the resume check goes on from here; its weights at start are kept
+    keep.update(trainer=trainer, first=metrics, start=start)
+
+
+def _start_weights_diff(a: dict, b: dict) -> dict[str, float]:
+    """{model: max |a - b|} over the models of two runs' weights at start."""
+    return {k: (_max_diff(a[k], b[k]) if k in b else math.inf) for k in a}
 
 
 def check_resume(report, prep: dict, work: Path, keep: dict) -> None:
-    """Straight 4 steps vs 2 steps + save + a new Trainer that resumes and runs steps 3-4."""
+    """Straight 4 steps vs 2 steps + save + a new Trainer that resumes and runs steps 3-4.
+
+    Both runs build every model through the trainer's own path with the same init seeds, so their
+    weights at start are compared first (bitwise): on CUDA megatron draws random weights from its
+    CUDA RNG tracker, which ``torch.manual_seed`` does not reset, and different weights at start
+    would fail the resume comparison for a reason that has nothing to do with resuming."""
     from xtoken_nemo.distill.trainer import Trainer
+
+    problem = checkpoint_writer_problem()
+    if problem is not None:
+        report.check("ckpt.save", False, detail=problem)
+        report.skip("ckpt.load_and_resume", "no checkpoint written: psutil missing")
+        return
 
     def steps(trainer, upto: int) -> list[dict]:
         out = []
@@ -294,10 +349,23 @@ def check_resume(report, prep: dict, work: Path, keep: dict) -> None:
         return out
 
     if keep.get("trainer") is not None:  # the train check's trainer, one step in
+        straight_start = keep["start"]
         straight = [keep["first"]] + steps(keep.pop("trainer"), 4)
     else:
-        straight = steps(Trainer(_tiny_cfg(prep, work / "straight", 4), progress=False), 4)
+        trainer = Trainer(_tiny_cfg(prep, work / "straight", 4), progress=False)
+        straight_start = _models_snapshot(trainer)
+        straight = steps(trainer, 4)
     first = Trainer(_tiny_cfg(prep, work / "resumed", 4), progress=False)
+    start_diff = _start_weights_diff(straight_start, _models_snapshot(first))
+    start_differs = {k: v for k, v in start_diff.items() if v != 0.0}
+    report.check(
+        "ckpt.same_weights_at_start",
+        not start_differs,
+        max(start_diff.values()),
+        0.0,
+        "straight and resumed runs, same init seeds: "
+        + (f"differ in {start_differs}" if start_differs else f"bitwise equal ({len(start_diff)} models)"),
+    )
     steps(first, 2)
     saved = _snapshot(first.student)
     path = first.save()
@@ -321,12 +389,19 @@ def check_resume(report, prep: dict, work: Path, keep: dict) -> None:
                 bitwise = False
             if a.get(key) is not None and b.get(key) is not None:
                 worst = max(worst, abs(a[key] - b[key]) / max(abs(b[key]), 1e-12))
+    ok = len(after) == 2 and worst <= 1e-3 and not start_differs
+    if start_differs:
+        which = f"the weights at start differ ({', '.join(start_differs)}): the two builds were not seeded alike"
+    elif not ok:
+        which = f"the weights at start are equal; steps 3-4 differ (rel. {worst:.3g})"
+    else:
+        which = "weights at start equal, steps 3-4 within tolerance"
     report.check(
         "ckpt.exact_resume_steps_3_4",
-        len(after) == 2 and worst <= 1e-3,
+        ok,
         worst,
         1e-3,
-        f"bitwise equal: {bitwise} (total {[round(m['total'], 6) for m in after]} "
+        f"{which}; bitwise equal: {bitwise} (total {[round(m['total'], 6) for m in after]} "
         f"vs {[round(m['total'], 6) for m in straight[2:]]})",
     )
     report.measure("ckpt.resume_bitwise_equal", bitwise)
@@ -363,20 +438,27 @@ def cpu_checkpoint_child(work: Path) -> None:
     print("[cpu_ckpt] wrote", out, flush=True)
 
 
-def check_cpu_checkpoint_on_cuda(report, work: Path) -> None:
+def check_cpu_checkpoint_on_cuda(report, work: Path, deadline: float) -> None:
     from xtoken_nemo.models.build import forward_logits
     from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
     from xtoken_nemo.models.runtime import ensure_model_parallel
 
+    problem = checkpoint_writer_problem()
+    if problem is not None:
+        report.skip("convert", f"no checkpoint can be written: {problem.split(';')[0]}")
+        return
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, str(Path(__file__).with_name("gpu_check.py")), "--child", "cpu_ckpt", "--work", str(work)]
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    report.measure("convert.cpu_process_s", round(time.perf_counter() - t0, 1), "s")
+    lines: list[str] = []
+    # its own process group and time box (run_boxed): a writer process it leaves behind cannot
+    # keep its output pipe open and hang this part
+    outcome = run_boxed(cmd, max(5.0, deadline - time.time() - 15), lines.append, env=env)
+    report.measure("convert.cpu_process_s", round(outcome.elapsed_s, 1), "s")
     saved = work / "convert" / "cpu_logits.pt"
-    if proc.returncode != 0 or not saved.is_file():
-        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-12:])
-        report.check("convert.cpu_write", False, detail=f"rc {proc.returncode}", tb=tail)
+    if outcome.timed_out or outcome.rc != 0 or not saved.is_file():
+        tail = "\n".join(lines[-12:])
+        why = "timed out" if outcome.timed_out else f"rc {outcome.rc}"
+        report.check("convert.cpu_write", False, detail=f"the CPU process: {why}", tb=tail)
         return
     report.check(
         "convert.cpu_write", True, detail="random qwen3-family checkpoint written with CUDA_VISIBLE_DEVICES=''"
@@ -412,7 +494,7 @@ def run_correct(args, report, prep: dict, deadline: float) -> None:
         ("losses", lambda: check_losses(report)),
         ("train", lambda: check_train_step(report, prep, work, keep)),
         ("ckpt", lambda: check_resume(report, prep, work, keep)),
-        ("convert", lambda: check_cpu_checkpoint_on_cuda(report, work)),
+        ("convert", lambda: check_cpu_checkpoint_on_cuda(report, work, deadline)),
     ):
         if time.time() > deadline - 10:
             report.skip(f"correct.{name}", "budget")
@@ -423,3 +505,104 @@ def run_correct(args, report, prep: dict, deadline: float) -> None:
         except Exception as exc:  # noqa: BLE001
             report.error(f"{name}.unexpected", exc)
         report.measure(f"correct.{name}_s", round(time.perf_counter() - t0, 2), "s")
+
+
+# ----------------------------------------------------------------------------------------------
+# part `fused`: megatron's torch.compile'd fusions against the unfused build, once
+# ----------------------------------------------------------------------------------------------
+#: the TransformerConfig flags KernelOptions can turn on (what "fused" means here)
+FUSION_FLAGS = (
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "apply_rope_fusion",
+    "gradient_accumulation_fusion",
+    "persist_layer_norm",
+)
+#: max relative error of the loss and of every gradient, fused vs unfused (relative to max |value|)
+FUSED_TOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
+
+
+def _loss_and_grads(model, arch, ids: torch.Tensor, vocab: int) -> tuple[torch.Tensor, dict]:
+    """Mean next-token cross-entropy of ``ids`` [b, s] (fp32) and every parameter's gradient."""
+    import torch.nn.functional as F
+
+    from xtoken_nemo.models.build import forward_logits
+
+    model.zero_grad(set_to_none=True)
+    logits = forward_logits(model, ids, arch)[..., :vocab].float()
+    targets = ids[:, 1:].reshape(-1).to(logits.device)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, vocab), targets)
+    loss.backward()
+    grads = {n: p.grad.detach().float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach().float().cpu(), grads
+
+
+def _grads_rel(a: dict, b: dict) -> float:
+    """max over parameters of max |a - b| / max |b| (inf when the gradients' names differ)."""
+    if a.keys() != b.keys() or not b:
+        return math.inf
+    return max(_rel(a[k], b[k]) for k in b)
+
+
+def check_fused(report, dtype: torch.dtype) -> None:
+    """The student's tiny shape built twice by the trainer's path (model_setup.build_model): with
+    the trainer's default kernel request (``ParallelConfig()``: megatron's fusions, resolved against
+    this machine) and with everything unfused; the fused model gets the unfused one's weights; one
+    forward/backward of each on the same ids."""
+    from xtoken_nemo.distill.config import ParallelConfig
+    from xtoken_nemo.distill.model_setup import build_model
+    from xtoken_nemo.models.build import resolve_kernel_options, te_available
+    from xtoken_nemo.tokenizers import load_tokenizer
+
+    name = str(dtype).split(".")[-1]
+    mc = model_config(shapes(True)["models"]["student"])
+    vocab = load_tokenizer(mc.tokenizer).vocab_size
+    request = ParallelConfig().kernel_options()  # what Trainer asks for by default
+    unfused, arch, _ = build_model(mc, vocab, 1, dtype, trainable=True, kernels=None)
+    fused, _, _ = build_model(mc, vocab, 1, dtype, trainable=True, kernels=request)
+    fused.load_state_dict(unfused.state_dict())  # same weights, whatever the RNGs did
+    on = [f for f in FUSION_FLAGS if getattr(fused.config, f, False)]
+    off = resolve_kernel_options(request, arch, 1, te_available()).summary()
+    report.measure(f"fused.{name}.kernels_on", on or "none", note=f"turned off: {off}" if off else "")
+    ids = _ids(vocab)
+    loss_u, grads_u = _loss_and_grads(unfused, arch, ids, vocab)
+    sync()
+    t0 = time.perf_counter()
+    loss_f, grads_f = _loss_and_grads(fused, arch, ids, vocab)  # the first call compiles
+    sync()
+    report.measure(f"fused.{name}.first_step_s", round(time.perf_counter() - t0, 2), "s", "forward+backward")
+    t0 = time.perf_counter()
+    _loss_and_grads(fused, arch, ids, vocab)
+    sync()
+    report.measure(f"fused.{name}.second_step_s", round(time.perf_counter() - t0, 3), "s", "forward+backward")
+    err_l, err_g = _rel(loss_f, loss_u), _grads_rel(grads_f, grads_u)
+    tol = FUSED_TOL[dtype]
+    what = (
+        f"fused ({', '.join(on)}) vs unfused"
+        if on
+        else "no fused kernel can run here, so this compared two unfused builds (the comparison is trivial)"
+    )
+    report.check(
+        f"fused.{name}.loss_and_grads_vs_unfused",
+        err_l <= tol and err_g <= tol,
+        max(err_l, err_g),
+        tol,
+        f"loss {err_l:.2g} grads {err_g:.2g}; {what}",
+    )
+
+
+def run_fused(args, report, prep: dict, deadline: float) -> None:
+    """fp32 (a tight tolerance) and, on CUDA, bf16 (the trainer's precision there)."""
+    from xtoken_nemo.models.runtime import ensure_model_parallel
+
+    ensure_model_parallel(1)
+    dtypes = (torch.float32, torch.bfloat16) if torch.cuda.is_available() else (torch.float32,)
+    for dtype in dtypes:
+        name = str(dtype).split(".")[-1]
+        if time.time() > deadline - 5:
+            report.skip(f"fused.{name}", "budget")
+            continue
+        try:
+            check_fused(report, dtype)
+        except Exception as exc:  # noqa: BLE001
+            report.error(f"fused.{name}.loss_and_grads_vs_unfused", exc)
