@@ -81,9 +81,10 @@ MIN_START_S = {
     "three": 30,
 }
 DEFAULT_BUDGET_S = 310.0  # = SETUP_ALLOWANCE_S + sum(PART_CAP_S)
-#: --tiny runs on a CPU: every time of the table above, times this. Generous: the 2-core
-#: development machine is shared, and a tiny `correct` took 450+ s there with ~11% of a core
-TINY_MULT = 10
+#: --tiny runs on a CPU: every time of the table above, times this. Generous, the caps only stop
+#: hangs there: the 2-core development machine is shared (load averages of 20-40 seen), and a
+#: tiny `correct` took 334-450+ s of wall time there (the whole tiny run: 26 min wall, 3.8 min CPU)
+TINY_MULT = 20
 
 
 def time_scale(tiny: bool) -> float:
@@ -496,12 +497,13 @@ def environment(args, report: Report) -> None:
     report.check("env.packages_present", not problems, detail=detail)
 
 
-def _prep_data(name: str, seq: int, n_windows: int, seed: int, work: str) -> tuple[str, float]:
-    """Synthetic documents through the real ``xtoken preprocess`` code (a pool worker)."""
+def _prep_data(name: str, seq: int, n_windows: int, seed: int, work: str) -> tuple[str, float, float]:
+    """Synthetic documents through the real ``xtoken preprocess`` code (a pool worker): (the
+    data folder, wall seconds, CPU seconds)."""
     from xtoken_nemo.data.preprocess import PreprocessConfig, preprocess
     from xtoken_nemo.data.synthetic import documents
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     # ~4 student tokens per word-ish unit of text: overshoot, the synthetic text is cheap
     n_docs = max(40, n_windows * seq // 60)
     docs = Path(work) / f"{name}.jsonl"
@@ -517,19 +519,20 @@ def _prep_data(name: str, seq: int, n_windows: int, seed: int, work: str) -> tup
             progress=False,
         )
     )
-    return str(out), time.perf_counter() - t0
+    return str(out), time.perf_counter() - t0, time.process_time() - c0
 
 
-def _prep_w(teacher: str, work: str) -> tuple[str, float]:
-    """W for ``teacher`` by the real ``xtoken build-w`` code (a pool worker)."""
+def _prep_w(teacher: str, work: str) -> tuple[str, float, float]:
+    """W for ``teacher`` by the real ``xtoken build-w`` code (a pool worker): (the file, wall
+    seconds, CPU seconds)."""
     from xtoken_nemo.tokenizers import load_tokenizer
     from xtoken_nemo.vocab.build import build_projection_matrix
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     W = build_projection_matrix(load_tokenizer("llama3"), load_tokenizer(teacher), progress=False)
     path = Path(work) / f"W_{teacher}.safetensors"
     W.save(path)
-    return str(path), time.perf_counter() - t0
+    return str(path), time.perf_counter() - t0, time.process_time() - c0
 
 
 def prepare(args, report: Report, work: Path) -> dict:
@@ -555,8 +558,9 @@ def prepare(args, report: Report, work: Path) -> dict:
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {key: pool.submit(fn, *fn_args) for key, (fn, fn_args) in jobs.items()}
         for key, future in futures.items():
-            info[key], seconds = future.result()
-            report.measure(f"prep.{key}_s", round(seconds, 2), "s")
+            info[key], seconds, cpu = future.result()
+            # CPU seconds too: the wall time of a loaded machine says little about the GPU machine's
+            report.measure(f"prep.{key}_s", round(seconds, 2), "s", f"CPU {cpu:.1f} s")
     report.measure("prep.wall_s", round(time.perf_counter() - t0, 2), "s", f"{len(jobs)} jobs on {workers} processes")
     (work / "prep.json").write_text(json.dumps(info))
     return info
@@ -608,18 +612,28 @@ def run_boxed(
     cwd: str | None = None,
     env: dict | None = None,
     drain_s: float = 2.0,
+    own_group: bool = True,
 ) -> BoxedOutcome:
     """Run ``cmd`` in its own session; pass each output line (stdout and stderr) to ``on_line``.
 
     Ends when the child exits or after ``timeout_s``, and in both cases kills the child's whole
     process group: a helper it left behind (megatron's ``multiprocessing.Manager``, a writer
     process) dies with it instead of keeping the pipe open, and the reader never waits for an
-    end-of-file that does not come. ``on_start(pgid)`` is called once the group exists.
+    end-of-file that does not come (at most ``drain_s`` after the end). ``on_start(pgid)`` is
+    called once the group exists. ``own_group=False`` (a helper of a part): the child stays in
+    the caller's process group, so it dies with the part; only the child is killed at its time box.
     """
     t0 = time.monotonic()
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env, start_new_session=own_group
     )
+
+    def stop() -> None:
+        if own_group:
+            kill_group(proc.pid)
+        elif proc.poll() is None:
+            proc.kill()
+
     if on_start is not None:
         on_start(proc.pid)
     fd = proc.stdout.fileno()
@@ -632,10 +646,10 @@ def run_boxed(
             now = time.monotonic()
             if ended_at is None and _exited(proc.pid):
                 ended_at = now
-                kill_group(proc.pid)
+                stop()
             elif ended_at is None and now - t0 >= timeout_s:
                 ended_at, timed_out = now, True
-                kill_group(proc.pid)
+                stop()
             elif ended_at is not None and now - ended_at > drain_s:
                 break  # a process outside the group holds the pipe: stop reading, do not wait for it
             for _key, _events in sel.select(timeout=0.2):
@@ -652,14 +666,14 @@ def run_boxed(
                 proc.wait(timeout=max(0.0, timeout_s - (time.monotonic() - t0)))
             except subprocess.TimeoutExpired:
                 timed_out = True
-            kill_group(proc.pid)
+            stop()
     finally:
         if pending:
             on_line(pending.decode("utf-8", "replace"))
         sel.close()
         proc.stdout.close()
         if proc.poll() is None:
-            kill_group(proc.pid)
+            stop()
         rc = proc.wait()
     return BoxedOutcome(rc=rc, timed_out=timed_out, elapsed_s=time.monotonic() - t0, pipe_held=not eof)
 
@@ -856,7 +870,7 @@ def _hard_exit(report: Report) -> None:
     line = report.summary_line()
     data = report.summary()
     data["exit_code"] = EXIT_HARD_LIMIT
-    report.say(f"[gpu_check] HARD LIMIT: the run overran its budget by {HARD_MARGIN_S:.0f} s; {line}")
+    report.say(f"[gpu_check] HARD LIMIT: the run overran its budget + margin; {line}")
     report.flush()
     report.say(json_line(data))
     os._exit(EXIT_HARD_LIMIT)

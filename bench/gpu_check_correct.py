@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -438,25 +439,52 @@ def cpu_checkpoint_child(work: Path) -> None:
     print("[cpu_ckpt] wrote", out, flush=True)
 
 
-def check_cpu_checkpoint_on_cuda(report, work: Path, deadline: float) -> None:
+class CpuCheckpointRun:
+    """The helper process that writes the random checkpoint on CPU (``CUDA_VISIBLE_DEVICES=""``),
+    started when part ``correct`` starts so that it runs on the CPU while the part uses the GPU.
+    It stays in the part's process group (``run_boxed(own_group=False)``): it dies with the part."""
+
+    def __init__(self, work: Path, timeout_s: float) -> None:
+        self.lines: list[str] = []
+        self.outcome = None
+        cmd = [sys.executable, str(Path(__file__).with_name("gpu_check.py")), "--child", "cpu_ckpt"]
+        cmd += ["--work", str(work)]
+        env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+        self._thread = threading.Thread(target=self._run, args=(cmd, timeout_s, env), daemon=True)
+        self._thread.start()
+
+    def _run(self, cmd: list[str], timeout_s: float, env: dict) -> None:
+        self.outcome = run_boxed(cmd, timeout_s, self.lines.append, env=env, own_group=False)
+
+    def wait(self, timeout_s: float):
+        """The helper's BoxedOutcome, or None if it has not ended within ``timeout_s``."""
+        self._thread.join(max(0.0, timeout_s))
+        return self.outcome
+
+
+def start_cpu_checkpoint(work: Path, deadline: float) -> CpuCheckpointRun | None:
+    """The helper, or None when no checkpoint can be written here (psutil missing)."""
+    if checkpoint_writer_problem() is not None:
+        return None
+    return CpuCheckpointRun(work, max(5.0, deadline - time.time() - 15))
+
+
+def check_cpu_checkpoint_on_cuda(report, work: Path, deadline: float, helper: CpuCheckpointRun | None) -> None:
     from xtoken_nemo.models.build import forward_logits
     from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
     from xtoken_nemo.models.runtime import ensure_model_parallel
 
-    problem = checkpoint_writer_problem()
-    if problem is not None:
-        report.skip("convert", f"no checkpoint can be written: {problem.split(';')[0]}")
+    if helper is None:
+        report.skip("convert", f"no checkpoint can be written: {(checkpoint_writer_problem() or '').split(';')[0]}")
         return
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, str(Path(__file__).with_name("gpu_check.py")), "--child", "cpu_ckpt", "--work", str(work)]
-    lines: list[str] = []
-    # its own process group and time box (run_boxed): a writer process it leaves behind cannot
-    # keep its output pipe open and hang this part
-    outcome = run_boxed(cmd, max(5.0, deadline - time.time() - 15), lines.append, env=env)
-    report.measure("convert.cpu_process_s", round(outcome.elapsed_s, 1), "s")
+    outcome = helper.wait(deadline - time.time() - 10)
+    if outcome is None:
+        report.skip("convert", "budget: the CPU checkpoint process had not finished")
+        return
+    report.measure("convert.cpu_process_s", round(outcome.elapsed_s, 1), "s", "ran beside the other sub-checks")
     saved = work / "convert" / "cpu_logits.pt"
     if outcome.timed_out or outcome.rc != 0 or not saved.is_file():
-        tail = "\n".join(lines[-12:])
+        tail = "\n".join(helper.lines[-12:])
         why = "timed out" if outcome.timed_out else f"rc {outcome.rc}"
         report.check("convert.cpu_write", False, detail=f"the CPU process: {why}", tb=tail)
         return
@@ -490,11 +518,12 @@ def run_correct(args, report, prep: dict, deadline: float) -> None:
     work = Path(args.work) / "correct"
     work.mkdir(parents=True, exist_ok=True)
     keep: dict = {}
+    helper = start_cpu_checkpoint(work, deadline)  # on the CPU, beside the GPU sub-checks
     for name, fn in (
         ("losses", lambda: check_losses(report)),
         ("train", lambda: check_train_step(report, prep, work, keep)),
         ("ckpt", lambda: check_resume(report, prep, work, keep)),
-        ("convert", lambda: check_cpu_checkpoint_on_cuda(report, work, deadline)),
+        ("convert", lambda: check_cpu_checkpoint_on_cuda(report, work, deadline, helper)),
     ):
         if time.time() > deadline - 10:
             report.skip(f"correct.{name}", "budget")
