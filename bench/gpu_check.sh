@@ -9,7 +9,7 @@
 # bench/gpu_wheels.sh; installed with pip --no-index --no-deps into a temp folder that goes on
 # PYTHONPATH together with the repo root. Exit codes: 0 every check passed (aims never fail the
 # run), 1 some check failed, 2 usage error, 3 no CUDA, 4 bad --wheels folder or install, 5 the
-# whole run overran its hard time limit, 6 nothing failed but a part was stopped by its time box
+# whole run overran its hard time limit, 7 nothing failed but a part was stopped by its time box
 # (TIMEOUT). Budget 310 s; the device call's timeout_s: 350. Python: $PYTHON, else python3.
 # See docs/gpu_check.md.
 set -u
