@@ -11,7 +11,7 @@
 # holds exactly that list), wheels (bench/gpu_wheels.sh with this repo's .venv python, as a user
 # would run it), check (bash bench/gpu_check.sh --allow-cpu --tiny --wheels <them> in a bare
 # environment: PYTHON = the venv, an empty HOME/TMPDIR/caches, no network when `unshare -n`
-# works). Exit code: the check's (0 passed, 1 a check failed, 3-5 as docs/gpu_check.md), 124 the
+# works). Exit code: the check's (0 passed, 1 a check failed, 3-5 and 7 as docs/gpu_check.md), 124 the
 # check overran --timeout-s, 2 usage error, 6 the emulated environment could not be built.
 # Not part of `make test`: a fresh venv downloads GBs, the check takes 15-30 min on 2 cores.
 set -euo pipefail
@@ -39,7 +39,7 @@ in it. Prints the check's output, then its summary and the wall time of each pha
   --help         this text
 
 Python 3.12: $PYTHON312, else the newest 3.12 under pyenv, else python3.12 / python3 on PATH.
-Exit: the check's code (0 passed, 1 a check failed, 3-5 see docs/gpu_check.md), 124 timeout,
+Exit: the check's code (0 passed, 1 a check failed, 3-5 and 7 see docs/gpu_check.md), 124 timeout,
 2 usage error, 6 the environment could not be built (Python 3.12, venv, install or wheels).
 EOF
 }
