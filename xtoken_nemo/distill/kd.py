@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.profiler import record_function
 
@@ -41,6 +42,7 @@ from xtoken_nemo.losses import (
     scale_kd_ce,
     teacher_confidence_parallel,
 )
+from xtoken_nemo.losses.common import ChunkSpans, to_device
 from xtoken_nemo.losses.weighting import FIXED_WEIGHTINGS, dynamic_kd_scale
 from xtoken_nemo.models.build import mask_padded_vocab
 
@@ -72,12 +74,14 @@ class TeacherKD:
     """One teacher's KD loss on one micro-batch: chunk means (0-dim) of the trainable part (in
     L_KD), of the gradient-free constant and of the teacher mass out of the student's reach
     (both detached; :class:`~xtoken_nemo.losses.LossParts`), and the teacher's merged chunk
-    logits [N, V_T_pad/tp] (for confidences; None without chunks)."""
+    logits [N, V_T_pad/tp] with the chunks' first teacher positions [N] on the logits' device (for
+    confidences; None without chunks)."""
 
     trainable: torch.Tensor
     constant: torch.Tensor
     uncovered: torch.Tensor
     teacher_chunks: torch.Tensor | None
+    teacher_first: torch.Tensor | None  # [N] each chunk's first position in the flattened [B*T] teacher side
 
 
 @dataclass
@@ -109,16 +113,20 @@ def student_ce(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tens
         return (per_token * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _flat_chunks(chunks: torch.Tensor, s_len: int, t_len: int) -> tuple[list[range], list[range]]:
-    """[B, K, 4] (-1 padded) -> per-chunk position ranges into the [B*S] / [B*T] flattened logits."""
-    s_pos, t_pos = [], []
-    for b in range(chunks.shape[0]):
-        for s0, s1, t0, t1 in chunks[b].tolist():
-            if s0 < 0:
-                continue
-            s_pos.append(range(b * s_len + s0, b * s_len + s1))
-            t_pos.append(range(b * t_len + t0, b * t_len + t1))
-    return s_pos, t_pos
+def _flat_chunks(chunks: torch.Tensor, s_len: int, t_len: int) -> tuple[ChunkSpans, ChunkSpans]:
+    """[B, K, 4] host chunk table (-1 padded) -> each side's chunks as spans of positions of the
+    [B*S] / [B*T] flattened logits, in table order (sequence by sequence). Vectorised on the
+    table's numpy view: no tensor read, no per-chunk Python."""
+    table = chunks.detach().cpu().numpy().astype(np.int64, copy=False)
+    b = np.repeat(np.arange(table.shape[0], dtype=np.int64), table.shape[1])
+    rows = table.reshape(-1, 4)
+    keep = rows[:, 0] >= 0
+    rows, b = rows[keep], b[keep]
+    s_off, t_off = b * s_len, b * t_len
+    return (
+        ChunkSpans(rows[:, 0] + s_off, rows[:, 1] + s_off),
+        ChunkSpans(rows[:, 2] + t_off, rows[:, 3] + t_off),
+    )
 
 
 def teacher_kd_loss(
@@ -131,37 +139,44 @@ def teacher_kd_loss(
     chunks: torch.Tensor,
     block_size: int,
 ) -> TeacherKD:
-    """One teacher's KD loss over this micro-batch's chunks (means over the chunks)."""
+    """One teacher's KD loss over this micro-batch's chunks (means over the chunks). ``chunks``
+    stays on the host; the indices built from it reach the logits' device in non-blocking copies."""
     cfg = spec.config
     B, S, Vs = student_logits.shape
     T = teacher_logits.shape[1]
-    s_pos, t_pos = _flat_chunks(chunks, S, T)
-    if not s_pos:
+    s_spans, t_spans = _flat_chunks(chunks, S, T)
+    if not len(s_spans):
         zero = student_logits.sum() * 0.0
-        return TeacherKD(zero, zero.detach(), zero.detach(), None)
+        return TeacherKD(zero, zero.detach(), zero.detach(), None, None)
     s_flat, t_flat = student_logits.reshape(B * S, Vs), teacher_logits.reshape(B * T, -1)
     s_targets, t_targets = student_labels.reshape(-1), teacher_labels.reshape(-1)
+    # [2, N] both sides' first positions, in one copy (the chunk validation is the merges')
+    firsts = to_device(student_logits.device, torch.from_numpy(np.stack([s_spans.starts, t_spans.starts])))[0]
     if cfg.merge == "logmean":
-        s_merged = merge_chunks_parallel(s_flat, s_pos, student_vocab_size, targets=s_targets, mode="logmean")
+        s_merged = merge_chunks_parallel(s_flat, s_spans, student_vocab_size, targets=s_targets, mode="logmean")
         with torch.no_grad():
-            t_merged = merge_chunks_parallel(t_flat, t_pos, spec.vocab_size, targets=t_targets, mode="logmean")
+            t_merged = merge_chunks_parallel(t_flat, t_spans, spec.vocab_size, targets=t_targets, mode="logmean")
         s, t = s_merged.logits, t_merged.logits.detach()
     else:
         # first/chain: the chunk's shape is its first position's distribution. Every loss
         # softmaxes its input, so the raw first-position logits serve as they are (no extra
         # [N, V] normalization pass); chain adds the log-mass of the later actual tokens.
-        s = s_flat[torch.tensor([r[0] for r in s_pos])]
-        t = t_flat[torch.tensor([r[0] for r in t_pos])].detach()
+        s = s_flat[firsts[0]]
+        t = t_flat[firsts[1]].detach()
         if cfg.merge == "chain":
-            s_mass = chunk_log_mass_parallel(s_flat, s_pos, student_vocab_size, s_targets)
+            s_mass = chunk_log_mass_parallel(s_flat, s_spans, student_vocab_size, s_targets)
             with torch.no_grad():
-                t_mass = chunk_log_mass_parallel(t_flat, t_pos, spec.vocab_size, t_targets)
+                t_mass = chunk_log_mass_parallel(t_flat, t_spans, spec.vocab_size, t_targets)
     kw = dict(temperature=cfg.temperature, block_size=block_size, reduction="none")
     per_chunk = mode_loss(spec, s, t, student_vocab_size, kw)
     if cfg.merge == "chain":
         per_chunk = chunk_mass_kl_parts(s_mass, t_mass, per_chunk, reduction="none")
     return TeacherKD(
-        per_chunk.trainable.mean(), per_chunk.constant.detach().mean(), per_chunk.uncovered.detach().mean(), t
+        per_chunk.trainable.mean(),
+        per_chunk.constant.detach().mean(),
+        per_chunk.uncovered.detach().mean(),
+        t,
+        firsts[1],
     )
 
 
@@ -203,7 +218,7 @@ def distillation_loss(
         if alpha_mode != "static" and merged_teacher is not None:
             # confidence, higher = more sure: mean log-prob of the chunks' first actual tokens
             # ("ce"), negative entropy, or mean max-probability of the merged teacher chunks
-            targets = _chunk_first_targets(t_labels, chunks) if alpha_mode == "ce" else None
+            targets = t_labels.reshape(-1)[out.teacher_first] if alpha_mode == "ce" else None
             confidences.append(
                 teacher_confidence_parallel(merged_teacher, alpha_mode, spec.vocab_size, targets=targets)
             )
@@ -242,11 +257,3 @@ def distillation_loss(
         alphas={n: a for n, a in zip(names, alpha_vec.detach())},
         confidences=dict(zip(names, (c.detach().float().reshape(()) for c in confidences))) if adaptive else {},
     )
-
-
-def _chunk_first_targets(t_labels: torch.Tensor, chunks: torch.Tensor) -> torch.Tensor:
-    """[N] the teacher's actual first token of every chunk (order as in _flat_chunks)."""
-    T = t_labels.shape[1]
-    flat = t_labels.reshape(-1)
-    starts = [b * T + t0 for b in range(chunks.shape[0]) for s0, _, t0, _ in chunks[b].tolist() if s0 >= 0]
-    return flat[torch.tensor(starts, dtype=torch.int64)]

@@ -9,15 +9,20 @@ the small helpers both sides call.
   constant and the uncovered teacher mass; see docs/method.md, "Trainable part and constant") and
   :class:`MergedChunks` (a chunk merge's normalized shape ``[N, V]`` and log-mass ``[N]``).
 - Helpers: :func:`split_parts` / :func:`unsplit_parts`, :func:`compute_dtype`,
-  :func:`chunk_index` (validated chunk list -> flat positions), :func:`hybrid_weights` (GOLD's
-  common/uncommon weights) and :func:`hkl_pairs` (H-KL's common set from W).
+  :func:`chunk_positions` / :func:`chunk_index` (validated chunk list or :class:`ChunkSpans` ->
+  flat positions, vectorised on the host), :func:`to_device` (host index tensors onto the logits'
+  device without blocking the host), :func:`hybrid_weights` (GOLD's common/uncommon weights) and
+  :func:`hkl_pairs` (H-KL's common set from W).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
+import numpy as np
 import torch
 
 from xtoken_nemo.errors import LossInputError
@@ -122,26 +127,100 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def chunk_index(chunks: Sequence[Sequence[int]], num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class ChunkSpans:
+    """N chunks of consecutive positions, chunk k = ``[starts[k], ends[k])``: the form the trainer's
+    chunk tables take (``kd._flat_chunks``). Host int64 numpy arrays [N], so building the indices
+    reads no tensor and runs no Python loop per chunk."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.starts.shape[0])
+
+
+class ChunkIndex(NamedTuple):
+    """A validated chunk list, flattened (host int64 tensors, chunks in order)."""
+
+    pos: torch.Tensor  # [T'] every position of every chunk
+    cid: torch.Tensor  # [T'] the chunk of each position, in [0, N)
+    first: torch.Tensor  # [N] each chunk's first position
+    counts: torch.Tensor  # [N] positions per chunk (>= 1)
+
+
+def chunk_positions(chunks: Sequence[Sequence[int]] | ChunkSpans, num_positions: int) -> ChunkIndex:
+    """:class:`ChunkIndex` of ``chunks``: a list of N non-empty lists of positions in
+    ``[0, num_positions)`` (in order), or :class:`ChunkSpans`. Raises
+    :class:`~xtoken_nemo.errors.LossInputError` on an empty list, an empty chunk or a position out of
+    range (naming the first such chunk). Vectorised with numpy: one pass over the positions, no
+    per-chunk Python work beyond ``len``."""
+    n = len(chunks)
+    if n == 0:
+        raise LossInputError("empty chunk list: the alignment produced no chunk; skip this sequence")
+    if isinstance(chunks, ChunkSpans):
+        starts = np.asarray(chunks.starts, dtype=np.int64)
+        counts = np.asarray(chunks.ends, dtype=np.int64) - starts
+        bad_chunk = (counts > 0) & ((starts < 0) | (starts + counts > num_positions))
+        empty = counts <= 0
+        first_bad = _first_true(bad_chunk, n)
+    else:
+        counts = np.fromiter(map(len, chunks), dtype=np.int64, count=n)
+        flat = np.fromiter(itertools.chain.from_iterable(chunks), dtype=np.int64, count=int(counts.sum()))
+        empty = counts == 0
+        out = (flat < 0) | (flat >= num_positions)
+        # positions come chunk by chunk: the first bad position lies in the first bad chunk
+        first_bad = int(np.searchsorted(np.cumsum(counts), np.argmax(out), side="right")) if out.any() else n
+    first_empty = _first_true(empty, n)
+    if first_empty < first_bad:
+        raise LossInputError(f"chunk {first_empty} is empty; every aligned chunk needs at least one position")
+    if first_bad < n:
+        raise LossInputError(f"chunk {first_bad} names positions outside [0, {num_positions})")
+    offsets = np.cumsum(counts) - counts  # [N] where each chunk starts in the flat list
+    cid = np.repeat(np.arange(n, dtype=np.int64), counts)
+    if isinstance(chunks, ChunkSpans):
+        first = starts.copy()
+        flat = np.arange(int(offsets[-1] + counts[-1]), dtype=np.int64) + np.repeat(starts - offsets, counts)
+    else:
+        first = flat[offsets]
+    return ChunkIndex(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (flat, cid, first, counts)))
+
+
+def _first_true(mask: np.ndarray, default: int) -> int:
+    return int(np.argmax(mask)) if mask.any() else default
+
+
+def chunk_index(chunks: Sequence[Sequence[int]] | ChunkSpans, num_positions: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions and their chunk id, flattened: ([T'], [T']); validates the chunk list.
 
-    ``chunks`` is a list of N non-empty lists of positions in ``[0, num_positions)`` (in order);
-    returns every position of every chunk and, beside it, the index of its chunk in ``[0, N)``.
+    ``chunks`` is a list of N non-empty lists of positions in ``[0, num_positions)`` (in order)
+    or :class:`ChunkSpans`; returns every position of every chunk and, beside it, the index of its
+    chunk in ``[0, N)`` (:func:`chunk_positions` has the chunks' first positions and sizes too).
     Raises :class:`~xtoken_nemo.errors.LossInputError` on an empty list, an empty chunk or a
     position out of range.
     """
-    if len(chunks) == 0:
-        raise LossInputError("empty chunk list: the alignment produced no chunk; skip this sequence")
-    pos, cid = [], []
-    for k, chunk in enumerate(chunks):
-        chunk = [int(i) for i in chunk]
-        if not chunk:
-            raise LossInputError(f"chunk {k} is empty; every aligned chunk needs at least one position")
-        if min(chunk) < 0 or max(chunk) >= num_positions:
-            raise LossInputError(f"chunk {k} names positions outside [0, {num_positions})")
-        pos.extend(chunk)
-        cid.extend([k] * len(chunk))
-    return torch.tensor(pos, dtype=torch.int64), torch.tensor(cid, dtype=torch.int64)
+    index = chunk_positions(chunks, num_positions)
+    return index.pos, index.cid
+
+
+def to_device(device: torch.device | str, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Host tensors of one dtype on ``device``, in one copy that does not block the host.
+
+    A copy from pageable host memory to a GPU blocks the host until it is done, behind the work
+    already queued on the stream; from page-locked memory with ``non_blocking=True`` it is queued
+    and the host goes on. On CUDA the tensors go into one page-locked buffer (PyTorch's caching
+    host allocator: no new allocation once warm, and the buffer is not reused before the copy has
+    completed) and are copied once; the results are views of one device buffer. On the CPU they
+    are returned as they are.
+    """
+    device = torch.device(device)
+    if device.type == "cpu" or all(t.device == device for t in tensors):
+        return tensors
+    flat = torch.cat([t.reshape(-1).cpu() for t in tensors]) if len(tensors) > 1 else tensors[0].reshape(-1)
+    if device.type == "cuda" and flat.device.type == "cpu" and not flat.is_pinned():
+        flat = flat.pin_memory()
+    flat = flat.to(device, non_blocking=True)
+    return tuple(part.view(t.shape) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors))
 
 
 def hybrid_weights(

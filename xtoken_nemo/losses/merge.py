@@ -6,7 +6,9 @@ weighting").
 
 Per-position logits ``[T, V_pad / tp]`` on each rank (shard conventions in
 :mod:`xtoken_nemo.losses.shard`); a merge returns this rank's shard of the chunk log-probs
-``[N, V_pad / tp]`` and the replicated ``[N]`` log-mass.
+``[N, V_pad / tp]`` and the replicated ``[N]`` log-mass. The chunk lists (or
+:class:`~xtoken_nemo.losses.common.ChunkSpans`) are host data: their indices are built on the host
+and reach the logits' device in one non-blocking copy (:func:`~xtoken_nemo.losses.common.to_device`).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from xtoken_nemo.errors import LossInputError
 from xtoken_nemo.losses import comm
-from xtoken_nemo.losses.common import MASK_VALUE, MERGE_MODES, MergedChunks, chunk_index
+from xtoken_nemo.losses.common import MASK_VALUE, MERGE_MODES, ChunkIndex, MergedChunks, chunk_positions, to_device
 from xtoken_nemo.losses.shard import (
     Shard,
     check_finite_global,
@@ -42,10 +44,7 @@ def _checked_shard(
 
 def _chain_log_mass(
     logits: torch.Tensor,
-    pos: torch.Tensor,
-    cid: torch.Tensor,
-    first: torch.Tensor,
-    n: int,
+    index: ChunkIndex,
     targets,
     shard: Shard,
     group: object | None,
@@ -54,12 +53,16 @@ def _chain_log_mass(
     if targets is None:
         raise LossInputError("chain merge needs the target token ids (the actual next tokens)")
     targets = torch.as_tensor(targets, dtype=torch.int64)
-    later = pos != first[cid]
-    lp, lc = pos[later], cid[later]
+    later = index.pos != index.first[index.cid]
     # only the later positions' rows are touched: single-token chunks cost nothing here (their
     # log-mass is exactly 0, which chunk_mass_kl_parts reads as "no rest bucket on this side")
+    lp_host, lc_host = index.pos[later], index.cid[later]
+    lp, lc = to_device(logits.device, lp_host, lc_host)
     y = prep_block(logits[lp], shard, 1.0)  # [L, width]
-    tgt = (targets[lp] - shard.start).to(y.device)
+    if targets.device == logits.device:
+        tgt = targets[lp] - shard.start
+    else:  # targets given on the host
+        tgt = to_device(logits.device, targets[lp_host])[0] - shard.start
     own = (tgt >= 0) & (tgt < shard.width)
     col = tgt.clamp(0, shard.width - 1)[:, None]
     # log p_t = d - log1p(expm1(d) + s), d = y_t - m, s = sum over v != t of exp(y_v - m), m the
@@ -74,7 +77,7 @@ def _chain_log_mass(
     # each target is owned by one rank: a sum of partials, so that a replicated consumer of
     # log_mass (every rank computes the same loss from it) back-propagates it once
     picked = comm.sum_partials(picked, group)
-    return y.new_zeros(n).index_add(0, lc.to(y.device), picked)
+    return y.new_zeros(len(index.first)).index_add(0, lc, picked)
 
 
 def chunk_log_mass_parallel(
@@ -88,9 +91,7 @@ def chunk_log_mass_parallel(
     positions: for losses that take the first positions' raw logits as the chunk shape (every
     loss here softmaxes its input, so that is the same shape)."""
     group, shard = _checked_shard(logits, vocab_size, group, "per-position logits", "logits", finite=False)
-    pos, cid = chunk_index(chunks, logits.shape[0])
-    first = torch.tensor([int(c[0]) for c in chunks], dtype=torch.int64)
-    return _chain_log_mass(logits, pos, cid, first, len(chunks), targets, shard, group)
+    return _chain_log_mass(logits, chunk_positions(chunks, logits.shape[0]), targets, shard, group)
 
 
 def merge_chunks_parallel(
@@ -110,17 +111,18 @@ def merge_chunks_parallel(
     if mode not in MERGE_MODES:
         raise LossInputError(f"unknown chunk merge {mode!r}; choose one of {MERGE_MODES}")
     group, shard = _checked_shard(logits, vocab_size, group, "per-position logits", "logits")
-    pos, cid = chunk_index(chunks, logits.shape[0])
-    n = len(chunks)
-    first = torch.tensor([int(c[0]) for c in chunks], dtype=torch.int64)
+    index = chunk_positions(chunks, logits.shape[0])
+    n = len(index.first)
     if mode in ("first", "chain"):
+        (first,) = to_device(logits.device, index.first)
         first_logp = vp_log_softmax(prep_block(logits[first], shard, 1.0), group)
         if mode == "first":
             return MergedChunks(first_logp, first_logp.new_zeros(n))
-        return MergedChunks(first_logp, _chain_log_mass(logits, pos, cid, first, n, targets, shard, group))
+        return MergedChunks(first_logp, _chain_log_mass(logits, index, targets, shard, group))
     y = prep_block(logits, shard, 1.0)
-    cid = cid.to(y.device)
-    counts = torch.bincount(cid, minlength=n).to(y.dtype)
+    # the chunk sizes come from the host: bincount on a GPU would read its input's max (a sync)
+    pos, cid, counts = to_device(y.device, index.pos, index.cid, index.counts)
+    counts = counts.to(y.dtype)
     logp = vp_log_softmax(y[pos], group)
     mean = y.new_zeros(n, y.shape[1]).index_add(0, cid, logp) / counts[:, None]
     if shard.valid < shard.width:
