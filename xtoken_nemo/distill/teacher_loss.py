@@ -26,6 +26,8 @@ from xtoken_nemo.losses import (
     prepare_projection,
     uld_loss_parallel,
 )
+from xtoken_nemo.losses.common import hkl_pairs
+from xtoken_nemo.losses.hybrid import CommonSet, prepare_common_set
 from xtoken_nemo.vocab import ProjectionMatrix
 from xtoken_nemo.vocab.canonical import exact_matches
 
@@ -39,6 +41,9 @@ class TeacherLossSpec:
     projection: LocalProjection | None = None  # pkl
     W: object | None = None  # ProjectionMatrix, hkl
     common_pairs: torch.Tensor | None = None  # gold: [P, 2] exact (student, teacher) pairs
+    # hkl/gold/uld: the common pairs (W's argmax pairs / the exact pairs / none) laid out on this
+    # rank's shards, built once here; without it the loss rebuilds them from W/common_pairs per call
+    common: CommonSet | None = None
 
 
 def check_teacher_tokenizer(tc: TeacherConfig, student_tok, teacher_tok) -> None:
@@ -56,7 +61,8 @@ def build_teacher_spec(
 ) -> TeacherLossSpec:
     """The loss spec of one teacher: W for the modes that read it (pkl also gets W's columns for
     this rank's vocabulary shards: ``*_local_vocab`` = padded vocab / TP), the exact-match pairs
-    for gold."""
+    for gold, and for hkl/gold/uld the common set laid out on this rank's shards (the pairs depend
+    on the tokenizers only: built here once, not per micro-batch)."""
     check_teacher_tokenizer(tc, student_tok, teacher_tok)
     mode = KDMode(tc.mode)
     spec = TeacherLossSpec(config=tc, vocab_size=teacher_tok.vocab_size)
@@ -66,6 +72,16 @@ def build_teacher_spec(
             spec.projection = prepare_projection(spec.W, student_local_vocab, teacher_local_vocab)
     if mode is KDMode.GOLD:
         spec.common_pairs = torch.tensor(exact_matches(student_tok, teacher_tok).pairs(), dtype=torch.int64)
+    if mode in (KDMode.HKL, KDMode.GOLD, KDMode.ULD):
+        if mode is KDMode.HKL:
+            pairs = hkl_pairs(spec.W)  # min_weight 0, as the registry's hkl call
+        elif mode is KDMode.GOLD:
+            pairs = spec.common_pairs
+        else:
+            pairs = torch.zeros(0, 2, dtype=torch.int64)
+        spec.common = prepare_common_set(
+            pairs, student_local_vocab, teacher_local_vocab, student_tok.vocab_size, teacher_tok.vocab_size
+        )
     return spec
 
 
@@ -89,17 +105,19 @@ def _pkl(spec: TeacherLossSpec, s: torch.Tensor, t: torch.Tensor, student_vocab:
 
 
 def _hkl(spec: TeacherLossSpec, s: torch.Tensor, t: torch.Tensor, student_vocab: int, kw: dict) -> LossParts:
-    return LossParts.of(hkl_loss_parallel(s, t, spec.W, student_vocab, spec.vocab_size, **_uld_options(spec), **kw))
+    common = spec.W if spec.common is None else spec.common
+    return LossParts.of(hkl_loss_parallel(s, t, common, student_vocab, spec.vocab_size, **_uld_options(spec), **kw))
 
 
 def _gold(spec: TeacherLossSpec, s: torch.Tensor, t: torch.Tensor, student_vocab: int, kw: dict) -> LossParts:
-    return LossParts.of(
-        gold_loss_parallel(s, t, spec.common_pairs, student_vocab, spec.vocab_size, **_uld_options(spec), **kw)
-    )
+    common = spec.common_pairs if spec.common is None else spec.common
+    return LossParts.of(gold_loss_parallel(s, t, common, student_vocab, spec.vocab_size, **_uld_options(spec), **kw))
 
 
 def _uld(spec: TeacherLossSpec, s: torch.Tensor, t: torch.Tensor, student_vocab: int, kw: dict) -> LossParts:
-    return LossParts.of(uld_loss_parallel(s, t, student_vocab, spec.vocab_size, **_uld_options(spec), **kw))
+    return LossParts.of(
+        uld_loss_parallel(s, t, student_vocab, spec.vocab_size, **_uld_options(spec), common=spec.common, **kw)
+    )
 
 
 #: KDMode -> its per-chunk loss; every member of KDMode has an entry

@@ -15,6 +15,11 @@ semantics are the reference's (:func:`xtoken_nemo.losses.reference.gold_loss`).
   ``KEY_ROWS`` rows at a time. Backward recomputes p_S bit-identically, writes the ULD sign and
   the common pairs' -w_c p_T / q into one gradient buffer, and applies the softmax backward in
   place.
+- The common pairs' layout on this rank's shards depends on the tokenizers and the shard geometry
+  only: :func:`prepare_common_set` builds it once (checks, pair sort, uncommon masks: 12 ms of CPU
+  at 128k pairs on one thread, far more wall time on a busy host) into a :class:`CommonSet` that
+  keeps one copy per device; the losses take one in place of the pairs (the trainer's teacher specs
+  do), or build it on every call from raw pairs / W.
 - ``uld_method="sort"`` / ``uld_topk=k``: the older path, autograd-aware collectives
   (``comm.sum_autograd`` / ``comm.gather_cols_autograd``) in an activation-checkpointed per-block
   function; the uncommon probabilities are all-gathered per block and sorted; ``uld_topk=k`` is an
@@ -24,6 +29,7 @@ semantics are the reference's (:func:`xtoken_nemo.losses.reference.gold_loss`).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -40,12 +46,14 @@ from xtoken_nemo.losses.common import (
     compute_dtype,
     hkl_pairs,
     hybrid_weights,
+    to_device,
 )
 from xtoken_nemo.losses.shard import (
     Shard,
     check_block,
     check_finite_global,
     cross_vocab_shards,
+    make_shard,
     prep_block,
     token_blocks,
     vp_log_softmax,
@@ -79,11 +87,9 @@ class _HybridLayout:
     t_full: bool = False
 
 
-def _hybrid_layout(
-    pairs: torch.Tensor, s_shard: Shard, t_shard: Shard, device: torch.device | str = "cpu"
-) -> _HybridLayout:
-    """[P, 2] (student_id, teacher_id) pairs and this rank's two shards -> its :class:`_HybridLayout`
-    (index tensors on ``device``)."""
+def _hybrid_layout(pairs: torch.Tensor, s_shard: Shard, t_shard: Shard) -> _HybridLayout:
+    """[P, 2] checked (student_id, teacher_id) host pairs and this rank's two shards -> its
+    :class:`_HybridLayout` (host tensors; :meth:`CommonSet.layout` keeps the device copies)."""
     teachers, inverse = torch.unique(pairs[:, 1], return_inverse=True)
     s_ids = pairs[:, 0]
     s_own = (s_ids >= s_shard.start) & (s_ids < s_shard.start + s_shard.width)
@@ -103,19 +109,92 @@ def _hybrid_layout(
     t_slot = torch.nonzero(t_own).squeeze(1)
     return _HybridLayout(
         num_common_teacher=tc,
-        s_local_cols=s_cols.to(device),
-        s_slot=s_slot.to(device),
-        t_local_cols=(teachers[t_own] - t_shard.start).to(device),
-        t_slot=t_slot.to(device),
-        s_uncommon=s_unc.to(device),
-        t_uncommon=t_unc.to(device),
-        s_first_cols=s_cols[first].to(device),
-        s_first_slot=s_slot[first].to(device),
-        s_extra_cols=s_cols[~first].to(device),
-        s_extra_slot=s_slot[~first].to(device),
+        s_local_cols=s_cols,
+        s_slot=s_slot,
+        t_local_cols=teachers[t_own] - t_shard.start,
+        t_slot=t_slot,
+        s_uncommon=s_unc,
+        t_uncommon=t_unc,
+        s_first_cols=s_cols[first],
+        s_first_slot=s_slot[first],
+        s_extra_cols=s_cols[~first],
+        s_extra_slot=s_slot[~first],
         s_first_full=int(first.sum()) == tc,  # slots are unique and sorted: all of them, in order
         t_full=int(t_slot.numel()) == tc,
     )
+
+
+_LAYOUT_TENSORS = (
+    "s_local_cols",
+    "s_slot",
+    "t_local_cols",
+    "t_slot",
+    "s_uncommon",
+    "t_uncommon",
+    "s_first_cols",
+    "s_first_slot",
+    "s_extra_cols",
+    "s_extra_slot",
+)
+
+
+class CommonSet:
+    """GOLD/H-KL/ULD's common pairs prepared for this rank's shards: the checked ``[P, 2]``
+    (student_id, teacher_id) pairs and their :class:`_HybridLayout`, built once (per teacher and TP
+    rank) and copied to each device once.
+
+    The layout depends only on the pairs and the two shards (start, width, real and padded vocab),
+    never on a batch: :func:`prepare_common_set` builds it when the teacher's loss spec is made and
+    every micro-batch reuses it. Pass it as ``common_pairs`` to :func:`gold_loss_parallel`, as ``W``
+    to :func:`hkl_loss_parallel` or as ``common`` to :func:`uld_loss_parallel` (no pairs).
+    """
+
+    def __init__(self, pairs: torch.Tensor, s_shard: Shard, t_shard: Shard):
+        self.pairs = check_pairs(pairs, s_shard.vocab_size, t_shard.vocab_size)
+        self.s_shard, self.t_shard = s_shard, t_shard
+        host = _hybrid_layout(self.pairs, s_shard, t_shard)
+        self._layouts: dict[str, _HybridLayout] = {"cpu": host}
+
+    @property
+    def num_common_teacher(self) -> int:
+        return self._layouts["cpu"].num_common_teacher
+
+    def layout(self, device: torch.device | str) -> _HybridLayout:
+        """The layout with its index tensors on ``device`` (copied on the first call per device, in
+        one non-blocking copy per dtype)."""
+        key = str(torch.device(device))
+        if key not in self._layouts:
+            host = self._layouts["cpu"]
+            fields = {name: getattr(host, name) for name in _LAYOUT_TENSORS}
+            on_device = {}
+            for dtype in {t.dtype for t in fields.values()}:
+                names = [n for n, t in fields.items() if t.dtype == dtype]
+                on_device.update(zip(names, to_device(device, *(fields[n] for n in names))))
+            self._layouts[key] = dataclasses.replace(host, **on_device)
+        return self._layouts[key]
+
+    def check_shards(self, s_shard: Shard, t_shard: Shard) -> None:
+        if (s_shard, t_shard) != (self.s_shard, self.t_shard):
+            raise LossInputError(
+                "the CommonSet was prepared for other shards/vocab sizes than these logits; "
+                "call prepare_common_set with this rank's logit widths and the real vocab sizes"
+            )
+
+
+def prepare_common_set(
+    pairs: torch.Tensor,
+    student_local_width: int,
+    teacher_local_width: int,
+    student_vocab_size: int,
+    teacher_vocab_size: int,
+    group: object | None = None,
+) -> CommonSet:
+    """This rank's :class:`CommonSet` of ``pairs`` ([P, 2] host (student_id, teacher_id); [0, 2]
+    for ULD) for logits of ``*_local_width`` columns per rank and the real vocab sizes."""
+    group = comm.resolve_group(group)
+    s_shard = make_shard(student_local_width, student_vocab_size, group, "student")
+    t_shard = make_shard(teacher_local_width, teacher_vocab_size, group, "teacher")
+    return CommonSet(torch.as_tensor(pairs), s_shard, t_shard)
 
 
 def _sorted_l1_gathered(us: torch.Tensor, ut: torch.Tensor, group: object | None, topk: int | None) -> torch.Tensor:
@@ -360,7 +439,7 @@ def _hybrid_block(
 def gold_loss_parallel(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    common_pairs: torch.Tensor,
+    common_pairs: torch.Tensor | CommonSet,
     student_vocab_size: int,
     teacher_vocab_size: int,
     temperature: float = 1.0,
@@ -377,17 +456,22 @@ def gold_loss_parallel(
     ``uld_method``: "hist" (default) computes ULD without sorting (``uld_hist``: the layer-cake form
     on a log grid, same value and gradient as the sort up to float rounding); "sort" all-gathers and
     sorts the uncommon probabilities (the old exact path, for checking). ``uld_topk=k`` (top-k per
-    rank, an approximation) always takes the sort path.
+    rank, an approximation) always takes the sort path. ``common_pairs``: [P, 2] (student_id,
+    teacher_id) pairs, or a :class:`CommonSet` prepared for these shards (no per-call pair work).
     """
     group, s_shard, t_shard = cross_vocab_shards(
         student_logits, teacher_logits, student_vocab_size, teacher_vocab_size, temperature, reduction, group
     )
-    pairs = check_pairs(common_pairs, student_vocab_size, teacher_vocab_size)
+    if isinstance(common_pairs, CommonSet):
+        common = common_pairs
+        common.check_shards(s_shard, t_shard)
+    else:
+        common = CommonSet(common_pairs, s_shard, t_shard)
     if uld_topk is not None and (not isinstance(uld_topk, int) or uld_topk <= 0):
         raise LossInputError(f"uld_topk must be a positive int or None, got {uld_topk!r}")
     check_finite_global("student logits", student_logits.detach(), group)
     check_finite_global("teacher logits", teacher_logits.detach(), group)
-    layout = _hybrid_layout(pairs, s_shard, t_shard, student_logits.device)
+    layout = common.layout(student_logits.device)
     weights = hybrid_weights(weighting, layout.num_common_teacher, teacher_vocab_size)
     teacher = teacher_logits.detach()
     block = check_block(block_size)
@@ -423,7 +507,7 @@ def gold_loss_parallel(
 def hkl_loss_parallel(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    W: ProjectionMatrix,
+    W: ProjectionMatrix | CommonSet,
     student_vocab_size: int,
     teacher_vocab_size: int,
     temperature: float = 1.0,
@@ -436,12 +520,18 @@ def hkl_loss_parallel(
     reduction: str = "mean",
     uld_method: str = "hist",
 ) -> torch.Tensor:
-    """H-KL: GOLD with W's argmax pairs as the common set (pass W or precomputed ``hkl_pairs(W)``)."""
-    check_projection_shape(W.shape, student_vocab_size, teacher_vocab_size)
+    """H-KL: GOLD with W's argmax pairs as the common set. ``W``: the projection matrix (its pairs
+    ``hkl_pairs(W, min_weight)`` are found on every call), or the :class:`CommonSet` of those pairs
+    prepared once (``min_weight`` is then the one it was prepared with)."""
+    if isinstance(W, CommonSet):
+        common = W
+    else:
+        check_projection_shape(W.shape, student_vocab_size, teacher_vocab_size)
+        common = hkl_pairs(W, min_weight)
     return gold_loss_parallel(
         student_logits,
         teacher_logits,
-        hkl_pairs(W, min_weight),
+        common,
         student_vocab_size,
         teacher_vocab_size,
         temperature,
@@ -466,12 +556,17 @@ def uld_loss_parallel(
     block_size: int = DEFAULT_BLOCK,
     reduction: str = "mean",
     uld_method: str = "hist",
+    common: CommonSet | None = None,
 ) -> torch.Tensor:
-    """ULD on vocab-sharded logits: GOLD with an empty common set and only the ULD term."""
+    """ULD on vocab-sharded logits: GOLD with an empty common set and only the ULD term.
+    ``common``: that empty set prepared once for these shards (``prepare_common_set`` of [0, 2]
+    pairs: the uncommon masks are then not rebuilt on every call)."""
+    if common is not None and common.num_common_teacher:
+        raise LossInputError("ULD takes an empty common set; use gold_loss_parallel for common pairs")
     return gold_loss_parallel(
         student_logits,
         teacher_logits,
-        torch.zeros(0, 2, dtype=torch.int64),
+        torch.zeros(0, 2, dtype=torch.int64) if common is None else common,
         student_vocab_size,
         teacher_vocab_size,
         temperature,
