@@ -13,14 +13,16 @@ Algorithm (per row, shard-local except two small collectives):
 
 1. Bins on a log grid read off the float's bits: ``key = bits >> (mantissa - m)``, 2^m bins per
    octave (m = ``DEFAULT_GRID_BITS`` = 7: bins 0.8% wide) for values in [2^-100, 1], one bin
-   below 2^-100 (zeros included). Counts of a and b per bin (bincount; all-reduced over the
-   tensor-parallel group: [2, B, K] int32, K = 100 * 2^m + 2 = 12,802).
+   below 2^-100 (zeros included). Counts of a and b per bin (index_add_ into preallocated tables;
+   all-reduced over the tensor-parallel group: [2, B, K] int32, K = 100 * 2^m + 2 = 12,802).
 2. From the counts, D at the top of every bin and the range D takes inside it:
    [D_top - n_b, D_top + n_a]. If that range does not contain both signs, s is constant on the bin
    and the bin is *settled*: G is linear there, ``G(y) = G(lo) + s (y - lo)``, exactly.
 3. The other bins (*contested*: D crosses 0 inside them, typically a few bins per row where the
-   two counting functions cross) are resolved exactly: their elements (few) are all-gathered over
-   the group and sorted (row, value), and D, s and G are walked through them element by element.
+   two counting functions cross) are resolved exactly: their elements are copied into a
+   fixed-size buffer of (row, value, side) records, all-gathered over the group and sorted (row,
+   value), and D, s and G are walked through them element by element (segment starts by cummax,
+   unused slots in a dump segment: no data-dependent shapes).
 4. The bin below 2^-100 is taken as settled with the sign of D at its top: the only
    approximation, error <= 2^-100 * (number of non-zero entries below 2^-100) < 1e-24 absolute
    on the value, and it can change the gradient sign only of entries below 2^-100 (whose
@@ -31,13 +33,22 @@ float64) and ties: where a student value equals a teacher value exactly, the sor
 0 (|x| at 0) and this gives +-1, both subgradients; tied student values get the signs of one
 particular order of the tie, as the sort does.
 
-Cost: O(V) per row (bit shift, two bincounts per side, one table lookup per student entry in
-backward) plus a sort of the contested elements only; memory: one int32 key buffer per side and
-[B, K] tables (K ~ V / 12 at 150k vocabularies), no [B, V] int64 index buffer.
+Host synchronizations (each one stalls the GPU's stream): the buffer of step 3 is the only
+data-dependent size. With ``CONTESTED_SHARE = None`` (default) its size is the exact count, read on
+the host once per :func:`uld_block` call; with a static share there is no host read at all, and a
+block whose contested entries do not fit returns NaN (value and gradient) instead of a wrong
+number. :func:`uld_grad` never synchronizes. No bincount (it reads its largest key on the host),
+no nonzero, no boolean-mask indexing, no ``bool(tensor)``.
+
+Cost: O(V) per row (bit shift, two index_adds per side, one table lookup per student entry in
+backward) plus a sort of the contested elements only; memory: one int32 key scratch of KEY_ROWS
+rows, a [B, V] bool mask of the contested entries (one side at a time) and [B, K] tables (K ~ V / 12
+at 150k vocabularies), no [B, V] int64 index buffer.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -105,24 +116,52 @@ class Grid:
 
 @dataclass
 class UldBlock:
-    """Forward result of one block: this rank's partial of the value and what backward needs."""
+    """Forward result of one block: this rank's partial of the value and what backward needs.
 
-    partial: torch.Tensor  # [B] float64, sum over ranks = the sorted L1
+    Every field is a device tensor of a size known before the data is read (no host synchronization)."""
+
+    partial: torch.Tensor  # [B] float64, sum over ranks = the sorted L1 (NaN if overflow > 0)
     sign: torch.Tensor  # [B, K] int8: s on settled bins (student entries there get it as gradient)
-    amb_idx: torch.Tensor  # [m] int64 flat (row * n_a + col) indices of this rank's student entries in contested bins
-    amb_sign: torch.Tensor  # [m] int8 their gradient signs
-    contested: int  # elements in contested bins over the group (both sides), for reporting
+    # [cap] int64 flat (row * n_a + col) indices of this rank's student entries in contested bins,
+    # ascending; unused slots hold B * n_a
+    amb_idx: torch.Tensor
+    amb_sign: torch.Tensor  # [cap] int8 their gradient signs (0 in unused slots)
+    contested: torch.Tensor  # [] int64: entries in contested bins over the group (both sides; those in the buffer)
+    overflow: torch.Tensor  # [] int64: contested entries that did not fit a static buffer (0 when exact)
 
 
-def _exclusive_in_segments(x: torch.Tensor, first: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
-    """Exclusive cumulative sum of x within contiguous segments (first: index of each segment's start)."""
+def _exclusive_in_segments(x: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """Exclusive cumulative sum of x [M] within contiguous segments; first [M]: the index of each
+    element's segment start (so no per-segment index list, whose length depends on the data)."""
     cs = torch.cumsum(x, 0)
-    return cs - x - (cs[first] - x[first])[seg]
+    return cs - x - (cs[first] - x[first])
 
 
 KEY_ROWS = 64
 """Rows per pass over the int32 bin keys: the key scratch is KEY_ROWS x (wider side) int32, a quarter
 of a [256, V] fp32 block buffer, reused for every pass (no full-block int32 key buffer)."""
+
+CONTESTED_SHARE: float | None = None
+"""How the buffer of contested entries (step 3) is sized; read at each call.
+
+None (the default): exactly, from their count, which the host reads once per :func:`uld_block`
+call (one device-to-host synchronization per block on GPU; exact for every input).
+A float s in (0, 1]: statically, ``contested_capacity(entries, s)`` entries per side: no host
+synchronization at all, but a block whose contested entries do not fit gets NaN as its value and
+in its gradient (``UldBlock.overflow`` > 0), never a wrong number. The share of contested entries
+depends on the data (docs/losses.md): 0.2-3.3% of a side's entries for random logits over
+128k/152k columns, up to 99% when the sorted student is within 1% of the sorted teacher (which ULD
+training moves towards): no static share short of 1 fits every input."""
+
+CONTESTED_MIN = 1 << 16
+"""Smallest static buffer per side (entries): small blocks always fit (exact)."""
+
+
+def contested_capacity(entries: int, share: float) -> int:
+    """Static contested-entry capacity for one side of ``entries`` entries (rows x columns)."""
+    if not 0.0 < share <= 1.0:
+        raise ValueError(f"contested share must be in (0, 1], got {share!r}")
+    return min(entries, max(CONTESTED_MIN, math.ceil(share * entries)))
 
 
 def key_scratch(rows: int, cols: int, device, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,27 +186,45 @@ def _row_ranges(B: int, rows: int):
 
 
 def _histogram(x: torch.Tensor, grid: Grid, rows: int, scratch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row bin counts [B, K] int64 and per-bin value sums [B * K] float64 of x [B, n]."""
+    """Per-row bin counts [B, K] int32 and per-bin value sums [B * K] float64 of x [B, n].
+
+    Counts by index_add_ of ones into a preallocated table: bincount would read the largest key on
+    the host (a synchronization on GPU) to size its output."""
     B, K = x.shape[0], grid.nbins
-    counts = torch.empty(B * K, dtype=torch.int64, device=x.device)
+    counts = torch.zeros(B * K, dtype=torch.int32, device=x.device)
+    one = torch.ones((), dtype=torch.int32, device=x.device)
     # per-bin value sums in x's dtype (bincount's weights would make a float64 copy of the whole block)
     sums = x.new_zeros(B * K)
     for r0, r1 in _row_ranges(B, rows):
         k = _sub_keys(x, grid, r0, r1, scratch)
-        counts[r0 * K : r1 * K] = torch.bincount(k, minlength=(r1 - r0) * K)
+        counts[r0 * K : r1 * K].index_add_(0, k, one.expand(k.numel()))
         sums[r0 * K : r1 * K].index_add_(0, k, x[r0:r1].reshape(-1))
     return counts.view(B, K), sums.to(torch.float64)
 
 
-def _entries_in(x: torch.Tensor, flat_bins: torch.Tensor, grid: Grid, rows: int, scratch: torch.Tensor) -> torch.Tensor:
-    """Ascending flat indices (row * n + col) of the entries of x [B, n] whose bin is marked in flat_bins [B * K]."""
+def _contested_mask(
+    x: torch.Tensor, flat_amb: torch.Tensor, grid: Grid, rows: int, scratch: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """[B * n] bool (the front of ``mask``): which entries of x [B, n] lie in a bin marked in flat_amb [B * K]."""
     B, n = x.shape
     K = grid.nbins
-    found = []
+    m = mask[: B * n]
     for r0, r1 in _row_ranges(B, rows):
         k = _sub_keys(x, grid, r0, r1, scratch)
-        found.append(torch.nonzero(flat_bins[r0 * K : r1 * K].index_select(0, k)).squeeze(1) + r0 * n)
-    return torch.cat(found)
+        torch.index_select(flat_amb[r0 * K : r1 * K], 0, k, out=m[r0 * n : r1 * n])
+    return m
+
+
+def _records(x: torch.Tensor, mask: torch.Tensor, cap: int, label: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``cap`` entries of x [B, n] marked in mask [B * n], in flat order, as records
+    [cap, 3] float64 (row, value, label), and their flat indices [cap] int64. Unused slots: row B,
+    value 0, label 0, index B * n (static sizes: no host synchronization)."""
+    B, n = x.shape
+    idx = torch.nonzero_static(mask, size=cap, fill_value=B * n).squeeze(1)
+    ok = idx < B * n
+    val = x.reshape(-1)[idx.clamp(max=max(B * n - 1, 0))] if B * n else x.new_zeros(cap)
+    rec = torch.stack([(idx // max(n, 1)).double(), torch.where(ok, val.double(), 0.0), ok.double() * label], 1)
+    return rec, idx
 
 
 def uld_block(
@@ -182,18 +239,21 @@ def uld_block(
     concatenation over the group), without sorting them. No autograd: see :class:`UldBlock`.
 
     The bin keys are computed ``rows`` rows at a time into ``scratch`` (flat int32, allocated when
-    not given or too small; pass one to reuse it across blocks)."""
+    not given or too small; pass one to reuse it across blocks). Host synchronizations: one (the
+    contested-entry count) with ``CONTESTED_SHARE = None``, none with a static share."""
     grid = Grid.of(a.dtype, bits)
     B, na_cols = a.shape
+    nb_cols = b.shape[1]
     K = grid.nbins
     dev = a.device
-    scratch = key_scratch(min(rows, B), max(na_cols, b.shape[1]), dev, scratch)
+    ws, rk = comm.world_size(group), comm.rank(group)
+    scratch = key_scratch(min(rows, B), max(na_cols, nb_cols), dev, scratch)
     la, sa = _histogram(a, grid, rows, scratch)
     lb, sb = _histogram(b, grid, rows, scratch)
-    if comm.world_size(group) > 1:
-        counts = torch.stack([la, lb]).to(torch.int32)
+    if ws > 1:
+        counts = torch.stack([la, lb])
         comm.all_reduce_(counts, "sum", group)
-        n_a, n_b = counts[0].long(), counts[1].long()
+        n_a, n_b = counts[0], counts[1]
     else:
         n_a, n_b = la, lb
     above_a = n_a.flip(-1).cumsum(-1).flip(-1) - n_a
@@ -209,76 +269,76 @@ def uld_block(
     lo, hi = edges[:-1], edges[1:]
     J = s * (hi - lo)  # integral of s over each bin (settled bins)
 
-    amb_idx = torch.zeros(0, dtype=torch.int64, device=dev)
-    amb_sign = torch.zeros(0, dtype=torch.int8, device=dev)
-    own_rows = own_contrib = None
-    contested = 0
-    if bool(amb.any()):  # same decision on every rank (global counts)
-        flat_amb = amb.view(-1)
-        ia = _entries_in(a, flat_amb, grid, rows, scratch)
-        nb_cols = b.shape[1]
-        ib = _entries_in(b, flat_amb, grid, rows, scratch)
-        rec = torch.cat(
-            [
-                torch.stack(
-                    [(ia // na_cols).double(), a.reshape(-1)[ia].double(), torch.ones_like(ia, dtype=torch.float64)], 1
-                ),
-                torch.stack(
-                    [(ib // nb_cols).double(), b.reshape(-1)[ib].double(), -torch.ones_like(ib, dtype=torch.float64)], 1
-                ),
-            ]
-        )
-        m_own = rec.shape[0]
-        ws, rk = comm.world_size(group), comm.rank(group)
-        if ws > 1:
-            m = torch.tensor([float(m_own)], device=dev)
-            comm.all_reduce_(m, "max", group)
-            M = int(m.item())
-            padded = rec.new_zeros(M, 3)
-            padded[:m_own] = rec
-            allrec = comm.all_gather_rows(padded, group)
-        else:
-            M, allrec = m_own, rec
-        gpos = torch.nonzero(allrec[:, 2] != 0).squeeze(1)
-        row, val, lab = allrec[gpos, 0], allrec[gpos, 1], allrec[gpos, 2]
-        contested = int(gpos.numel())
-        o1 = torch.argsort(val, descending=True, stable=True)
-        order = o1[torch.argsort(row[o1], stable=True)]
-        gpos, r, v, lab_sorted = gpos[order], row[order].long(), val[order], lab[order]
-        k = grid.keys(v.to(grid.dtype)).long()
-        kf = r * K + k
-        start = torch.ones_like(kf, dtype=torch.bool)
-        start[1:] = kf[1:] != kf[:-1]
-        seg = torch.cumsum(start.long(), 0) - 1
-        first = torch.nonzero(start).squeeze(1)
-        dt = d_top.view(-1)[kf].double()
-        d_above = dt + _exclusive_in_segments(lab_sorted, first, seg)  # D just above each element
-        d_below = d_above + lab_sorted
-        last = torch.ones_like(start)
-        last[:-1] = start[1:]
-        v_next = torch.where(last, lo[k], torch.roll(v, -1))
-        seg_term = torch.where(d_below >= 0, 1.0, -1.0).double() * (v - v_next)
-        top_seg = torch.where(dt[first] >= 0, 1.0, -1.0).double() * (hi[k[first]] - v[first])  # [segments]
-        H = top_seg[seg] + _exclusive_in_segments(seg_term, first, seg)  # integral of s from v up to hi
-        J_seg = top_seg + torch.zeros_like(top_seg).index_add_(0, seg, seg_term)
-        J.view(-1)[kf[first]] = J_seg
-        G_lo = torch.cumsum(J, -1) - J
-        G = G_lo.view(-1)[kf] + J.view(-1)[kf] - H
-        own = (gpos // M) == rk if ws > 1 else torch.ones_like(gpos, dtype=torch.bool)
-        own_rows, own_contrib = r[own], (lab_sorted * G)[own]
-        loc = gpos[own] % M if ws > 1 else gpos[own]
-        is_a = lab_sorted[own] > 0
-        sign_a = torch.where(d_above[own] >= 0, 1, -1).to(torch.int8)
-        amb_idx, amb_sign = ia[loc[is_a]], sign_a[is_a]
+    # contested entries -> fixed-size records (row, value, side): no data-dependent shapes below
+    have = torch.stack([(la * amb).sum(), (lb * amb).sum()])  # this rank's contested entries per side
+    share = CONTESTED_SHARE
+    if share is None:
+        # exact size: the one host read; the largest rank's count, as the all-gather needs one size
+        need = comm.all_reduce_(have.clone(), "max", group)
+        cap_a, cap_b = need.tolist()
     else:
-        G_lo = torch.cumsum(J, -1) - J
+        cap_a, cap_b = contested_capacity(B * na_cols, share), contested_capacity(B * nb_cols, share)
+    mask = torch.empty(B * max(na_cols, nb_cols), dtype=torch.bool, device=dev)
+    rec_a, ia = _records(a, _contested_mask(a, amb.view(-1), grid, rows, scratch, mask), cap_a, 1.0)
+    rec_b, _ = _records(b, _contested_mask(b, amb.view(-1), grid, rows, scratch, mask), cap_b, -1.0)
+    del mask
+    # entries that did not fit (Python ints as scalars: a tensor made from them would be a host-to-device copy)
+    over = (have[0] - cap_a).clamp_min(0) + (have[1] - cap_b).clamp_min(0)
+    # a header record (row B, value = overflow, label 0) carries the overflow through the gather and
+    # is sorted last, like an unused slot
+    header = torch.stack([torch.full_like(over, B), over, torch.zeros_like(over)]).double()
+    rec = torch.cat([rec_a, rec_b, header[None]])  # [Mr, 3]
+    Mr = rec.shape[0]
+    allrec = comm.all_gather_rows(rec, group) if ws > 1 else rec
+    heads = allrec.view(ws, Mr, 3)[:, Mr - 1, 1]
+    overflow = heads.sum().long()
+    heads.zero_()
+    row_f, val, lab = allrec.unbind(1)
+    contested = (lab != 0).sum()
+    # order: row ascending, value descending, ties in record order (this rank's a's, then b's, then
+    # the next rank's): fp32 values in one int64 key sort, fp64 in two stable sorts
+    if grid.dtype == torch.float32:
+        key = (row_f.long() << 32) | (0x7FFFFFFF - val.float().view(torch.int32).long())
+        order = torch.sort(key, stable=True).indices
+    else:
+        o1 = torch.argsort(val, descending=True, stable=True)
+        order = o1[torch.argsort(row_f[o1], stable=True)]
+    r, v, lab_s = row_f[order].long(), val[order], lab[order]
+    valid = lab_s != 0
+    k = grid.keys(v.to(grid.dtype)).long()
+    kf = torch.where(valid, r * K + k, B * K)  # unused slots: one dump segment past the tables
+    M = kf.numel()
+    start = torch.ones(M, dtype=torch.bool, device=dev)
+    start[1:] = kf[1:] != kf[:-1]
+    first = torch.cummax(torch.where(start, torch.arange(M, device=dev), 0), 0).values  # each segment's start
+    seg = torch.cumsum(start, 0) - 1
+    dt = torch.cat([d_top.reshape(-1), d_top.new_zeros(1)])[kf].double()
+    d_above = dt + _exclusive_in_segments(lab_s, first)  # D just above each element
+    d_below = d_above + lab_s
+    last = torch.ones_like(start)
+    last[:-1] = start[1:]
+    v_next = torch.where(last, lo[k], torch.roll(v, -1))
+    seg_term = torch.where(d_below >= 0, 1.0, -1.0).double() * (v - v_next)
+    top = torch.where(dt >= 0, 1.0, -1.0).double() * (hi[k] - v[first])  # integral of s over [segment top, hi)
+    H = top + _exclusive_in_segments(seg_term, first)  # integral of s from v up to hi
+    J_ext = torch.cat([J.reshape(-1), J.new_zeros(1)])
+    J_ext[kf] = top + torch.zeros_like(seg_term).index_add_(0, seg, seg_term)[seg]  # equal within a segment
+    J = J_ext[:-1].view(B, K)
+    G_lo = torch.cumsum(J, -1) - J
+    G = torch.cat([G_lo.reshape(-1), G_lo.new_zeros(1)])[kf] + J_ext[kf] - H
+    gpos = order
+    own = valid & (gpos // Mr == rk) if ws > 1 else valid
     # settled bins: sum over this rank's entries of G(y) = (G_lo - s lo) + s y, from the local bin sums
     settled = (~amb).double()
     A = (G_lo - s * lo) * settled
     partial = (A * (la - lb).double() + (s * settled) * (sa.view(B, K) - sb.view(B, K))).sum(-1)
-    if own_rows is not None:
-        partial = partial.index_add(0, own_rows, own_contrib)
-    return UldBlock(partial, s.to(torch.int8), amb_idx, amb_sign, contested)
+    partial = partial.index_add(0, torch.where(own, r, 0), torch.where(own, lab_s * G, 0.0))
+    # gradient signs of this rank's contested student entries, by their slot in its records
+    is_a = own & (lab_s > 0)
+    amb_sign = torch.zeros(cap_a + 1, dtype=torch.int8, device=dev)
+    amb_sign[torch.where(is_a, gpos % Mr, cap_a)] = torch.where(d_above >= 0, 1, -1).to(torch.int8)
+    partial = partial + torch.where(overflow > 0, math.nan, 0.0)  # only a static buffer can overflow
+    return UldBlock(partial, s.to(torch.int8), ia, amb_sign[:cap_a], contested, overflow)
 
 
 def uld_grad(
@@ -290,7 +350,8 @@ def uld_grad(
     scratch: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B, n_a] d(sorted L1)/da (+-1, in a's dtype) from the same a as in :func:`uld_block`;
-    written into ``out`` (contiguous, a's shape) if given."""
+    written into ``out`` (contiguous, a's shape) if given. No host synchronization.
+    NaN in column 0 of every row if the forward's contested entries did not fit (``blk.overflow``)."""
     grid = Grid.of(a.dtype, bits)
     B, n = a.shape
     K = grid.nbins
@@ -301,7 +362,14 @@ def uld_grad(
         k = _sub_keys(a, grid, r0, r1, scratch)
         g[r0:r1].view(-1).copy_(sign[r0 * K : r1 * K].index_select(0, k))
     if blk.amb_idx.numel():
-        g.view(-1)[blk.amb_idx] = blk.amb_sign.to(a.dtype)
+        # contested entries get their signs; unused slots write index 0's final value (its contested
+        # sign if it is one, then it is in slot 0, else its table sign): equal duplicate writes, and a
+        # plain index_put_ (an accumulating one may check its index range on the host)
+        flat = g.view(-1)
+        ok = blk.amb_idx < flat.numel()
+        pad = torch.where(blk.amb_idx[0] == 0, blk.amb_sign[0].to(g.dtype), flat[0])
+        flat.index_put_((torch.where(ok, blk.amb_idx, 0),), torch.where(ok, blk.amb_sign.to(g.dtype), pad))
+    g[:, :1].add_(torch.where(blk.overflow > 0, math.nan, 0.0))  # NaN reaches the row through the softmax backward
     return g
 
 
@@ -332,10 +400,13 @@ def sorted_l1_hist(
 
 
 __all__ = [
+    "CONTESTED_MIN",
+    "CONTESTED_SHARE",
     "DEFAULT_GRID_BITS",
     "FLOOR_LOG2",
     "KEY_ROWS",
     "Grid",
+    "contested_capacity",
     "key_scratch",
     "UldBlock",
     "sorted_l1_hist",
