@@ -214,6 +214,23 @@ COMMON_ROWS = 64
 """Rows per pass of the common-pair KL: its slot buffer is [2, COMMON_ROWS, |T_C|] fp32 (about a third
 of a [256, V_T] block buffer at |T_C| = 0.72 V_T), reused for every pass."""
 
+#: columns per partial sum of the backward's row dot: fp32 partial sums of DOT_CHUNK columns, added
+#: in fp64. One fp32 bmm over a 128k-152k-wide row of same-sign terms was off by ~2e-5 relative at
+#: real vocabularies, and every gradient entry p * (g - dot) inherits that error (largest where p is
+#: largest); chunked, the GOLD fp32 gradient is ~1e-7 from fp64, as the sort path's
+DOT_CHUNK = 128
+
+
+def _row_dot(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[r] row dots sum_v p[i, v] * g[i, v] of two [r, n] tensors, in p's dtype (see DOT_CHUNK)."""
+    r, n = p.shape
+    m = n - n % DOT_CHUNK
+    head = torch.bmm(p[:, :m].reshape(-1, 1, DOT_CHUNK), g[:, :m].reshape(-1, DOT_CHUNK, 1))
+    out = head.view(r, m // DOT_CHUNK).sum(-1, dtype=torch.float64)
+    if m < n:
+        out += torch.bmm(p[:, m:].unsqueeze(1), g[:, m:].unsqueeze(2)).view(r).double()
+    return out.to(p.dtype)
+
 
 def _slot_view(flat: torch.Tensor, rows: int, width: int) -> torch.Tensor:
     """A contiguous [2, rows, width] view of the front of a flat work buffer (collectives need contiguity)."""
@@ -397,7 +414,7 @@ class _VocabParallelHybrid(torch.autograd.Function):
                     H._scatter_common_grad_(g[r0:r1], ratio, layout)
             elif layout.num_common_teacher:
                 g.masked_fill_(mask_s & torch.arange(g.shape[1], device=g.device).lt(s_shard.valid), 0.0)
-            dot = torch.bmm(ps.unsqueeze(1), g.unsqueeze(2)).view(r)
+            dot = _row_dot(ps, g)
             comm.all_reduce_(dot, "sum", group)
             g.sub_(dot[:, None]).mul_(ps).mul_((grad[a:b] / temperature)[:, None].to(g.dtype))
             out[a:b] = g
