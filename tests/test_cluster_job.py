@@ -15,7 +15,6 @@ import datetime
 import os
 import signal
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -23,23 +22,9 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 from distributed_utils import run_distributed
+from sync_counting import calling_file, is_host_read
 from test_distill import sp_config, sp_pair  # noqa: F401  (module-scoped fixture, rebuilt here)
 from torch.overrides import TorchFunctionMode
-
-SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
-
-
-def _calling_file() -> str:
-    """The file of the code that called the tensor method (past torch, this test, the CPU shims)."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if not (
-            f"{os.sep}torch{os.sep}" in name or name == __file__ or name.endswith(f"compat{os.sep}cuda_redirect.py")
-        ):
-            return name
-        frame = frame.f_back
-    return ""
 
 
 class SyncCounter(TorchFunctionMode):
@@ -54,15 +39,7 @@ class SyncCounter(TorchFunctionMode):
         self.active = True
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        # integer tensors here are host-side batch data (chunk tables, ids): reading them costs no
-        # device sync; computed values (losses, logits, flags) are floating point or bool
-        if (
-            self.active
-            and getattr(func, "__name__", "") in SYNC_METHODS
-            and args
-            and (args[0].is_floating_point() or args[0].dtype == torch.bool)
-            and "xtoken_nemo" in _calling_file()
-        ):
+        if self.active and is_host_read(func, args) and "xtoken_nemo" in calling_file(__file__):
             self.calls.append(func.__name__)
         return func(*args, **(kwargs or {}))
 

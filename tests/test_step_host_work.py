@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 import torch
 from distributed_utils import run_distributed
+from sync_counting import calling_file, is_host_read
 from test_distill import sp_config, sp_pair  # noqa: F401  (module-scoped fixture, rebuilt here)
 from torch.overrides import TorchFunctionMode
 
@@ -37,21 +38,7 @@ from xtoken_nemo.losses.checks import nonfinite_checks_deferred
 from xtoken_nemo.losses.common import ChunkSpans, chunk_index, chunk_positions
 from xtoken_nemo.tokenizers import load_tokenizer
 
-SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
 LOSS_PATH = (f"xtoken_nemo{os.sep}losses{os.sep}", f"xtoken_nemo{os.sep}distill{os.sep}kd.py")
-
-
-def _calling_file() -> str:
-    """The file of the code that called the tensor function (past torch, this test, the CPU shims)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        name = frame.f_code.co_filename
-        if not (
-            f"{os.sep}torch{os.sep}" in name or name == __file__ or name.endswith(f"compat{os.sep}cuda_redirect.py")
-        ):
-            return name
-        frame = frame.f_back
-    return ""
 
 
 def _target_device(args: tuple, kwargs: dict) -> torch.device | None:
@@ -88,14 +75,9 @@ class StepSyncCounter(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if self.active and args and isinstance(args[0], torch.Tensor):
-            where = _calling_file()
-            name = getattr(func, "__name__", "")
-            if (
-                name in SYNC_METHODS
-                and (args[0].is_floating_point() or args[0].dtype == torch.bool)
-                and "xtoken_nemo" in where
-            ):
-                self.calls.append(f"{name} {where}")
+            where = calling_file(__file__)
+            if is_host_read(func, args) and "xtoken_nemo" in where:
+                self.calls.append(f"{func.__name__} {where}")
             elif (
                 any(p in where for p in LOSS_PATH)
                 and not args[0].is_floating_point()
@@ -126,7 +108,7 @@ class DeviceHostMix(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        where = _calling_file()
+        where = calling_file(__file__)
         if any(p in where for p in LOSS_PATH):
             tensors = _flat_tensors(args) + _flat_tensors(kwargs)
             on_device = any(t.device.type != "cpu" for t in tensors)
