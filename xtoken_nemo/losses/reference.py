@@ -403,3 +403,72 @@ def chunk_mass_kl(
     per chunk over the outcomes the student can reach (exactly that when log c_S < 0 and the
     shape loss has no unreachable column)."""
     return chunk_mass_kl_parts(student_log_mass, teacher_log_mass, shape_loss_per_chunk, reduction).trainable
+
+
+# ------------------------------------------------------------------------------------------
+# J-KL: the joint-chunk term
+# ------------------------------------------------------------------------------------------
+def jkl_teacher_support(
+    teacher_logits: torch.Tensor,
+    teacher_chunk: Sequence[int],
+    teacher_targets: torch.Tensor,
+    support,
+    temperature: float = 1.0,
+) -> list[tuple[int, torch.Tensor]]:
+    """[(student id, log q_T)] of one joint chunk: for each realised prefix t_1 .. t_j (j = 1 .. k-1)
+    and each support entry (x, v) under it, log q_T(v) = sum_{i<j} log p^{(i)}(t_{i+1}) + log p^{(j)}(x),
+    with p^{(i)} the teacher's distribution at the chunk's i-th position; at j < k-1 the entry with
+    x = t_{j+1} is skipped (it continues the realised path). ``support``: a
+    :class:`~xtoken_nemo.vocab.prefix_support.PrefixSupport`."""
+    pieces = [int(teacher_targets[p]) for p in teacher_chunk]
+    k = len(pieces)
+    out = []
+    prefix_logp = torch.zeros((), dtype=compute_dtype(teacher_logits))
+    for j in range(1, k):
+        prefix_logp = prefix_logp + log_probs(teacher_logits[teacher_chunk[j - 1]][None], temperature)[0, pieces[j - 1]]
+        level = log_probs(teacher_logits[teacher_chunk[j]][None], temperature)[0]
+        for x, v in support.entries(tuple(pieces[:j])):
+            if j < k - 1 and x == pieces[j]:
+                continue
+            out.append((v, prefix_logp + level[x]))
+    return out
+
+
+def jkl_term(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    student_chunks: Sequence[Sequence[int]],
+    teacher_chunks: Sequence[Sequence[int]],
+    teacher_targets: torch.Tensor,
+    support,
+    temperature: float = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """J-KL's joint term per chunk (docs/method.md, "J-KL"): on a chunk whose student side is one
+    position and whose teacher side is k >= 2 positions, the KL between the teacher's chain
+    products over the support (:func:`jkl_teacher_support`) plus REST and the student's
+    probabilities of the same tokens plus REST; 0 on every other chunk.
+
+    student_logits [T_S, V_S] and teacher_logits [T_T, V_T] per position; chunks as lists of
+    positions (in order, the same count on both sides); teacher_targets [T_T] the teacher's next
+    tokens (the chunk's pieces).
+    """
+    check_temperature(temperature)
+    check_reduction(reduction)
+    if len(student_chunks) != len(teacher_chunks):
+        raise LossInputError(f"{len(student_chunks)} student chunks but {len(teacher_chunks)} teacher chunks")
+    dtype = compute_dtype(student_logits)
+    per_chunk = []
+    for s_chunk, t_chunk in zip(student_chunks, teacher_chunks):
+        entries = jkl_teacher_support(teacher_logits, t_chunk, teacher_targets, support, temperature)
+        if len(s_chunk) != 1 or len(t_chunk) < 2 or not entries:
+            per_chunk.append(torch.zeros((), dtype=dtype))
+            continue
+        log_ps = log_probs(student_logits[s_chunk[0]][None], temperature)[0]
+        students = torch.tensor([v for v, _ in entries])
+        q = torch.stack([lq for _, lq in entries]).to(dtype).exp()
+        p = log_ps[students].exp()
+        rest_q, rest_p = (1.0 - q.sum()).clamp_min(0.0), 1.0 - p.sum()
+        kl = (torch.xlogy(q, q) - q * p.log()).sum() + torch.xlogy(rest_q, rest_q) - rest_q * rest_p.log()
+        per_chunk.append(kl)
+    return reduce_chunks(torch.stack(per_chunk), reduction)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 
 import torch
@@ -77,6 +78,52 @@ def greedy_byte_pieces(data: bytes, teacher_index: dict[bytes, int], max_len: in
     return pieces
 
 
+def teacher_pieces(
+    student: Tokenizer,
+    teacher: Tokenizer,
+    skip: Collection[int] = (),
+    batch_size: int = 8192,
+    progress: bool = True,
+) -> tuple[dict[int, list[int]], int]:
+    """({student id: teacher ids}, number of byte rows) for every ordinary student token not in
+    ``skip``: its text as the teacher tokenizes it mid-text, or for a byte-level token that is not
+    valid UTF-8, its bytes split by greedy longest match over the teacher's surfaces (omitted when
+    some byte has no teacher token). Empty tokens and tokens without a surface are omitted.
+    W's pass 2 and the prefix support of J-KL (``vocab/prefix_support.py``) both read this."""
+    texts: list[str] = []
+    text_rows: list[int] = []
+    byte_rows: list[int] = []
+    for sid, surface in enumerate(student.surfaces):
+        if surface is None or sid in skip or not surface:
+            continue
+        try:
+            texts.append(surface.decode("utf-8"))
+            text_rows.append(sid)
+        except UnicodeDecodeError:
+            byte_rows.append(sid)
+
+    pieces_by_row: dict[int, list[int]] = {}
+    bar = tqdm(
+        total=len(texts), desc=f"pieces {student.name}->{teacher.name}", unit="tok", disable=not progress, leave=False
+    )
+    for start in range(0, len(texts), batch_size):
+        batch = texts[start : start + batch_size]
+        for sid, pieces in zip(text_rows[start : start + batch_size], teacher.encode_batch(batch)):
+            pieces_by_row[sid] = pieces
+        bar.update(len(batch))
+    bar.close()
+
+    teacher_index = surface_index(teacher)
+    max_len = max((len(s) for s in teacher_index), default=1)
+    byte_rows_filled = 0
+    for sid in byte_rows:
+        pieces = greedy_byte_pieces(student.surfaces[sid], teacher_index, max_len)
+        if pieces is not None:
+            pieces_by_row[sid] = pieces
+            byte_rows_filled += 1
+    return pieces_by_row, byte_rows_filled
+
+
 def build_projection_matrix(
     student: Tokenizer,
     teacher: Tokenizer,
@@ -95,38 +142,10 @@ def build_projection_matrix(
     for sid, tid in matches.pairs():
         indices[sid, 0], values[sid, 0] = tid, 1.0
 
-    # Pass 2 candidates: ordinary tokens with no exact match.
-    texts: list[str] = []
-    text_rows: list[int] = []
-    byte_rows: list[int] = []
-    for sid, surface in enumerate(student.surfaces):
-        if surface is None or sid in matches.ordinary or not surface:
-            continue
-        try:
-            texts.append(surface.decode("utf-8"))
-            text_rows.append(sid)
-        except UnicodeDecodeError:
-            byte_rows.append(sid)
-
-    pieces_by_row: dict[int, list[int]] = {}
-    bar = tqdm(
-        total=len(texts), desc=f"W {student.name}->{teacher.name}", unit="tok", disable=not progress, leave=False
+    # Pass 2: ordinary tokens with no exact match, as the teacher tokenizes them.
+    pieces_by_row, byte_rows_filled = teacher_pieces(
+        student, teacher, skip=matches.ordinary, batch_size=config.batch_size, progress=progress
     )
-    for start in range(0, len(texts), config.batch_size):
-        batch = texts[start : start + config.batch_size]
-        for sid, pieces in zip(text_rows[start : start + config.batch_size], teacher.encode_batch(batch)):
-            pieces_by_row[sid] = pieces
-        bar.update(len(batch))
-    bar.close()
-
-    teacher_index = surface_index(teacher)
-    max_len = max((len(s) for s in teacher_index), default=1)
-    byte_rows_filled = 0
-    for sid in byte_rows:
-        pieces = greedy_byte_pieces(student.surfaces[sid], teacher_index, max_len)
-        if pieces is not None:
-            pieces_by_row[sid] = pieces
-            byte_rows_filled += 1
 
     by_piece_count: dict[int, int] = {}
     long_rows = 0
