@@ -50,3 +50,16 @@ def test_bad_tokenizer_is_one_line_error(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"xtoken {argv[0]}: error:") and "\n" not in err
+
+
+def test_build_support_and_inspect_row_of_47(capsys, tmp_path):
+    out = tmp_path / "S.safetensors"
+    assert main(["build-support", "--student", "llama3", "--teacher", "qwen3", "--out", str(out), "--quiet"]) == 0
+    assert "student tokens under" in capsys.readouterr().out
+    assert main(["inspect-support", str(out), "--student", "llama3", "--teacher", "qwen3", "--token", "47"]) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "teacher pieces ['4', '7']; under prefix ['4']: 10 student tokens" in line
+    assert str([f"4{d}" for d in range(10)]) in line
+    # built for other tokenizers: a one-line error, exit 2
+    assert main(["inspect-support", str(out), "--student", "llama3", "--teacher", "phi4mini"]) == 2
+    assert "rebuild it with `xtoken build-support`" in capsys.readouterr().err

@@ -335,3 +335,53 @@ def test_oracle_teacher_side_equals_explicit_forwards(llama_qwen):
                 if j == len(pieces) - 1 or x != pieces[j]:
                     want.add(v)
         assert got == want
+
+
+# ----------------------------------------------------------------------------------------------
+# the mode in the trainer's loss: P-KL plus the weighted joint term
+# ----------------------------------------------------------------------------------------------
+def _random_w(seed: int = 0):
+    from xtoken_nemo.vocab import ProjectionMatrix
+
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, V_T, (V_S, 3), generator=g)
+    values = torch.rand(V_S, 3, generator=g)
+    return ProjectionMatrix(indices, values / values.sum(1, keepdim=True), V_T)
+
+
+@pytest.mark.parametrize("merge", ["chain", "first"])
+def test_jkl_mode_is_pkl_plus_the_weighted_joint_term(merge):
+    from xtoken_nemo.distill import kd
+    from xtoken_nemo.distill.config import TeacherConfig
+    from xtoken_nemo.losses import prepare_projection
+
+    case = synthetic_case(seed=2, dtype=torch.float32)
+    W = _random_w()
+    s_spans, t_spans = case["s_spans"], case["t_spans"]
+    table = torch.from_numpy(np.stack([s_spans.starts, s_spans.ends, t_spans.starts, t_spans.ends], 1))[None]
+    s_len, t_len = case["student"].shape[0], case["teacher"].shape[0]
+    s_labels = torch.randint(0, V_S, (1, s_len), generator=torch.Generator().manual_seed(1))
+    t_labels = case["targets"][None]
+
+    def run(mode: str, weight: float):
+        cfg = TeacherConfig(name="q", mode=mode, merge=merge, joint_weight=weight)
+        spec = kd.TeacherLossSpec(cfg, V_T, projection=prepare_projection(W, V_S, V_T), W=W)
+        if mode == "jkl":
+            spec.support = case["support"]
+        s = case["student"][None].clone().requires_grad_(True)
+        out = kd.teacher_kd_loss(spec, s, s_labels, V_S, case["teacher"][None], t_labels, table, 4, t_labels)
+        out.trainable.backward()
+        return out, s.grad
+
+    pkl, g_pkl = run("pkl", 1.0)
+    zero, g_zero = run("jkl", 0.0)
+    for name in ("trainable", "constant", "uncovered"):
+        assert torch.equal(getattr(zero, name), getattr(pkl, name)), name
+    assert torch.equal(g_zero, g_pkl)
+    jkl, g_jkl = run("jkl", 0.5)
+    joint = reference_term(case, case["student"].double())
+    torch.testing.assert_close(
+        jkl.trainable.double(), pkl.trainable.double() + 0.5 * joint.mean(), rtol=1e-5, atol=1e-6
+    )
+    assert torch.equal(jkl.constant, pkl.constant) and torch.equal(jkl.uncovered, pkl.uncovered)
+    assert not torch.equal(g_jkl, g_pkl)

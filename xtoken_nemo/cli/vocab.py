@@ -1,4 +1,5 @@
-"""``xtoken build-w``, ``xtoken audit`` and ``xtoken inspect-w``: W and the coverage audit."""
+"""``xtoken build-w``, ``xtoken audit``, ``xtoken inspect-w``: W and the coverage audit;
+``xtoken build-support`` and ``xtoken inspect-support``: J-KL's prefix support."""
 
 from __future__ import annotations
 
@@ -97,6 +98,58 @@ def cmd_inspect_w(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_build_support(args: argparse.Namespace) -> int:
+    from xtoken_nemo.vocab.prefix_support import build_prefix_support
+
+    student, teacher = _load(args.student), _load(args.teacher)
+    support = build_prefix_support(student, teacher, progress=not args.quiet)
+    support.save(args.out)
+    stats = support.stats()
+    if args.json:
+        print(json.dumps({"out": str(args.out), "stats": stats}))
+        return 0
+    by_pieces = sorted(stats["entries_by_pieces"].items(), key=lambda kv: int(kv[0]))
+    pieces = ", ".join(f"{k} pieces: {v:,}" for k, v in by_pieces)
+    print(
+        f"prefix support {student.name} -> {teacher.name}: {stats['entries']:,} student tokens under "
+        f"{stats['prefixes']:,} teacher prefixes ({pieces}); largest row {stats['largest_row']}; "
+        f"{stats['seconds']:.2f} s; written to {args.out}"
+    )
+    return 0
+
+
+def support_row_text(support, student, teacher, text: str) -> str:
+    """One line: the teacher pieces of student token ``text`` and the support under its prefix."""
+    ids = student.encode(text, add_bos=False).ids
+    if len(ids) != 1:
+        return f"{text!r} is {len(ids)} student tokens, not one: {[student.token_text(i) for i in ids]}"
+    pieces = teacher.encode_batch([text])[0]
+    shown = [teacher.token_text(t) for t in pieces]
+    if len(pieces) < 2:
+        return f"{text!r} (student id {ids[0]}) is one teacher piece {shown}: no joint chunk, P-KL only"
+    row = support.entries(tuple(pieces[:-1]))
+    tokens = sorted(student.token_text(v) for _, v in row)
+    return (
+        f"{text!r} (student id {ids[0]}) = teacher pieces {shown}; under prefix {shown[:-1]}: "
+        f"{len(tokens)} student tokens {tokens}"
+    )
+
+
+def cmd_inspect_support(args: argparse.Namespace) -> int:
+    from xtoken_nemo.vocab.prefix_support import PrefixSupport
+
+    student = _load(args.student) if args.student else None
+    teacher = _load(args.teacher) if args.teacher else None
+    support = PrefixSupport.load(args.support, student, teacher)
+    meta = {k: v for k, v in support.metadata.items() if k != "stats"}
+    print(json.dumps({**meta, "stats": support.stats()}, indent=2))
+    for text in args.token or []:
+        if student is None or teacher is None:
+            raise XTokenError("--token needs --student and --teacher to turn text into ids")
+        print(support_row_text(support, student, teacher, text))
+    return 0
+
+
 def add_vocab_parsers(sub) -> None:
     p = sub.add_parser("build-w", help="build the projection matrix W from two tokenizers")
     p.add_argument("--student", required=True, help="built-in name (llama3, qwen3, phi4mini, o200k) or tokenizer path")
@@ -129,3 +182,20 @@ def add_vocab_parsers(sub) -> None:
     p.add_argument("--teacher")
     p.add_argument("--token", action="append", help="show W's row for this student token text")
     p.set_defaults(func=cmd_inspect_w)
+
+    p = sub.add_parser(
+        "build-support", help="build J-KL's prefix support: student tokens by the teacher prefix they extend"
+    )
+    p.add_argument("--student", required=True, help="built-in name (llama3, qwen3, phi4mini, o200k) or tokenizer path")
+    p.add_argument("--teacher", required=True)
+    p.add_argument("--out", required=True, type=Path, help="output .safetensors")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_build_support)
+
+    p = sub.add_parser("inspect-support", help="print a prefix-support file's summary and rows; check its tokenizers")
+    p.add_argument("support", type=Path)
+    p.add_argument("--student")
+    p.add_argument("--teacher")
+    p.add_argument("--token", action="append", help="show the support row of this student token text")
+    p.set_defaults(func=cmd_inspect_support)

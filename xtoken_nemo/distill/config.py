@@ -26,11 +26,17 @@ class KDMode(enum.StrEnum):
     HKL = "hkl"  # X-Token H-KL: KL over W's pairs + ULD over the rest
     GOLD = "gold"  # GOLD: KL over exactly matching pieces + ULD over the rest
     ULD = "uld"  # ULD: sorted-probability L1 only
+    JKL = "jkl"  # J-KL (ours): P-KL plus the joint-chunk term over the prefix support
 
     @property
     def needs_projection(self) -> bool:
         """Whether the mode reads the projection matrix W (``TeacherConfig.projection``)."""
-        return self in (KDMode.PKL, KDMode.HKL)
+        return self in (KDMode.PKL, KDMode.HKL, KDMode.JKL)
+
+    @property
+    def needs_support(self) -> bool:
+        """Whether the mode reads a prefix support (``TeacherConfig.support``)."""
+        return self is KDMode.JKL
 
 
 KD_MODES = tuple(m.value for m in KDMode)
@@ -83,7 +89,9 @@ class TeacherConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     mode: str = "pkl"
     alpha: float = 1.0
-    projection: str | None = None  # W file (student -> this teacher), needed by pkl/hkl
+    projection: str | None = None  # W file (student -> this teacher), needed by pkl/hkl/jkl
+    support: str | None = None  # prefix-support file (student -> this teacher), needed by jkl
+    joint_weight: float = 1.0  # jkl: weight of the joint-chunk term beside the P-KL term
     merge: str = "chain"
     temperature: float = 1.0
     # gold/hkl/uld: sort only each side's k largest uncommon probabilities for the ULD term
@@ -296,6 +304,14 @@ class DistillConfig:
                 raise ConfigError(f"{where}.uld_topk={tc.uld_topk} must be a positive int or null (exact)")
             if tc.alpha < 0:
                 raise ConfigError(f"{where}.alpha={tc.alpha} must be >= 0")
+            if tc.joint_weight < 0:
+                raise ConfigError(f"{where}.joint_weight={tc.joint_weight} must be >= 0")
+            if KDMode(tc.mode).needs_support and not tc.support:
+                raise ConfigError(
+                    f"{where}.mode={tc.mode} needs {where.split(' ')[0]}.support, a prefix-support file: "
+                    f"`xtoken build-support --student {self.student.tokenizer} --teacher {tc.model.tokenizer} "
+                    "--out support.safetensors`"
+                )
             if tc.needs_projection and not tc.projection:
                 raise ConfigError(
                     f"{where}.mode={tc.mode} needs {where.split(' ')[0]}.projection, a W file: "

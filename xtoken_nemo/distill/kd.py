@@ -35,6 +35,7 @@ from torch.profiler import record_function
 from xtoken_nemo.distill.config import TrainConfig
 from xtoken_nemo.distill.teacher_loss import TeacherLossSpec, mode_loss
 from xtoken_nemo.losses import (
+    LossParts,
     adaptive_alphas,
     chunk_log_mass_parallel,
     chunk_mass_kl_parts,
@@ -43,6 +44,7 @@ from xtoken_nemo.losses import (
     teacher_confidence_parallel,
 )
 from xtoken_nemo.losses.common import ChunkSpans, to_device
+from xtoken_nemo.losses.jkl import jkl_term_parallel, joint_entries
 from xtoken_nemo.losses.weighting import FIXED_WEIGHTINGS, dynamic_kd_scale
 from xtoken_nemo.models.build import mask_padded_vocab
 
@@ -138,9 +140,12 @@ def teacher_kd_loss(
     teacher_labels: torch.Tensor,
     chunks: torch.Tensor,
     block_size: int,
+    teacher_labels_host: torch.Tensor | None = None,
 ) -> TeacherKD:
     """One teacher's KD loss over this micro-batch's chunks (means over the chunks). ``chunks``
-    stays on the host; the indices built from it reach the logits' device in non-blocking copies."""
+    stays on the host; the indices built from it reach the logits' device in non-blocking copies.
+    ``teacher_labels_host``: the teacher labels on the host (jkl reads the realised pieces from
+    them; without it they are copied from the device, which waits for it)."""
     cfg = spec.config
     B, S, Vs = student_logits.shape
     T = teacher_logits.shape[1]
@@ -171,6 +176,13 @@ def teacher_kd_loss(
     per_chunk = mode_loss(spec, s, t, student_vocab_size, kw)
     if cfg.merge == "chain":
         per_chunk = chunk_mass_kl_parts(s_mass, t_mass, per_chunk, reduction="none")
+    if spec.support is not None:  # jkl: the joint-chunk term on top of the P-KL term
+        host_labels = teacher_labels if teacher_labels_host is None else teacher_labels_host
+        entries = joint_entries(spec.support, s_spans, t_spans, host_labels.reshape(-1).cpu())
+        joint = jkl_term_parallel(
+            s, t_flat.detach(), entries, student_vocab_size, spec.vocab_size, cfg.temperature, block_size=block_size
+        )
+        per_chunk = LossParts(per_chunk.trainable + cfg.joint_weight * joint, per_chunk.constant, per_chunk.uncovered)
     return TeacherKD(
         per_chunk.trainable.mean(),
         per_chunk.constant.detach().mean(),
@@ -192,8 +204,8 @@ def distillation_loss(
     kd_scale: float | None = None,
     alphas: list[float] | None = None,
 ) -> StepLosses:
-    """Total loss of one micro-batch. teacher_outputs[m] = (logits, labels, chunks); ``options``:
-    the run's loss settings.
+    """Total loss of one micro-batch. teacher_outputs[m] = (logits, labels, chunks) or (logits,
+    labels, chunks, host labels); ``options``: the run's loss settings.
 
     ``kd_scale`` (dynamic scaling only) and ``alphas`` (adaptive alphas only), when given, are
     used instead of this micro-batch's own ratio ``sg(L_CE / |L_KD|)`` and its own softmax of
@@ -207,11 +219,19 @@ def distillation_loss(
     if not teachers or kd_scaling == "ce_only":
         return StepLosses(total=ce, ce=ce, kd=None)
     losses, consts, uncovered, confidences = {}, {}, {}, []
-    for spec, (t_logits, t_labels, chunks) in zip(teachers, teacher_outputs):
+    for spec, (t_logits, t_labels, chunks, *host_labels) in zip(teachers, teacher_outputs):
         name = spec.config.name
         with record_function(f"xtoken/kd/{name}"):
             out = teacher_kd_loss(
-                spec, student_logits, labels, student_vocab_size, t_logits, t_labels, chunks, options.block_size
+                spec,
+                student_logits,
+                labels,
+                student_vocab_size,
+                t_logits,
+                t_labels,
+                chunks,
+                options.block_size,
+                host_labels[0] if host_labels else None,
             )
         losses[name], consts[name], uncovered[name] = out.trainable, out.constant, out.uncovered
         merged_teacher = out.teacher_chunks

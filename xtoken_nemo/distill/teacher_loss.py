@@ -30,6 +30,7 @@ from xtoken_nemo.losses.common import hkl_pairs
 from xtoken_nemo.losses.hybrid import CommonSet, prepare_common_set
 from xtoken_nemo.vocab import ProjectionMatrix
 from xtoken_nemo.vocab.canonical import exact_matches
+from xtoken_nemo.vocab.prefix_support import PrefixSupport
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TeacherLossSpec:
     # hkl/gold/uld: the common pairs (W's argmax pairs / the exact pairs / none) laid out on this
     # rank's shards, built once here; without it the loss rebuilds them from W/common_pairs per call
     common: CommonSet | None = None
+    support: PrefixSupport | None = None  # jkl: the student tokens under each teacher prefix
 
 
 def check_teacher_tokenizer(tc: TeacherConfig, student_tok, teacher_tok) -> None:
@@ -59,8 +61,9 @@ def check_teacher_tokenizer(tc: TeacherConfig, student_tok, teacher_tok) -> None
 def build_teacher_spec(
     tc: TeacherConfig, student_tok, teacher_tok, student_local_vocab: int, teacher_local_vocab: int
 ) -> TeacherLossSpec:
-    """The loss spec of one teacher: W for the modes that read it (pkl also gets W's columns for
-    this rank's vocabulary shards: ``*_local_vocab`` = padded vocab / TP), the exact-match pairs
+    """The loss spec of one teacher: W for the modes that read it (pkl and jkl also get W's columns
+    for this rank's vocabulary shards: ``*_local_vocab`` = padded vocab / TP; jkl its prefix
+    support), the exact-match pairs
     for gold, and for hkl/gold/uld the common set laid out on this rank's shards (the pairs depend
     on the tokenizers only: built here once, not per micro-batch)."""
     check_teacher_tokenizer(tc, student_tok, teacher_tok)
@@ -68,8 +71,10 @@ def build_teacher_spec(
     spec = TeacherLossSpec(config=tc, vocab_size=teacher_tok.vocab_size)
     if mode.needs_projection:
         spec.W = ProjectionMatrix.load(tc.projection, student_tok, teacher_tok)
-        if mode is KDMode.PKL:
+        if mode in (KDMode.PKL, KDMode.JKL):
             spec.projection = prepare_projection(spec.W, student_local_vocab, teacher_local_vocab)
+    if mode.needs_support:
+        spec.support = PrefixSupport.load(tc.support, student_tok, teacher_tok)
     if mode is KDMode.GOLD:
         spec.common_pairs = torch.tensor(exact_matches(student_tok, teacher_tok).pairs(), dtype=torch.int64)
     if mode in (KDMode.HKL, KDMode.GOLD, KDMode.ULD):
@@ -127,6 +132,9 @@ MODE_LOSSES: dict[KDMode, ModeLoss] = {
     KDMode.HKL: _hkl,
     KDMode.GOLD: _gold,
     KDMode.ULD: _uld,
+    # jkl's first-position term is P-KL; kd.teacher_kd_loss adds the joint-chunk term, which reads
+    # the per-position teacher logits and the realised pieces (losses/jkl.py)
+    KDMode.JKL: _pkl,
 }
 
 

@@ -256,7 +256,10 @@ class Trainer:
                 with record_function(f"xtoken/teacher_forward/{spec.config.name}"):
                     t_logits = teacher(t_tokens, t_pos, causal_mask(B, T, device))
                 # bf16 on GPU as they come: the losses accumulate in fp32 block by block
-                teacher_outputs.append((t_logits, batch[f"teacher{m}_labels"].to(device), batch[f"teacher{m}_chunks"]))
+                # (logits, labels on the device, host chunk table, host labels: jkl reads the
+                # realised pieces on the host without waiting for the device)
+                t_labels = batch[f"teacher{m}_labels"]
+                teacher_outputs.append((t_logits, t_labels.to(device), batch[f"teacher{m}_chunks"], t_labels))
         t = self.cfg.train
         # NaN/inf is not raised here (one rank raising while the others wait in a collective would
         # hang the job): it is flagged, and train_step skips the step on every rank at once

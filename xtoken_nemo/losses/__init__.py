@@ -2,12 +2,13 @@
 
 - :mod:`~xtoken_nemo.losses.common`: what both share: ``LossParts``, ``MergedChunks``, the
   floors and clamps, ``MERGE_MODES``, ``ULD_METHODS``, chunk index, GOLD weights, H-KL pairs.
-- :mod:`~xtoken_nemo.losses.reference`: unsharded KL, ULD, GOLD, P-KL, H-KL, chunk merging
+- :mod:`~xtoken_nemo.losses.reference`: unsharded KL, ULD, GOLD, P-KL, H-KL, J-KL's term, chunk merging
   (plain PyTorch, the oracle of the tests).
 - The same losses on tensor-parallel vocab shards (megatron-core ``parallel_state``; at tp=1 the
   single-device path), one file per concept:
   :mod:`~xtoken_nemo.losses.shard` (shards, checks, block helpers),
   :mod:`~xtoken_nemo.losses.kl` (same-tokenizer KL), :mod:`~xtoken_nemo.losses.pkl` (P-KL),
+  :mod:`~xtoken_nemo.losses.jkl` (J-KL's joint-chunk term),
   :mod:`~xtoken_nemo.losses.hybrid` (GOLD, H-KL, ULD; histogram ULD in
   :mod:`~xtoken_nemo.losses.uld_hist`), :mod:`~xtoken_nemo.losses.merge` (chunk merge, teacher
   confidence); collectives in :mod:`~xtoken_nemo.losses.comm`, input checks in
@@ -17,6 +18,7 @@
 
 from xtoken_nemo.losses.common import MERGE_MODES, ULD_METHODS, LossParts, MergedChunks
 from xtoken_nemo.losses.hybrid import gold_loss_parallel, hkl_loss_parallel, uld_loss_parallel
+from xtoken_nemo.losses.jkl import jkl_term_parallel, joint_entries
 from xtoken_nemo.losses.kl import kl_loss_parallel
 from xtoken_nemo.losses.merge import chunk_log_mass_parallel, merge_chunks_parallel, teacher_confidence_parallel
 from xtoken_nemo.losses.pkl import LocalProjection, pkl_loss_parallel, pkl_loss_parallel_parts, prepare_projection
@@ -26,6 +28,7 @@ from xtoken_nemo.losses.reference import (
     gold_loss,
     hkl_loss,
     hkl_pairs,
+    jkl_term,
     kl_loss,
     merge_chunks,
     pkl_loss,
@@ -57,6 +60,9 @@ __all__ = [
     "hkl_loss",
     "hkl_loss_parallel",
     "hkl_pairs",
+    "jkl_term",
+    "jkl_term_parallel",
+    "joint_entries",
     "kl_loss",
     "kl_loss_parallel",
     "merge_chunks",
