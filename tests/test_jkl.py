@@ -359,7 +359,7 @@ def test_jkl_mode_is_pkl_plus_the_weighted_joint_term(merge):
     W = _random_w()
     s_spans, t_spans = case["s_spans"], case["t_spans"]
     table = torch.from_numpy(np.stack([s_spans.starts, s_spans.ends, t_spans.starts, t_spans.ends], 1))[None]
-    s_len, t_len = case["student"].shape[0], case["teacher"].shape[0]
+    s_len = case["student"].shape[0]
     s_labels = torch.randint(0, V_S, (1, s_len), generator=torch.Generator().manual_seed(1))
     t_labels = case["targets"][None]
 

@@ -34,7 +34,7 @@ PAPER_NAMES = [
 
 def test_every_paper_row_has_a_recipe_with_the_paper_settings(tmp_path):
     assert [r.name for r in paper_recipes()] == PAPER_NAMES
-    assert [r.name for r in all_recipes()] == PAPER_NAMES + ["debug-1gpu", "cpu-tiny"]
+    assert [r.name for r in all_recipes()] == PAPER_NAMES + ["qwen3-jkl", "debug-1gpu", "cpu-tiny"]
     for r in paper_recipes():
         cfg = r.config(tmp_path)
         assert (r.nodes, r.gpus_per_node) == (16, 8)
@@ -340,3 +340,24 @@ def test_train_recipe_print_config(capsys, tmp_path, monkeypatch):
     assert cfg["student"]["checkpoint"] == str(tmp_path / "ckpt" / "llama-3.2-1b")
     with pytest.raises(SystemExit):
         main(["train", "--recipe", "cpt", "--config", "x.json"])
+
+
+def test_qwen3_jkl_recipe_is_qwen3_pkl_plus_the_support_and_checks_it(tmp_path):
+    from xtoken_nemo.recipes.validate import check_files
+    from xtoken_nemo.tokenizers import load_tokenizer
+    from xtoken_nemo.vocab.prefix_support import build_prefix_support
+
+    jkl, pkl = get_recipe("qwen3-jkl"), get_recipe("qwen3-pkl")
+    cfg, base = jkl.config(tmp_path), pkl.config(tmp_path)
+    cfg.validate(world_size=128)
+    assert (jkl.nodes, jkl.gpus_per_node, jkl.paper) == (16, 8, None)
+    assert (cfg.train, cfg.optim, cfg.data.seq_length) == (base.train, base.optim, base.data.seq_length)
+    (t,) = cfg.teachers
+    assert (t.mode, t.projection, t.joint_weight) == ("jkl", base.teachers[0].projection, 1.0)
+    assert t.support == str(tmp_path / "w" / "S_llama3_qwen3.safetensors")
+    missing = [p for p in check_files(cfg) if "prefix-support" in p]
+    assert len(missing) == 1 and "`xtoken build-support --student llama3 --teacher qwen3" in missing[0]
+    student, phi = load_tokenizer("llama3"), load_tokenizer("phi4mini")
+    build_prefix_support(student, phi, progress=False).save(t.support)  # the wrong teacher
+    (wrong,) = [p for p in check_files(cfg) if "prefix-support" in p]
+    assert "does not fit tokenizers llama3 -> qwen3" in wrong

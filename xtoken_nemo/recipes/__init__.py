@@ -1,6 +1,7 @@
-"""Recipes: one short module per run of the paper (docs/method.md, "The paper's runs") plus ``debug-1gpu`` and
-``cpu-tiny``. Each module defines ``RECIPE``, a :class:`Recipe` whose ``config(root)`` returns the
-run's :class:`~xtoken_nemo.distill.config.DistillConfig`.
+"""Recipes: one short module per run of the paper (docs/method.md, "The paper's runs"), one of ours
+beyond the paper (``qwen3-jkl``) and the utility runs ``debug-1gpu`` and ``cpu-tiny``. Each module
+defines ``RECIPE``, a :class:`Recipe` whose ``config(root)`` returns the run's
+:class:`~xtoken_nemo.distill.config.DistillConfig`.
 
     from xtoken_nemo.recipes import get_recipe
     cfg = get_recipe("qwen3-pkl").config("/lustre/xtoken")     # or $XTOKEN_ROOT
@@ -29,6 +30,8 @@ PAPER = (
     "multi_phi_qwen_llama",
     "multi_phi_llama_adaptive",
 )
+# beyond the paper: the same shape, a mode of ours
+BEYOND = ("qwen3_jkl",)
 UTILITY = ("debug_1gpu", "cpu_tiny")
 
 __all__ = [
@@ -48,7 +51,7 @@ def _load(module: str) -> Recipe:
 
 
 def all_recipes() -> list[Recipe]:
-    return [_load(m) for m in PAPER + UTILITY]
+    return [_load(m) for m in PAPER + BEYOND + UTILITY]
 
 
 def paper_recipes() -> list[Recipe]:

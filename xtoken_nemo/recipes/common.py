@@ -6,6 +6,7 @@ Paths come from one root directory, ``XTOKEN_ROOT`` (or ``--root``), laid out as
     $XTOKEN_ROOT/
       ckpt/llama-3.2-1b   ckpt/llama-3.2-3b   ckpt/qwen3-4b   ckpt/phi-4-mini   (xtoken convert hf-to-mcore)
       w/W_llama3_qwen3.safetensors   w/W_llama3_phi4mini.safetensors          (xtoken build-w)
+      w/S_llama3_qwen3.safetensors   (J-KL's prefix support, jkl teachers)     (xtoken build-support)
       data/climbmix/                                                          (xtoken preprocess)
       runs/<recipe>/checkpoints  runs/<recipe>/tb  runs/<recipe>/slurm-<jobid>.out
 
@@ -92,13 +93,21 @@ def w_file(root: Path, teacher_tokenizer: str, student_tokenizer: str = "llama3"
     return str(root / "w" / f"W_{student_tokenizer}_{teacher_tokenizer}.safetensors")
 
 
+def support_file(root: Path, teacher_tokenizer: str, student_tokenizer: str = "llama3") -> str:
+    return str(root / "w" / f"S_{student_tokenizer}_{teacher_tokenizer}.safetensors")
+
+
 def teacher(root: Path, key: str, mode: str, alpha: float = 1.0, merge: str = "chain") -> TeacherConfig:
-    """A teacher from $XTOKEN_ROOT/ckpt; cross-tokenizer ones get their W from $XTOKEN_ROOT/w
-    (GOLD and ULD need none, but GOLD's exact common set is computed from the tokenizers)."""
+    """A teacher from $XTOKEN_ROOT/ckpt; cross-tokenizer ones get their W (and jkl its prefix
+    support) from $XTOKEN_ROOT/w (GOLD and ULD need none, but GOLD's exact common set is computed
+    from the tokenizers)."""
     mc = model(root, key)
     name = key.replace("-", "_")
     projection = w_file(root, mc.tokenizer) if KDMode(mode).needs_projection else None
-    return TeacherConfig(name=name, model=mc, mode=mode, alpha=alpha, projection=projection, merge=merge)
+    support = support_file(root, mc.tokenizer) if KDMode(mode).needs_support else None
+    return TeacherConfig(
+        name=name, model=mc, mode=mode, alpha=alpha, projection=projection, support=support, merge=merge
+    )
 
 
 def paper_config(root: Path, name: str, teachers: list[TeacherConfig], **train) -> DistillConfig:

@@ -1,6 +1,6 @@
 """Checks a recipe passes before anything is submitted: the config's own rules (batch layout,
-modes, alphas), then the files it names (checkpoints, W, data) and that every W was built from
-exactly the student's and that teacher's tokenizers."""
+modes, alphas), then the files it names (checkpoints, W, prefix supports, data) and that every W
+and prefix support was built from exactly the student's and that teacher's tokenizers."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from xtoken_nemo.distill.config import DistillConfig
 from xtoken_nemo.tokenizers import load_tokenizer
 from xtoken_nemo.vocab import ProjectionMatrix
+from xtoken_nemo.vocab.prefix_support import PrefixSupport
 
 
 def check_files(cfg: DistillConfig) -> list[str]:
@@ -29,6 +30,9 @@ def check_files(cfg: DistillConfig) -> list[str]:
             )
     student_tok = None
     for i, tc in enumerate(cfg.teachers):
+        if tc.support:
+            student_tok = student_tok or load_tokenizer(cfg.student.tokenizer)
+            problems += _support_problems(f"teachers.{i} ({tc.name})", tc, cfg.student.tokenizer, student_tok)
         if not tc.needs_projection or not tc.projection:
             continue
         where = f"teachers.{i} ({tc.name})"
@@ -47,3 +51,18 @@ def check_files(cfg: DistillConfig) -> list[str]:
                 f"{cfg.student.tokenizer} -> {tc.model.tokenizer}: {exc}; rebuild it with {command}"
             )
     return problems
+
+
+def _support_problems(where: str, tc, student_name: str, student_tok) -> list[str]:
+    """A jkl teacher's prefix-support file: present and built from these tokenizers."""
+    command = f"`xtoken build-support --student {student_name} --teacher {tc.model.tokenizer} --out {tc.support}`"
+    if not Path(tc.support).is_file():
+        return [f"{where}: prefix-support file {tc.support} missing: {command}"]
+    try:
+        PrefixSupport.load(tc.support, student_tok, load_tokenizer(tc.model.tokenizer))
+    except Exception as exc:  # the loader's message says which tokenizer differs
+        return [
+            f"{where}: prefix-support file {tc.support} does not fit tokenizers "
+            f"{student_name} -> {tc.model.tokenizer}: {exc}; rebuild it with {command}"
+        ]
+    return []
