@@ -1,4 +1,4 @@
-"""Benchmark: forward+backward time and peak memory of KL, GOLD, P-KL and H-KL, side by side.
+"""Benchmark: forward+backward time and peak memory of KL, GOLD, P-KL, H-KL and J-KL, side by side.
 
 Same inputs for every loss: chunk-level student logits [chunks, V_S] and teacher logits
 [chunks, V_T] (bf16 by default, as a model emits them), V_S x V_T from the real built-in
@@ -15,10 +15,18 @@ highest RSS seen minus the RSS just before the forward. It includes the gradient
 compare with the aim ("at most one [block, V_T] buffer beyond KL") is `extra_vs_kl_mb` next to
 `block_buffer_mb` (one fp32 [block, V_T] buffer).
 
+J-KL (``jkl``) needs real chunks, not only chunk rows: its input is GSM8k-style text (word problems
+full of numbers) tokenized by both tokenizers and aligned, repeated to ``--chunks`` chunks; the
+student side is [chunks, V_S] as for every loss, the teacher side the per-position logits
+[teacher tokens, V_T] (J-KL reads the positions inside a chunk), and the timed call is the whole
+mode: the P-KL term on the chunks' first teacher positions plus the joint term, host index
+included. Compare it with ``pkl`` (aim: at most 1.5x P-KL's time, at most one more [block, V_T]
+buffer than P-KL).
+
 Runtime on 2 CPU cores at 2048 chunks: a few minutes (the ``*_sort`` losses sort full vocabularies).
 
     .venv/bin/python bench/losses.py [--chunks 2048] [--block 256]
-        [--losses kl,gold,gold_sort,hkl,hkl_sort,uld,uld_sort]
+        [--losses kl,gold,gold_sort,pkl,jkl,hkl,hkl_sort,uld,uld_sort]
     .venv/bin/python bench/losses.py --chunks 256      # quick run
 Last line: one JSON object with every figure.
 """
@@ -38,7 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LOSSES = ("kl", "gold", "gold_sort", "pkl", "hkl", "hkl_sort", "uld", "uld_sort")
+LOSSES = ("kl", "gold", "gold_sort", "pkl", "jkl", "hkl", "hkl_sort", "uld", "uld_sort")
 """``*_sort``: the same loss with ``uld_method="sort"`` (the exact full sort, the old path); without
 the suffix the default ``uld_method="hist"`` (layer-cake histogram, no sort: xtoken_nemo/losses/uld_hist.py)."""
 
@@ -96,6 +104,7 @@ def run_child(args: argparse.Namespace) -> dict:
         return (torch.randn(n, v, generator=g) * 3.0).to(dtype)
 
     student = logits(vs_pad).requires_grad_(True)
+    warm_fn, extra = None, {}
     if args.loss == "kl":
         teacher = logits(vs_pad)
         fn = lambda s, t: P.kl_loss_parallel(s, t, v_s, block_size=args.block)  # noqa: E731
@@ -106,6 +115,8 @@ def run_child(args: argparse.Namespace) -> dict:
         if args.loss == "pkl":
             proj = P.prepare_projection(W, vs_pad, vt_pad)
             fn = lambda s, t: P.pkl_loss_parallel(s, t, proj, v_s, v_t, block_size=args.block)  # noqa: E731
+        elif args.loss == "jkl":
+            fn, teacher, warm_fn, extra = jkl_case(args, W, vs_pad, vt_pad, logits)
         elif base == "uld":
             fn = lambda s, t: P.uld_loss_parallel(s, t, v_s, v_t, block_size=args.block, uld_method=method)  # noqa: E731
         else:
@@ -115,7 +126,7 @@ def run_child(args: argparse.Namespace) -> dict:
             )
     # warm-up on a few chunks (kernel/thread-pool start-up), not timed
     warm = student[: min(n, 8)].detach().clone().requires_grad_(True)
-    fn(warm, teacher[: warm.shape[0]]).backward()
+    (warm_fn or fn)(warm, teacher[: warm.shape[0]]).backward()
     del warm
     import gc
 
@@ -134,7 +145,80 @@ def run_child(args: argparse.Namespace) -> dict:
         "time_s": t2 - t0,
         "peak_extra_mb": (mem.peak - mem.start_rss) / 2**20,
         "grad_mb": student.grad.numel() * student.grad.element_size() / 2**20,
+        **extra,
     }
+
+
+GSM8K_LIKE = (
+    "Natalia sold clips to {a} of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May? In May she sold {a} / 2 = {b} clips. "
+    "Altogether she sold {a} + {b} = {c} clips. Weng earns ${d} an hour for babysitting; yesterday she "
+    "did {e} minutes, so she earned {d} x {e} / 60 = {f} dollars. #### {c}\n"
+)
+
+
+def gsm8k_like_chunks(student, teacher, num_chunks: int, seed: int = 0):
+    """(student spans, teacher spans, teacher targets [T]) of aligned GSM8k-style text, label coordinates."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from xtoken_nemo.align.api import align_text
+    from xtoken_nemo.losses.common import ChunkSpans
+
+    rng = random.Random(seed)
+    rows, t_ids, s_off, t_off = [], [], 0, 0
+    while sum(len(r) for r in rows) < num_chunks:
+        a, d, e = rng.randrange(20, 999, 2), rng.randrange(5, 60), rng.randrange(10, 600)
+        text = GSM8K_LIKE.format(a=a, b=a // 2, c=a + a // 2, d=d, e=e, f=round(d * e / 60, 2))
+        aligned = align_text(text, student, teacher, add_bos=False)
+        chunks = aligned.alignment.chunks[1:] - 1  # label coordinates: position p predicts token p + 1
+        rows.append(chunks + np.array([s_off, s_off, t_off, t_off]))
+        t_ids += aligned.teacher_ids[1:] + [0]  # targets of positions 0 .. len-1 (last one unused)
+        s_off += len(aligned.student_ids)
+        t_off += len(aligned.teacher_ids)
+    table = np.concatenate(rows)[:num_chunks]
+    s_spans, t_spans = ChunkSpans(table[:, 0], table[:, 1]), ChunkSpans(table[:, 2], table[:, 3])
+    return s_spans, t_spans, torch.tensor(t_ids[: int(table[-1, 3])])
+
+
+def jkl_case(args, W, vs_pad: int, vt_pad: int, logits):
+    """(fn(student chunks, teacher positions), teacher positions' logits) of the J-KL mode on GSM8k-style chunks."""
+    import torch
+
+    from xtoken_nemo import losses as P
+    from xtoken_nemo.losses.jkl import jkl_term_parallel, joint_entries
+    from xtoken_nemo.tokenizers import load_tokenizer
+    from xtoken_nemo.vocab.prefix_support import build_prefix_support
+
+    student, teacher = load_tokenizer(args.student), load_tokenizer(args.teacher)
+    support = build_prefix_support(student, teacher, progress=False)
+    s_spans, t_spans, targets = gsm8k_like_chunks(student, teacher, args.chunks)
+    teacher_logits = torch.cat([logits(vt_pad) for _ in range(-(-targets.shape[0] // args.chunks))])
+    teacher_logits = teacher_logits[: targets.shape[0]].contiguous()
+    first = torch.from_numpy(t_spans.starts)
+    proj = P.prepare_projection(W, vs_pad, teacher_logits.shape[1])
+    v_s, v_t = W.shape
+
+    # the chunks' first teacher positions, gathered outside the timed call: the trainer gathers
+    # them for P-KL too, and the pkl child gets them as its input
+    t_first = teacher_logits[first]
+
+    def fn(s, t):
+        pkl = P.pkl_loss_parallel(s, t_first, proj, v_s, v_t, block_size=args.block, reduction="none")
+        entries = joint_entries(support, s_spans, t_spans, targets)
+        joint = jkl_term_parallel(s, t, entries, v_s, v_t, block_size=args.block)
+        return (pkl + joint).mean()
+
+    def warm(s, t):  # the same kernels on a few rows (the full call is the timed one)
+        return P.pkl_loss_parallel(s, t, proj, v_s, v_t, block_size=args.block)
+
+    joint = (t_spans.ends - t_spans.starts >= 2) & (s_spans.ends - s_spans.starts == 1)
+    entries = joint_entries(support, s_spans, t_spans, targets)
+    info = {"joint_chunks": int(joint.sum()), "teacher_positions": int(targets.shape[0])}
+    info["support_entries"] = entries.num_entries if entries is not None else 0
+    return fn, teacher_logits, warm, info
 
 
 def exact_pairs(W):
@@ -240,6 +324,17 @@ def main() -> None:
             f"extra vs KL {res['extra_vs_kl_mb']:+.0f} MB ({res['extra_vs_kl_in_block_buffers']:+.2f} block buffers)"
         )
         summary[loss] = res
+    if "jkl" in results and "pkl" in results:
+        jkl, pkl = results["jkl"], results["pkl"]
+        jkl["time_vs_pkl"] = jkl["time_s"] / pkl["time_s"]
+        jkl["extra_vs_pkl_in_block_buffers"] = (jkl["peak_extra_mb"] - pkl["peak_extra_mb"]) / block_buffer_mb
+        summary["aim_jkl_time_le_1_5x_pkl"] = jkl["time_vs_pkl"] <= 1.5
+        summary["aim_jkl_extra_le_one_block_buffer_over_pkl"] = jkl["extra_vs_pkl_in_block_buffers"] <= 1.0
+        print(
+            f"\njkl vs pkl (same run): time x{jkl['time_vs_pkl']:.2f}, extra "
+            f"{jkl['extra_vs_pkl_in_block_buffers']:+.2f} block buffers; {jkl['joint_chunks']} of {args.chunks} "
+            f"chunks joint, {jkl['support_entries']} support entries, {jkl['teacher_positions']} teacher positions"
+        )
     if "pkl" in results:
         summary["aim_pkl_time_le_1_5x_kl"] = results["pkl"]["time_ratio"] <= 1.5
         summary["aim_pkl_extra_le_one_block_buffer"] = results["pkl"]["extra_vs_kl_in_block_buffers"] <= 1.0

@@ -33,8 +33,15 @@ import torch
 
 from xtoken_nemo.errors import LossInputError
 from xtoken_nemo.losses import comm
-from xtoken_nemo.losses.common import DEFAULT_BLOCK, PROB_FLOOR, ChunkSpans, compute_dtype, to_device
-from xtoken_nemo.losses.shard import Shard, check_block, make_shard, prep_block, token_blocks
+from xtoken_nemo.losses.common import (
+    DEFAULT_BLOCK,
+    MASK_VALUE,
+    PROB_FLOOR,
+    ChunkSpans,
+    compute_dtype,
+    to_device,
+)
+from xtoken_nemo.losses.shard import Shard, check_block, make_shard, token_blocks
 from xtoken_nemo.vocab.prefix_support import PrefixSupport
 
 
@@ -150,6 +157,17 @@ def joint_entries(
 # ----------------------------------------------------------------------------------------------
 # log-probabilities at (row, id) pairs of vocab-sharded logits
 # ----------------------------------------------------------------------------------------------
+def _load_rows(x: torch.Tensor, rows: torch.Tensor, shard: Shard, temperature: float, dtype) -> torch.Tensor:
+    """[Bk, n] rows of x in the compute dtype, / T, padded columns at MASK_VALUE: one new buffer
+    (prep_block's out-of-place steps would make up to three)."""
+    y = x[rows].to(dtype)
+    if temperature != 1.0:
+        y.div_(temperature)
+    if shard.valid < shard.width:
+        y[:, shard.valid :] = MASK_VALUE
+    return y
+
+
 class _PairLogProbs(torch.autograd.Function):
     """[G] log softmax(x[rows[pair_row]] / T)[ids], replicated, for x [R, V_pad/tp] sharded by
     columns. Forward in blocks of the U distinct rows; keeps only their log-normalizers [U]. The
@@ -162,10 +180,10 @@ class _PairLogProbs(torch.autograd.Function):
         cdt = compute_dtype(x)
         lse = x.new_empty(rows.shape[0], dtype=cdt)
         for a, b in token_blocks(rows.shape[0], block):
-            y = prep_block(x[rows[a:b]], shard, temperature)  # [Bk, n]
+            y = _load_rows(x, rows[a:b], shard, temperature, cdt)  # [Bk, n]
             m = y.max(dim=-1).values
             comm.all_reduce_(m, "max", group)
-            z = torch.exp(y - m[:, None]).sum(-1)
+            z = y.sub_(m[:, None]).exp_().sum(-1)  # in place: one [Bk, n] buffer per block
             comm.all_reduce_(z, "sum", group)
             lse[a:b] = m + z.log()
         local = ids - shard.start
@@ -186,7 +204,7 @@ class _PairLogProbs(torch.autograd.Function):
         per_row = torch.zeros_like(lse).index_add_(0, pair_row, g)  # [U] sum of the pairs' gradients
         out = torch.zeros_like(x)
         for a, b in token_blocks(rows.shape[0], block):
-            p = prep_block(x[rows[a:b]], shard, temperature).sub_(lse[a:b, None]).exp_()
+            p = _load_rows(x, rows[a:b], shard, temperature, lse.dtype).sub_(lse[a:b, None]).exp_()
             blk = p.mul_(-per_row[a:b, None])
             in_blk = (pair_row >= a) & (pair_row < b) & own
             blk.index_put_((pair_row[in_blk] - a, col[in_blk]), g[in_blk], accumulate=True)
