@@ -39,6 +39,7 @@ RUNS = [
     "phi4mini-hkl",
     "multi-xtoken",
 ]
+DIGIT_RUNS = ["digits-ce-only", "digits-qwen3-pkl", "digits-qwen3-jkl", "digits-qwen3-gold"]
 
 
 def test_lookup_keys_are_one_token_for_every_model():
@@ -66,6 +67,16 @@ def test_students_text_does_not_state_the_table():
     )
 
 
+def test_second_task_keeps_the_true_first_digit_only():
+    table = LookupTable(num_facts=60)
+    facts = dict(table.facts())
+    docs = documents(table, 50, seed=2, scrambled=True, keep_first_digit=True)
+    mentions = [line for d in docs for line in d.splitlines() if line.startswith("The room of")]
+    rooms = [(int(line.split()[-1].rstrip(".")), facts[line.split()[3]]) for line in mentions]
+    assert len(rooms) > 200 and all(r // 10 == true // 10 for r, true in rooms)
+    assert sum(r == true for r, true in rooms) / len(rooms) < 0.2  # second digit: chance 1 in 10
+
+
 def test_demo_fast_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo_out"
     seeds = fast_config().seeds
@@ -76,7 +87,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
         assert phase in printed and "done in" in printed
 
     results = json.loads((out / "results.json").read_text())
-    assert sorted(results["runs"]) == sorted(RUNS)
+    assert sorted(results["runs"]) == sorted(RUNS + DIGIT_RUNS)
     for name, entry in results["runs"].items():
         for key in ("numeral_exact_match", "first_digit_match", "heldout_ce", "numeral_ce", "answer_nll"):
             assert isinstance(entry["mean"][key], float), (name, key)
@@ -99,12 +110,14 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
         "gold-hurts-numerals",
         "hkl-at-least-pkl-phi4mini",
         "two-teachers-at-least-best-single",
+        "jkl-moves-second-digit",
+        "pkl-misses-second-digit",
     }
     assert all(c["holds"] for c in results["claims"])
 
     report = (out / "report.md").read_text()
-    assert "| setting | method | run | exact match % [95% CI] |" in report
-    for name in RUNS:
+    assert "| setting | method | run | exact match % [95% CI] |" in report and "Second task (J-KL" in report
+    for name in RUNS + DIGIT_RUNS:
         assert f"| {name} |" in report
     assert "recommended loss" in report and "**PKL**" in report and "**HKL**" in report
     for png in ("audit.png", "loss_curves.png", "metrics.png"):
@@ -127,11 +140,19 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     assert len(set(per_seed)) == len(seeds)
     multi = json.loads((out / "runs" / f"multi-xtoken-s{seeds[0]}" / "config.json").read_text())["teachers"]
     assert [t["mode"] for t in multi] == ["pkl", "hkl"]
+    # the second task: same initial weights per seed, its own data, J-KL reads the prefix support
+    for seed in seeds:
+        configs = [json.loads((out / "runs" / f"{r}-s{seed}" / "config.json").read_text()) for r in DIGIT_RUNS]
+        assert {(c["student"]["checkpoint"], tuple(c["data"]["paths"])) for c in configs} == {
+            (per_seed[seeds.index(seed)][2], (str(out / "data" / "student_digits"),))
+        }
+        (jkl,) = configs[2]["teachers"]
+        assert jkl["mode"] == "jkl" and jkl["support"].endswith("S_llama3_qwen3.safetensors")
 
     # resumable: a second run finds every result and trains nothing
     assert main(["demo", "--fast", "--out", str(out), "--no-progress"]) == 0
     again = capsys.readouterr().out
-    assert again.count("finished earlier") == len(RUNS) * len(seeds) + 2
+    assert again.count("finished earlier") == len(RUNS + DIGIT_RUNS) * len(seeds) + 2
     assert json.loads((out / "results.json").read_text())["runs"]["qwen3-pkl"] == results["runs"]["qwen3-pkl"]
 
 
@@ -246,8 +267,8 @@ def test_a_seed_that_did_not_take_off_is_reported_as_collapsed():
 
 
 def test_default_demo_trains_exactly_the_runs_its_claims_compare():
-    from xtoken_nemo.demo.pipeline import full_config, student_runs
-    from xtoken_nemo.demo.report import CLAIMS
+    from xtoken_nemo.demo.pipeline import digit_task_runs, full_config, student_runs
+    from xtoken_nemo.demo.report import CLAIMS, DIGIT_CLAIMS
 
     recommended = {"qwen3": "pkl", "phi4mini": "hkl"}  # the audit's picks in the demo
     cfg = full_config()
@@ -261,3 +282,8 @@ def test_default_demo_trains_exactly_the_runs_its_claims_compare():
     other = [r.name for r in student_runs({"qwen3": "hkl", "phi4mini": "hkl"}, all_methods=False)]
     assert "qwen3-hkl" in other
     assert [r.name for r in student_runs(recommended)] == RUNS  # --all-methods, and the fast demo
+    # the second task: the runs its claims compare, GOLD only with --all-methods
+    assert cfg.digit_task
+    digit_names = {r.name for r in digit_task_runs(cfg.all_methods)}
+    assert digit_names == {n for c in DIGIT_CLAIMS for n in (c[1], c[2])}
+    assert [r.name for r in digit_task_runs(True)] == DIGIT_RUNS

@@ -8,6 +8,9 @@ are a few sentences each: facts ("The room of Alice is 47.") and a little filler
   number in it is drawn at random: the students' own text does not contain the table, so CE alone
   cannot learn it. Whatever a student knows about the true numbers came through distillation,
   from the teachers' predictions at the positions after "is".
+- The **second task's students' corpus** (J-KL, docs/demo.md) keeps each number's true first digit
+  and draws the second at random: the first digit is in the student's own text, only the teachers
+  know the second.
 - The **held-out documents** state the true numbers in new arrangements (a different seed): CE on
   them, and on their numeral tokens, measures how well a model knows the table.
 - The **evaluation items** are the prompts "The room of <name> is" for every person; greedy
@@ -250,10 +253,13 @@ def documents(
     scrambled: bool = False,
     facts_per_doc: tuple[int, int] = (4, 8),
     filler_rate: float = 0.25,
+    keep_first_digit: bool = False,
 ) -> list[str]:
     """``n`` documents of ``facts_per_doc`` fact sentences (people in a shuffled cycle, so each is
     mentioned about equally often) with filler sentences in between (``filler_rate`` of the lines).
-    ``scrambled``: each room number drawn uniformly from 100-999 instead of the true one."""
+    ``scrambled``: each room number drawn uniformly from the table's range instead of the true one;
+    with ``keep_first_digit`` only the second digit is drawn (0-9), the first stays true (the
+    second task: only a teacher can supply the second digit)."""
     rng = random.Random(seed)
     facts = table.facts()
     order: list[tuple[str, int]] = []
@@ -267,6 +273,10 @@ def documents(
             name, room = order.pop()
             if rng.random() < filler_rate:
                 lines.append(rng.choice(FILLER))
-            lines.append(fact_sentence(name, rng.randint(*table.rooms) if scrambled else room))
+            if scrambled and keep_first_digit:
+                room = room // 10 * 10 + rng.randint(0, 9)
+            elif scrambled:
+                room = rng.randint(*table.rooms)
+            lines.append(fact_sentence(name, room))
         docs.append("\n".join(lines))
     return docs

@@ -56,6 +56,7 @@ from xtoken_nemo.vocab import ProjectionMatrix
 from xtoken_nemo.vocab.audit import audit, plot_audits
 from xtoken_nemo.vocab.build import build_projection_matrix
 from xtoken_nemo.vocab.compact import projection_support, restrict_projection
+from xtoken_nemo.vocab.prefix_support import build_prefix_support
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +102,11 @@ class DemoConfig:
     )
     seeds: tuple = (1, 2, 3, 4, 5)
     # False: only the runs the claims compare (CLAIM_RUNS); True adds ULD from each teacher, Qwen3's
-    # H-KL and Phi-4-mini's GOLD (10 runs per seed, about twice the time)
+    # H-KL and Phi-4-mini's GOLD (10 runs per seed, about twice the time), and GOLD on the second task
     all_methods: bool = False
+    # the second task (docs/demo.md, "J-KL"): students whose text keeps each number's true first
+    # digit and scrambles the second, distilled from Qwen3 with P-KL and with J-KL, beside CE only
+    digit_task: bool = True
     # training runs at once, each in its own process with one thread: these models are so small
     # that a step is mostly Python overhead, so two runs on two cores take about the time of one
     workers: int = 2
@@ -156,6 +160,25 @@ def student_runs(recommended: dict[str, str], alphas: tuple = (0.5, 0.5), all_me
     return runs if all_methods else [r for r in runs if r.name in keep]
 
 
+#: the second task's teacher: the one that writes numbers digit by digit
+DIGIT_TEACHER = "qwen3"
+
+
+def digit_task_runs(all_methods: bool = False) -> list[RunSpec]:
+    """The second task's student runs of one seed: CE only, P-KL and J-KL from Qwen3 (and GOLD with
+    ``all_methods``): does the teacher's second digit reach a one-token student numeral?"""
+    setting = "second digit from Qwen3"
+    t = DIGIT_TEACHER
+    runs = [
+        RunSpec("digits-ce-only", setting, "CE only", task="digits"),
+        RunSpec(f"digits-{t}-pkl", setting, "X-Token P-KL", [(t, "pkl", 1.0)], task="digits"),
+        RunSpec(f"digits-{t}-jkl", setting, "J-KL (ours)", [(t, "jkl", 1.0)], task="digits"),
+    ]
+    if all_methods:
+        runs.append(RunSpec(f"digits-{t}-gold", setting, "GOLD", [(t, "gold", 1.0)], task="digits"))
+    return runs
+
+
 class Demo:
     def __init__(self, out: str | Path, cfg: DemoConfig, progress: bool = True, echo=print) -> None:
         self.out = Path(out)
@@ -175,6 +198,8 @@ class Demo:
         vocab = self._step("corpus, compact vocabularies, preprocessing", self.data)
         teachers = self._step("teachers (CE only, true table)", self.train_teachers)
         runs = student_runs(recommended, self.cfg.multi_alphas, self.cfg.all_methods)
+        if self.cfg.digit_task:
+            runs += digit_task_runs(self.cfg.all_methods)
         students = self._step(
             f"students ({len(runs)} runs x {len(self.cfg.seeds)} seeds)", lambda: self.train_students(runs, teachers)
         )
@@ -264,15 +289,24 @@ class Demo:
         """W restricted to the compact vocabularies: what the P-KL/H-KL students load."""
         return self.out / "vocab" / f"W_{STUDENT_TOK}_{teacher}.safetensors"
 
+    def support_path(self, teacher: str) -> Path:
+        """J-KL's prefix support on the compact vocabularies."""
+        return self.out / "vocab" / f"S_{STUDENT_TOK}_{teacher}.safetensors"
+
     # ------------------------------------------------------------------------------------------
     def texts(self) -> dict[str, list[str]]:
         c = self.cfg
         table = LookupTable(c.num_facts, c.table_seed, c.rooms)
-        return {
+        texts = {
             "teacher": documents(table, c.teacher_docs, seed=c.seed + 1),
             "student": documents(table, c.student_docs, seed=c.seed + 2, scrambled=True),
             "heldout": documents(table, c.heldout_docs, seed=c.seed + 3),
         }
+        if c.digit_task:
+            texts["student_digits"] = documents(
+                table, c.student_docs, seed=c.seed + 4, scrambled=True, keep_first_digit=True
+            )
+        return texts
 
     def items(self):
         return LookupTable(self.cfg.num_facts, self.cfg.table_seed, self.cfg.rooms).items()
@@ -302,6 +336,9 @@ class Demo:
         jobs += [
             (self.data_dir(f"teacher_{t}"), "teacher", self.vocab_path(t), [self.vocab_path(t)]) for t in TEACHER_TOKS
         ]
+        if c.digit_task:
+            student = self.vocab_path(STUDENT_TOK)
+            jobs.append((self.data_dir("student_digits"), "student_digits", student, [self.vocab_path(DIGIT_TEACHER)]))
         for out, split, student, teachers in jobs:
             if (out / "manifest.json").exists():
                 continue
@@ -338,6 +375,9 @@ class Demo:
         for t in TEACHER_TOKS:
             if not self.w_path(t).exists():
                 restrict_projection(Ws[t], compact[STUDENT_TOK], compact[t]).save(self.w_path(t))
+        if self.cfg.digit_task and not self.support_path(DIGIT_TEACHER).exists():
+            support = build_prefix_support(compact[STUDENT_TOK], compact[DIGIT_TEACHER], progress=False)
+            support.save(self.support_path(DIGIT_TEACHER))
         self.echo(
             "   compact vocabularies: "
             + ", ".join(f"{t} {v['compact']:,} of {v['full']:,} ids" for t, v in summary.items())
@@ -506,6 +546,7 @@ class Demo:
                         mode=mode,
                         alpha=alpha,
                         projection=str(self.w_path(t)) if KDMode(mode).needs_projection else None,
+                        support=str(self.support_path(t)) if KDMode(mode).needs_support else None,
                         # the exact sort: at 174-256 ids it is far cheaper than the histogram's
                         # 12,800 bins per row (built for 128k-200k vocabularies)
                         uld_method="sort",
@@ -521,11 +562,8 @@ class Demo:
                     for t, mode, alpha in run.teachers
                 ]
                 name = run_dir_name(run.name, seed)
-                cfgs.append(
-                    self._run_config(
-                        name, STUDENT_TOK, "llama", self.cfg.student, self.data_dir("student"), tcs, init, seed
-                    )
-                )
+                data = self.data_dir("student_digits" if run.task == "digits" else "student")
+                cfgs.append(self._run_config(name, STUDENT_TOK, "llama", self.cfg.student, data, tcs, init, seed))
         return self._train_many(cfgs)
 
     # ------------------------------------------------------------------------------------------

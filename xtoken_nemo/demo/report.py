@@ -118,6 +118,38 @@ CLAIMS = (
 #: phi4mini-hkl and qwen3-pkl with the audit's picks): the default demo trains only these
 CLAIM_RUNS = frozenset(name for c in CLAIMS for name in (c[1], c[2]) if name != "best-single") | {"multi-xtoken"}
 
+#: the second task (student text with each number's true first digit, a random second digit):
+#: checked when the demo ran it (DemoConfig.digit_task)
+DIGIT_CLAIMS = (
+    (
+        "jkl-moves-second-digit",
+        "digits-qwen3-jkl",
+        "digits-qwen3-pkl",
+        "numeral_exact_match",
+        +1,
+        False,
+        "second task: J-KL answers more lookups than P-KL (Qwen3's second digit reaches the one-token numeral)",
+    ),
+    (
+        "jkl-moves-second-digit",
+        "digits-qwen3-jkl",
+        "digits-ce-only",
+        "numeral_exact_match",
+        +1,
+        False,
+        "second task: J-KL answers more lookups than the CE-only student",
+    ),
+    (
+        "pkl-misses-second-digit",
+        "digits-qwen3-pkl",
+        "digits-ce-only",
+        "numeral_exact_match",
+        -1,
+        True,
+        "second task: P-KL answers at most as many lookups as CE only (it carries no second digit)",
+    ),
+)
+
 
 def claim_verdict(diff: float, ci: list[float], sign: int, at_least: bool) -> str:
     """The verdict on "a - b has sign ``sign``" (``at_least``: or a tie) from the seed-mean
@@ -194,7 +226,9 @@ def write_report(
                 "text": f"the {t} teacher knows the table (exact match at least {TEACHER_BAR:.0%})",
             }
         )
-    for key, a, b, metric, sign, at_least, text in CLAIMS:
+    for key, a, b, metric, sign, at_least, text in CLAIMS + DIGIT_CLAIMS:
+        if a not in per_run:  # a second-task claim of a demo that did not run that task
+            continue
         b = best_single if b == "best-single" else b
         c = check_claim(per_run[a], per_run[b], metric, sign, at_least, idx)
         claims.append({"claim": key, "a": a, "b": b, "metric": metric, **c, "text": text})
@@ -304,6 +338,20 @@ def audit_table(audits) -> str:
     return "\n".join(lines)
 
 
+def digit_task_text(cfg) -> str:
+    """The second task's paragraph of report.md (empty when the demo did not run it)."""
+    if not getattr(cfg, "digit_task", False):
+        return ""
+    return """**Second task (J-KL, ours).** A second set of students reads the same kinds of sentences, but each
+number keeps its true first digit and gets a random second one ("digits-*" runs): the first digit is in
+the student's own text, the second only in the teacher's predictions. Qwen3 writes 47 as "4", "7"; Llama
+as one token. P-KL sends Llama's "47" to Qwen3's "4" (W's row), so every "4x" looks the same to it; J-KL
+adds the KL between the student's probabilities of "40" ... "49" and Qwen3's chain products
+p("4") p(x | "4") (docs/method.md, "J-KL"). Same teacher, initial weights, steps and evaluation as above.
+
+"""
+
+
 def report_markdown(cfg, audits, vocab, results, table, claim_table, plots, timings) -> str:
     c = cfg
     vocab_line = ", ".join(f"{t} {v['compact']:,} of {v['full']:,} ids" for t, v in vocab.items())
@@ -343,7 +391,7 @@ also keeps every id W reaches). W and the audit are built by the real code on th
 restricted (no row loses mass); the segmentation, the alignment and the common sets are the full
 tokenizers' (Llama's and Phi-4-mini's two-digit numerals against Qwen3's single digits are unchanged).
 
-## Coverage audit (student llama3, full tokenizers)
+{digit_task_text(c)}## Coverage audit (student llama3, full tokenizers)
 
 {audit_table(audits)}
 
@@ -381,7 +429,7 @@ A claim holds ("yes") only when its hierarchical 95% interval excludes 0 in the 
 def _colors(names: list[str]) -> list[str]:
     return [
         "gray"
-        if n == "ce-only"
+        if n.endswith("ce-only")
         else "tab:blue"
         if n.startswith("qwen3")
         else "tab:orange"

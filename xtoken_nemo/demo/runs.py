@@ -14,6 +14,7 @@ class RunSpec:
     setting: str  # table grouping
     method: str
     teachers: list = field(default_factory=list)  # [(teacher_tok, mode, alpha)]
+    task: str = "rooms"  # "rooms": every number scrambled; "digits": the second task, first digit kept
 
 
 def run_dir_name(run: str, seed: int) -> str:
