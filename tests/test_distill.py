@@ -435,7 +435,12 @@ def test_every_kd_mode_has_its_loss_in_the_registry_and_kl_needs_the_students_to
     from xtoken_nemo.distill.teacher_loss import MODE_LOSSES, build_teacher_spec
 
     assert set(MODE_LOSSES) == set(KDMode) and KD_MODES == tuple(m.value for m in KDMode)
-    assert [m.value for m in KDMode if m.needs_projection] == ["pkl", "hkl"]
+    assert [m.value for m in KDMode if m.needs_projection] == ["pkl", "hkl", "jkl"]
+    assert [m.value for m in KDMode if m.needs_support] == ["jkl"]
+    with pytest.raises(ConfigError, match=r"teachers.0 \(t\).mode=jkl needs teachers.0.support"):
+        tc = TeacherConfig(name="t", mode="jkl", projection="W.safetensors")
+        cfg = DistillConfig(teachers=[tc], data=DataConfig(paths=["data"]))
+        cfg.validate(world_size=1)
     student = SimpleNamespace(name="a", fingerprint="fa", vocab_size=10)
     other = SimpleNamespace(name="b", fingerprint="fb", vocab_size=12)
     with pytest.raises(ConfigError, match="has mode kl but tokenizer b differs"):

@@ -3,6 +3,7 @@ sbatch scripts (bash -n, directives, embedded config). Fast: no training, no SLU
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
@@ -351,7 +352,8 @@ def test_qwen3_jkl_recipe_is_qwen3_pkl_plus_the_support_and_checks_it(tmp_path):
     cfg, base = jkl.config(tmp_path), pkl.config(tmp_path)
     cfg.validate(world_size=128)
     assert (jkl.nodes, jkl.gpus_per_node, jkl.paper) == (16, 8, None)
-    assert (cfg.train, cfg.optim, cfg.data.seq_length) == (base.train, base.optim, base.data.seq_length)
+    assert (cfg.optim, cfg.data.seq_length) == (base.optim, base.data.seq_length)
+    assert cfg.train == dataclasses.replace(base.train, kd_scale_value="trainable")
     (t,) = cfg.teachers
     assert (t.mode, t.projection, t.joint_weight) == ("jkl", base.teachers[0].projection, 1.0)
     assert t.support == str(tmp_path / "w" / "S_llama3_qwen3.safetensors")

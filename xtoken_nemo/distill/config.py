@@ -43,6 +43,7 @@ KD_MODES = tuple(m.value for m in KDMode)
 SCALINGS = ("dynamic", "kd_heavy", "balanced", "ce_heavy", "ce_only")
 ALPHA_MODES = ("static", "ce", "entropy", "maxprob")
 KD_SCALE_SOURCES = ("previous_step", "micro_batch")
+KD_SCALE_VALUES = ("trainable", "paper")
 
 
 class ConfigError(XTokenError):
@@ -154,6 +155,11 @@ class TrainConfig:
     # all DP ranks; the first step, or a step of one micro-batch in all, uses its own);
     # micro_batch = each micro-batch's own (the paper's form; a noisier estimate of the batch's)
     kd_scale_source: str = "previous_step"
+    # which value of L_KD the dynamic scale divides by (docs/losses.md, "Which value sets the
+    # dynamic scale"): trainable = the alpha-weighted trainable parts, the loss that trains (ours);
+    # paper = NVIDIA's P-KL value (NeMo-RL X-Token: top-8192 teacher columns, eps 1e-10) for each
+    # pkl teacher and the trainable part for the others. The loss that trains is the same.
+    kd_scale_value: str = "trainable"
     loss_block_size: int = 1024
     max_consecutive_nonfinite: int = 5
     log_interval: int = 1  # rank 0 writes one progress line (job log) every this many steps
@@ -271,6 +277,7 @@ class DistillConfig:
             ("train.kd_scaling", t.kd_scaling, SCALINGS),
             ("train.alpha_mode", t.alpha_mode, ALPHA_MODES),
             ("train.kd_scale_source", t.kd_scale_source, KD_SCALE_SOURCES),
+            ("train.kd_scale_value", t.kd_scale_value, KD_SCALE_VALUES),
             ("train.precision", t.precision, ("auto", "fp32", "bf16")),
         ):
             if value not in allowed:

@@ -14,9 +14,10 @@ unnormalized chain-rule vectors. For ``first``/``logmean`` it is the shape loss 
 
 Every teacher's loss is split (docs/method.md, "Trainable part and constant"; docs/losses.md): the
 part that trains (KL over the outcomes the student can reach) is what enters L_KD and the dynamic
-scale; the gradient-free constant of the unreachable outcomes (P-KL's teacher columns no W row
-reaches, the rest bucket of a chunk whose student side is one token) and the teacher mass on them
-are only reported.
+scale (with ``train.kd_scale_value="paper"`` the scale divides by NVIDIA's P-KL value for the pkl
+teachers instead: :mod:`xtoken_nemo.losses.paper_pkl`); the gradient-free constant of the
+unreachable outcomes (P-KL's teacher columns no W row reaches, the rest bucket of a chunk whose
+student side is one token) and the teacher mass on them are only reported.
 
 Each teacher's mode-specific loss comes from :mod:`xtoken_nemo.distill.teacher_loss` (its spec and
 the mode registry). Profiler ranges (``torch.profiler.record_function``; nearly free when no
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch.profiler import record_function
 
-from xtoken_nemo.distill.config import TrainConfig
+from xtoken_nemo.distill.config import KDMode, TrainConfig
 from xtoken_nemo.distill.teacher_loss import TeacherLossSpec, mode_loss
 from xtoken_nemo.losses import (
     LossParts,
@@ -45,6 +46,7 @@ from xtoken_nemo.losses import (
 )
 from xtoken_nemo.losses.common import ChunkSpans, to_device
 from xtoken_nemo.losses.jkl import jkl_term_parallel, joint_entries
+from xtoken_nemo.losses.paper_pkl import paper_pkl_value_parallel
 from xtoken_nemo.losses.weighting import FIXED_WEIGHTINGS, dynamic_kd_scale
 from xtoken_nemo.models.build import mask_padded_vocab
 
@@ -60,6 +62,7 @@ class KDOptions:
     alpha_mode: str = "static"
     alpha_temperature: float = 1.0
     block_size: int = 1024  # train.loss_block_size
+    kd_scale_value: str = "trainable"  # train.kd_scale_value: what the dynamic scale divides by
 
     @classmethod
     def from_config(cls, train: TrainConfig) -> KDOptions:
@@ -68,6 +71,7 @@ class KDOptions:
             alpha_mode=train.alpha_mode,
             alpha_temperature=train.alpha_temperature,
             block_size=train.loss_block_size,
+            kd_scale_value=train.kd_scale_value,
         )
 
 
@@ -84,6 +88,7 @@ class TeacherKD:
     uncovered: torch.Tensor
     teacher_chunks: torch.Tensor | None
     teacher_first: torch.Tensor | None  # [N] each chunk's first position in the flattened [B*T] teacher side
+    paper: torch.Tensor | None = None  # NVIDIA's P-KL value (0-dim, detached): pkl teachers, kd_scale_value="paper"
 
 
 @dataclass
@@ -97,6 +102,7 @@ class StepLosses:
     alphas: dict[str, torch.Tensor] = field(default_factory=dict)  # 0-dim tensors, one per teacher
     kd_scale: torch.Tensor | None = None  # the factor that multiplies L_KD in total (relative to L_CE)
     kd_abs: torch.Tensor | None = None  # |L_KD| (detached): the denominator of the batch's dynamic ratio
+    per_teacher_paper: dict[str, torch.Tensor] = field(default_factory=dict)  # NVIDIA's P-KL (kd_scale_value="paper")
     confidences: dict[str, torch.Tensor] = field(default_factory=dict)  # adaptive alphas' scores (0-dim, detached)
 
 
@@ -141,18 +147,22 @@ def teacher_kd_loss(
     chunks: torch.Tensor,
     block_size: int,
     teacher_labels_host: torch.Tensor | None = None,
+    paper_value: bool = False,
 ) -> TeacherKD:
     """One teacher's KD loss over this micro-batch's chunks (means over the chunks). ``chunks``
     stays on the host; the indices built from it reach the logits' device in non-blocking copies.
     ``teacher_labels_host``: the teacher labels on the host (jkl reads the realised pieces from
-    them; without it they are copied from the device, which waits for it)."""
+    them; without it they are copied from the device, which waits for it). ``paper_value``: a pkl
+    teacher also gets NVIDIA's P-KL value (``TeacherKD.paper``), on the same chunk logits as its
+    loss (the chain merge's log-mass left out, as NVIDIA has none)."""
     cfg = spec.config
     B, S, Vs = student_logits.shape
     T = teacher_logits.shape[1]
     s_spans, t_spans = _flat_chunks(chunks, S, T)
     if not len(s_spans):
         zero = student_logits.sum() * 0.0
-        return TeacherKD(zero, zero.detach(), zero.detach(), None, None)
+        paper = zero.detach() if paper_value and KDMode(cfg.mode) is KDMode.PKL else None
+        return TeacherKD(zero, zero.detach(), zero.detach(), None, None, paper)
     s_flat, t_flat = student_logits.reshape(B * S, Vs), teacher_logits.reshape(B * T, -1)
     s_targets, t_targets = student_labels.reshape(-1), teacher_labels.reshape(-1)
     # [2, N] both sides' first positions, in one copy (the chunk validation is the merges')
@@ -174,6 +184,11 @@ def teacher_kd_loss(
                 t_mass = chunk_log_mass_parallel(t_flat, t_spans, spec.vocab_size, t_targets)
     kw = dict(temperature=cfg.temperature, block_size=block_size, reduction="none")
     per_chunk = mode_loss(spec, s, t, student_vocab_size, kw)
+    paper = None
+    if paper_value and KDMode(cfg.mode) is KDMode.PKL:
+        paper = paper_pkl_value_parallel(
+            s, t, spec.projection, student_vocab_size, spec.vocab_size, cfg.temperature, block_size=block_size
+        )
     if cfg.merge == "chain":
         per_chunk = chunk_mass_kl_parts(s_mass, t_mass, per_chunk, reduction="none")
     if spec.support is not None:  # jkl: the joint-chunk term on top of the P-KL term
@@ -189,6 +204,7 @@ def teacher_kd_loss(
         per_chunk.uncovered.detach().mean(),
         t,
         firsts[1],
+        paper,
     )
 
 
@@ -218,7 +234,8 @@ def distillation_loss(
     ce = student_ce(student_logits, labels, loss_mask, student_vocab_size)
     if not teachers or kd_scaling == "ce_only":
         return StepLosses(total=ce, ce=ce, kd=None)
-    losses, consts, uncovered, confidences = {}, {}, {}, []
+    losses, consts, uncovered, confidences, paper = {}, {}, {}, [], {}
+    paper_value = options.kd_scale_value == "paper" and kd_scaling == "dynamic"
     for spec, (t_logits, t_labels, chunks, *host_labels) in zip(teachers, teacher_outputs):
         name = spec.config.name
         with record_function(f"xtoken/kd/{name}"):
@@ -232,8 +249,11 @@ def distillation_loss(
                 chunks,
                 options.block_size,
                 host_labels[0] if host_labels else None,
+                paper_value=paper_value,
             )
         losses[name], consts[name], uncovered[name] = out.trainable, out.constant, out.uncovered
+        if out.paper is not None:
+            paper[name] = out.paper
         merged_teacher = out.teacher_chunks
         if alpha_mode != "static" and merged_teacher is not None:
             # confidence, higher = more sure: mean log-prob of the chunks' first actual tokens
@@ -254,12 +274,17 @@ def distillation_loss(
     # softmax), so the weighted sum skips combine_teachers' host-side checks: no device sync here.
     # L_KD (and through it the dynamic scale) is made of the trainable parts only.
     kd = (alpha_vec * torch.stack([losses[n].float() for n in names])).sum()
+    # what the dynamic scale divides by: L_KD itself, or (kd_scale_value="paper") the same sum with
+    # NVIDIA's P-KL value in place of each pkl teacher's trainable part; detached either way
+    scale_kd = kd
+    if paper:
+        scale_kd = (alpha_vec * torch.stack([paper.get(n, losses[n]).detach().float() for n in names])).sum()
     if kd_scaling == "dynamic" and kd_scale is not None:
         # a constant factor (the previous step's global ratio): stop-gradient by construction
         total = float(kd_scale) * kd + ce
         applied = ce.detach().new_full((), float(kd_scale), dtype=torch.float32)
     elif kd_scaling == "dynamic":
-        applied = dynamic_kd_scale(kd, ce)
+        applied = dynamic_kd_scale(scale_kd, ce)
         total = applied * kd + ce
     else:
         total = scale_kd_ce(kd, ce, kd_scaling)
@@ -273,7 +298,8 @@ def distillation_loss(
         per_teacher_const=consts,
         per_teacher_uncovered=uncovered,
         kd_scale=applied,
-        kd_abs=kd.detach().abs(),
+        kd_abs=scale_kd.detach().abs(),
+        per_teacher_paper=paper,
         alphas={n: a for n, a in zip(names, alpha_vec.detach())},
         confidences=dict(zip(names, (c.detach().float().reshape(()) for c in confidences))) if adaptive else {},
     )

@@ -302,6 +302,8 @@ class Trainer:
                 metrics[f"kd_const/{name}"] = value  # gradient-free constant, reported only
             for name, value in losses.per_teacher_uncovered.items():
                 metrics[f"kd_uncovered/{name}"] = value  # teacher mass the student cannot reach
+            for name, value in losses.per_teacher_paper.items():
+                metrics[f"kd_paper/{name}"] = value  # NVIDIA's P-KL value (train.kd_scale_value="paper")
             for name, value in losses.alphas.items():
                 metrics[f"alpha/{name}"] = value
         return losses.total, partial(self._loss_func, metrics)

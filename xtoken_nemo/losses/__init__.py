@@ -11,8 +11,9 @@
   :mod:`~xtoken_nemo.losses.jkl` (J-KL's joint-chunk term),
   :mod:`~xtoken_nemo.losses.hybrid` (GOLD, H-KL, ULD; histogram ULD in
   :mod:`~xtoken_nemo.losses.uld_hist`), :mod:`~xtoken_nemo.losses.merge` (chunk merge, teacher
-  confidence); collectives in :mod:`~xtoken_nemo.losses.comm`, input checks in
-  :mod:`~xtoken_nemo.losses.checks`.
+  confidence), :mod:`~xtoken_nemo.losses.paper_pkl` (NVIDIA's P-KL value, for the dynamic scale
+  under ``train.kd_scale_value="paper"``); collectives in :mod:`~xtoken_nemo.losses.comm`, input
+  checks in :mod:`~xtoken_nemo.losses.checks`.
 - :mod:`~xtoken_nemo.losses.weighting`: multi-teacher alphas and KD/CE scaling.
 """
 

@@ -2,13 +2,14 @@
 the small helpers both sides call.
 
 - Constants: the floors and clamps (``DEFAULT_EPS``, ``PROB_FLOOR``, ``MASS_CLAMP``), the value of
-  padded vocabulary columns (``MASK_VALUE``) and the default token block (``DEFAULT_BLOCK``).
+  padded vocabulary columns (``MASK_VALUE``), the default token block (``DEFAULT_BLOCK``) and
+  NVIDIA's P-KL settings for the paper-parity scale (``PAPER_TOPK``, ``PAPER_EPS``).
 - Mode lists: ``MERGE_MODES`` (chunk merges) and ``ULD_METHODS`` (how the parallel ULD is computed);
   the one definition of each.
 - Result types: :class:`LossParts` (a KD loss split into the part that trains, the gradient-free
   constant and the uncovered teacher mass; see docs/method.md, "Trainable part and constant") and
   :class:`MergedChunks` (a chunk merge's normalized shape ``[N, V]`` and log-mass ``[N]``).
-- Helpers: :func:`split_parts` / :func:`unsplit_parts`, :func:`compute_dtype`,
+- Helpers: :func:`split_parts` / :func:`unsplit_parts`, :func:`compute_dtype`, :func:`top_columns`,
   :func:`chunk_positions` / :func:`chunk_index` (validated chunk list or :class:`ChunkSpans` ->
   flat positions, vectorised on the host), :func:`to_device` (host index tensors onto the logits'
   device without blocking the host), :func:`hybrid_weights` (GOLD's common/uncommon weights) and
@@ -52,6 +53,13 @@ MERGE_MODES = ("chain", "logmean", "first")
 
 ULD_METHODS = ("hist", "sort")
 """How the vocab-parallel ULD is computed: the layer-cake histogram (default) or the all-gather sort."""
+
+PAPER_TOPK = 8192
+"""Teacher columns NVIDIA's P-KL keeps (NeMo-RL ``vocab_topk``): the value that sets the dynamic
+scale under ``train.kd_scale_value="paper"`` (:func:`~xtoken_nemo.losses.reference.paper_pkl_value`)."""
+
+PAPER_EPS = 1e-10
+"""NVIDIA's P-KL epsilon: in the renormalisation of the projected student and under its log."""
 
 
 @dataclass
@@ -184,6 +192,14 @@ def chunk_positions(chunks: Sequence[Sequence[int]] | ChunkSpans, num_positions:
     else:
         first = flat[offsets]
     return ChunkIndex(*(torch.from_numpy(np.ascontiguousarray(a)) for a in (flat, cid, first, counts)))
+
+
+def top_columns(importance: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the ``k`` largest entries of ``importance`` [V] (ties: the lower position
+    first), in ascending order. Deterministic, so a vocab-parallel selection (local candidates,
+    gathered in id order, selected again) picks the same columns as the unsharded one."""
+    order = torch.sort(importance, descending=True, stable=True).indices[:k]
+    return order.sort().values
 
 
 def _first_true(mask: np.ndarray, default: int) -> int:

@@ -127,6 +127,20 @@ def prepare_projection(
     return LocalProjection(W, shard, teacher_local_width * comm.world_size(group))
 
 
+def local_projection(W: ProjectionMatrix | LocalProjection, s_shard: Shard, t_shard: Shard) -> LocalProjection:
+    """W as this rank's LocalProjection for these shards: built from a ProjectionMatrix, or a given
+    LocalProjection checked against them (LossInputError if it was prepared for other shards)."""
+    if isinstance(W, ProjectionMatrix):
+        check_projection_shape(W.shape, s_shard.vocab_size, t_shard.vocab_size)
+        return LocalProjection(W, s_shard, t_shard.padded)
+    if W.student_shard != s_shard or W.teacher_padded != t_shard.padded or W.num_teacher_tokens != t_shard.vocab_size:
+        raise LossInputError(
+            "the LocalProjection was prepared for other shards/vocab sizes than these logits; "
+            "call prepare_projection with this rank's logits"
+        )
+    return W
+
+
 def _pkl_terms_(log_pt: torch.Tensor, q: torch.Tensor, reached: torch.Tensor, unreached: torch.Tensor) -> torch.Tensor:
     """In-place (overwrites both) [n, B] -> [3, B]: this rank's partial of (KL over the reached
     columns, sum p_T log p_T over the real unreached ones, teacher mass on those).
@@ -265,20 +279,7 @@ def pkl_loss_parallel_parts(
     group, s_shard, t_shard = cross_vocab_shards(
         student_logits, teacher_logits, student_vocab_size, teacher_vocab_size, temperature, reduction, group
     )
-    if isinstance(W, ProjectionMatrix):
-        check_projection_shape(W.shape, student_vocab_size, teacher_vocab_size)
-        proj = LocalProjection(W, s_shard, t_shard.padded)
-    else:
-        proj = W
-        if (
-            proj.student_shard != s_shard
-            or proj.teacher_padded != t_shard.padded
-            or proj.num_teacher_tokens != teacher_vocab_size
-        ):
-            raise LossInputError(
-                "the LocalProjection was prepared for other shards/vocab sizes than these logits; "
-                "call prepare_projection with this rank's logits"
-            )
+    proj = local_projection(W, s_shard, t_shard)
     reach_kl, unreach, uncovered = _VocabParallelPKL.apply(
         student_logits,
         teacher_logits.detach(),

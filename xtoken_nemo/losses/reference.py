@@ -70,6 +70,8 @@ from xtoken_nemo.losses.common import (
     DEFAULT_EPS,
     MASS_CLAMP,
     MERGE_MODES,
+    PAPER_EPS,
+    PAPER_TOPK,
     PROB_FLOOR,
     LossParts,
     MergedChunks,
@@ -78,6 +80,7 @@ from xtoken_nemo.losses.common import (
     hkl_pairs,
     hybrid_weights,
     split_parts,
+    top_columns,
     unsplit_parts,
 )
 from xtoken_nemo.vocab.projection import ProjectionMatrix
@@ -279,6 +282,44 @@ def pkl_loss(
     constant that ``pkl_loss_parts`` reports.
     """
     return pkl_loss_parts(student_logits, teacher_logits, W, temperature, eps, reduction).trainable
+
+
+def paper_pkl_value(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    W: ProjectionMatrix | torch.Tensor,
+    temperature: float = 1.0,
+    topk: int = PAPER_TOPK,
+    eps: float = PAPER_EPS,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """NVIDIA's P-KL value as NeMo-RL's X-Token code computes it (no gradient): it only sets the
+    dynamic scale under ``train.kd_scale_value="paper"`` (docs/losses.md, "Which value sets the
+    dynamic scale").
+
+    student [N, V_S], teacher [N, V_T], W [V_S, V_T]. K = the ``min(topk, V_T)`` teacher columns of
+    largest max logit over the N rows (one set for all rows; ties to the lower id); on K:
+    log p_T = log_softmax(teacher[:, K] / T) (renormalised on K), q = (W^T p_S)[K] with
+    p_S = softmax(student / T) over the whole student vocab, q <- q / (sum_K q + eps), and
+    KL = sum_K p_T (log p_T - log(q + eps)): teacher columns no W row reaches stay in the sum with
+    log eps. NVIDIA multiplies by T^2; this value does not (our trainable P-KL carries no T^2; at
+    T = 1 they agree).
+    """
+    check_temperature(temperature)
+    check_reduction(reduction)
+    check_logits("student logits", student_logits)
+    check_logits("teacher logits", teacher_logits)
+    check_same_chunks(student_logits, teacher_logits)
+    check_projection_shape(tuple(W.shape), student_logits.shape[-1], teacher_logits.shape[-1])
+    if not isinstance(topk, int) or topk < 1:
+        raise LossInputError(f"topk must be a positive int, got {topk!r}")
+    with torch.no_grad():
+        cols = top_columns(teacher_logits.max(dim=0).values, min(topk, teacher_logits.shape[-1]))
+        log_pt = log_probs(teacher_logits[:, cols], temperature)
+        q = project(log_probs(student_logits, temperature).exp(), W)[:, cols]
+        q = q / (q.sum(-1, keepdim=True) + eps)
+        kl = (log_pt.exp() * (log_pt - (q + eps).log())).sum(-1)
+    return reduce_chunks(kl, reduction)
 
 
 # ------------------------------------------------------------------------------------------

@@ -111,8 +111,11 @@ def teacher(root: Path, key: str, mode: str, alpha: float = 1.0, merge: str = "c
 
 
 def paper_config(root: Path, name: str, teachers: list[TeacherConfig], **train) -> DistillConfig:
-    """The paper's settings for a Llama-3.2-1B student on NemotronClimbMix."""
+    """The paper's settings for a Llama-3.2-1B student on NemotronClimbMix. The dynamic scale
+    divides by NVIDIA's P-KL value for P-KL teachers (``kd_scale_value="paper"``, the paper's
+    effective KD weight; docs/losses.md, "Which value sets the dynamic scale")."""
     run = root / "runs" / name
+    train.setdefault("kd_scale_value", "paper")
     return DistillConfig(
         name=name,
         student=model(root, "llama-1b"),

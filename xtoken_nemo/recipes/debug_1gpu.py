@@ -11,7 +11,7 @@ def build(root):
         teacher(root, "qwen3-4b", "pkl", 0.2),
         teacher(root, "llama-3b", "kl", 0.2),
     ]
-    cfg = paper_config(root, "debug-1gpu", teachers)
+    cfg = paper_config(root, "debug-1gpu", teachers, kd_scale_value="trainable")  # not a paper row: ours
     cfg.data.seq_length = 2048
     cfg.train.train_steps = 20
     cfg.train.global_batch_size = 8
