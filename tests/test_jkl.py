@@ -385,3 +385,46 @@ def test_jkl_mode_is_pkl_plus_the_weighted_joint_term(merge):
     )
     assert torch.equal(jkl.constant, pkl.constant) and torch.equal(jkl.uncovered, pkl.uncovered)
     assert not torch.equal(g_jkl, g_pkl)
+
+
+def test_merged_continuation_bias_is_the_teachers_merging_mass(llama_qwen):
+    """The stated bias (docs/method.md, "Merged continuations"): J-KL's q_T(v) is the probability
+    that the teacher's pieces begin with v's; the probability that the student's next token is v
+    is smaller by the teacher's mass on next pieces the student tokenizer would merge into v.
+    Measured for the realised tokens of a number-heavy text with a tiny teacher: for each, every
+    teacher piece y after the chunk is classified by encoding text(v) + text(y) with the student
+    tokenizer."""
+    from xtoken_nemo.align.api import align_text
+
+    student, teacher, support = llama_qwen
+    text = "Order 47 costs 259 dollars; 86 is next, then 5 and 71."
+    aligned = align_text(text, student, teacher, add_bos=False)
+    chunks = aligned.alignment.chunks[1:]
+    t_ids = aligned.teacher_ids
+    model = TinyCausalLM(teacher.vocab_size, seed=3).eval()
+    with torch.no_grad():
+        logits = model(t_ids)
+    targets = torch.tensor(t_ids[1:] + [0])
+    s_spans = ChunkSpans(chunks[:, 0] - 1, chunks[:, 1] - 1)
+    t_spans = ChunkSpans(chunks[:, 2] - 1, chunks[:, 3] - 1)
+    entries = joint_entries(support, s_spans, t_spans, targets)
+    log_q = jkl_teacher_log_probs(logits, entries, teacher.vocab_size)
+    s_ids = aligned.student_ids
+    pieces_text = [teacher.token_text(y) for y in range(teacher.vocab_size)]
+    measured = {}
+    for r, chunk in enumerate(entries.rows.tolist()):
+        realised = s_ids[int(s_spans.starts[chunk]) + 1]  # the chunk's student token
+        (e,) = ((entries.entry_row == r) & (entries.entry_student == realised)).nonzero()[:, 0].tolist()
+        word = student.token_text(realised)
+        first_ids = [ids[0] for ids in student.encode_batch([word + y for y in pieces_text])]
+        merges = torch.tensor([f != realised for f in first_ids])
+        after = int(t_spans.ends[chunk])  # the teacher position after the chunk: its next piece
+        p_next = torch.softmax(logits[after], dim=-1)
+        q = float(log_q[e].exp())
+        exact = q * float(p_next[~merges].sum())  # P(the student's next token is v) under the teacher
+        m = float(p_next[merges].sum())
+        assert q - exact == pytest.approx(q * m, rel=1e-9, abs=1e-15) and q >= exact
+        measured[word] = m
+    assert set(measured) == {"47", "259", "86", "71"}
+    assert measured["259"] == 0.0  # a fourth digit starts a new Llama group: nothing merges
+    assert all(measured[w] > 0 for w in ("47", "86", "71"))  # a third digit would: the bias is real
