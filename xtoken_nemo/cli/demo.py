@@ -26,6 +26,12 @@ def add_demo_parser(subparsers) -> argparse.ArgumentParser:
         help="also ULD from each teacher, H-KL from Qwen3 and GOLD from Phi-4-mini (10 runs per seed, ~2x the time)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--no-teacher-cache",
+        action="store_true",
+        help="run the frozen teachers on every batch instead of reusing their logits per window within a "
+        "training process (the same numbers, slower; for checking that they are the same)",
+    )
     p.set_defaults(func=run_demo_command)
     return p
 
@@ -47,5 +53,11 @@ def run_demo_command(args) -> int:
         # loaded, checkpoints saved, one progress line per run) are for `xtoken -v demo`
         logging.getLogger("xtoken_nemo").setLevel(logging.WARNING)
     overrides = {"all_methods": True} if args.all_methods else {}
-    run_demo(args.out, fast=args.fast, progress=not args.no_progress, **overrides)
+    run_demo(
+        args.out,
+        fast=args.fast,
+        progress=not args.no_progress,
+        teacher_cache=not getattr(args, "no_teacher_cache", False),
+        **overrides,
+    )
     return 0

@@ -47,6 +47,7 @@ from xtoken_nemo.distill.config import (
 )
 from xtoken_nemo.distill.model_setup import save_random_checkpoint
 from xtoken_nemo.distill.run_checkpoints import latest_checkpoint
+from xtoken_nemo.distill.teacher_cache import CacheStats, TeacherLogitsCache
 from xtoken_nemo.distill.trainer import Trainer
 from xtoken_nemo.errors import XTokenError
 from xtoken_nemo.models.runtime import ensure_model_parallel
@@ -64,6 +65,9 @@ STUDENT_TOK = "llama3"
 TEACHER_TOKS = ("qwen3", "phi4mini")
 TEACHER_FAMILY = {"qwen3": "qwen3", "phi4mini": "phi3"}
 MODES = ("gold", "uld", "pkl", "hkl")
+#: a run's time relative to a CE-only run, per teacher's mode (measured, with the teacher cache):
+#: the order in which the workers take the runs, longest first, so that they finish together
+RUN_COST = {"kl": 0.3, "pkl": 0.4, "hkl": 0.6, "uld": 0.8, "gold": 0.9}
 
 
 @dataclass
@@ -180,13 +184,21 @@ def digit_task_runs(all_methods: bool = False) -> list[RunSpec]:
 
 
 class Demo:
-    def __init__(self, out: str | Path, cfg: DemoConfig, progress: bool = True, echo=print) -> None:
+    """``teacher_cache``: each training process keeps the frozen teachers' logits per window and
+    reuses them in its later runs (:mod:`xtoken_nemo.distill.teacher_cache`; the same numbers,
+    computed once: docs/demo.md, "Cost of the demo"); False runs the teachers on every batch."""
+
+    def __init__(
+        self, out: str | Path, cfg: DemoConfig, progress: bool = True, echo=print, teacher_cache: bool = True
+    ) -> None:
         self.out = Path(out)
         self.cfg = cfg
         self.progress = progress
         self.echo = echo
+        self.teacher_cache = teacher_cache
         self.timings: dict[str, float] = {}
         self._full_w: dict = {}  # teacher -> full W (full_w)
+        self._pool = None  # the training workers, started once for the teachers and the students
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -196,13 +208,17 @@ class Demo:
         audits = self._step("vocabulary: W and coverage audit", self.vocabulary)
         recommended = {r["teacher"]: r["recommended_loss"] for r in audits}
         vocab = self._step("corpus, compact vocabularies, preprocessing", self.data)
-        teachers = self._step("teachers (CE only, true table)", self.train_teachers)
-        runs = student_runs(recommended, self.cfg.multi_alphas, self.cfg.all_methods)
-        if self.cfg.digit_task:
-            runs += digit_task_runs(self.cfg.all_methods)
-        students = self._step(
-            f"students ({len(runs)} runs x {len(self.cfg.seeds)} seeds)", lambda: self.train_students(runs, teachers)
-        )
+        try:
+            teachers = self._step("teachers (CE only, true table)", self.train_teachers)
+            runs = student_runs(recommended, self.cfg.multi_alphas, self.cfg.all_methods)
+            if self.cfg.digit_task:
+                runs += digit_task_runs(self.cfg.all_methods)
+            students = self._step(
+                f"students ({len(runs)} runs x {len(self.cfg.seeds)} seeds)",
+                lambda: self.train_students(runs, teachers),
+            )
+        finally:
+            self.close_workers()
         evals = self._step("evaluation", lambda: self.evaluate(runs))
         self.timings["total"] = time.perf_counter() - started
 
@@ -447,7 +463,9 @@ class Demo:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
         t0 = time.perf_counter()
-        trainer = Trainer(cfg, progress=self.progress)
+        cache = _process_teacher_cache() if self.teacher_cache and cfg.teachers else None
+        cache_before = cache.stats.minus(CacheStats()) if cache is not None else None
+        trainer = Trainer(cfg, progress=self.progress, teacher_cache=cache)
         try:
             summary = trainer.run()
         finally:
@@ -463,6 +481,8 @@ class Demo:
             "checkpoint": str(latest_checkpoint(cfg.checkpoint.dir)),
             "history": [{k: h[k] for k in keep if k in h} | {"step": h["step"]} for h in summary["history"]],
         }
+        if cache is not None:  # teacher rows this run took from its process's cache / computed
+            record["teacher_cache"] = cache.stats.minus(cache_before).to_json()
         done.write_text(json.dumps(record))
         hist = record["history"]
         kd = f", KD {hist[0]['kd']:.2f} -> {hist[-1]['kd']:.2f}" if cfg.teachers and "kd" in hist[-1] else ""
@@ -473,31 +493,49 @@ class Demo:
         return record
 
     def _train_many(self, cfgs: list) -> dict[str, dict]:
-        """Train ``cfgs`` (finished ones are read back), ``workers`` at a time; {name: record}."""
+        """Train ``cfgs`` (finished ones are read back), ``workers`` at a time, the longest runs
+        first (:data:`RUN_COST`: the workers then finish at about the same time); {name: record}."""
         done = {c.name: self._train(c) for c in cfgs if (self.out / "runs" / c.name / "history.json").exists()}
-        todo = [c for c in cfgs if c.name not in done]
+        todo = sorted((c for c in cfgs if c.name not in done), key=run_cost, reverse=True)
         workers = min(self.cfg.workers, len(todo))
         if workers <= 1:
             done.update({c.name: self._train(c) for c in todo})
         else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
+            from concurrent.futures import as_completed
 
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init) as pool:
-                futures = [pool.submit(_train_in_worker, str(self.out), self.cfg, c) for c in todo]
-                try:
-                    for future in as_completed(futures):
-                        record, lines = future.result()
-                        for line in lines:
-                            self.echo(line)
-                        done[record["name"]] = record
-                except BaseException:
-                    # a failed run (or Ctrl-C) stops the demo now, not after the queued runs;
-                    # finished runs are kept and skipped when it runs again
-                    for future in futures:
-                        future.cancel()
-                    raise
+            pool = self._workers()
+            futures = [pool.submit(_train_in_worker, str(self.out), self.cfg, c, self.teacher_cache) for c in todo]
+            try:
+                for future in as_completed(futures):
+                    record, lines = future.result()
+                    for line in lines:
+                        self.echo(line)
+                    done[record["name"]] = record
+            except BaseException:
+                # a failed run (or Ctrl-C) stops the demo now, not after the queued runs;
+                # finished runs are kept and skipped when it runs again
+                for future in futures:
+                    future.cancel()
+                raise
         return {c.name: done[c.name] for c in cfgs}
+
+    def _workers(self):
+        """The training worker processes (``cfg.workers``), started at the first use and kept for
+        the student runs: a worker pays its imports and tokenizer loads once, and its teacher cache
+        serves every run it trains."""
+        if self._pool is None:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(
+                self.cfg.workers, mp_context=mp.get_context("spawn"), initializer=_worker_init
+            )
+        return self._pool
+
+    def close_workers(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def train_teachers(self) -> dict[str, dict]:
         cfgs = [
@@ -599,11 +637,28 @@ def _worker_init() -> None:
     logging.getLogger("xtoken_nemo").setLevel(logging.WARNING)
 
 
-def _train_in_worker(out: str, cfg: DemoConfig, run_cfg) -> tuple[dict, list[str]]:
+def _train_in_worker(out: str, cfg: DemoConfig, run_cfg, teacher_cache: bool = True) -> tuple[dict, list[str]]:
     """One run in a worker process: its record and the lines to print (the parent prints them, so
     lines of two workers never interleave; no progress bars, they would overwrite each other)."""
     lines: list[str] = []
-    return Demo(out, cfg, progress=False, echo=lines.append)._train(run_cfg), lines
+    demo = Demo(out, cfg, progress=False, echo=lines.append, teacher_cache=teacher_cache)
+    return demo._train(run_cfg), lines
+
+
+def run_cost(run_cfg) -> float:
+    """A run's expected time relative to a CE-only run of the same size (:data:`RUN_COST`)."""
+    return 1.0 + sum(RUN_COST.get(t.mode, 1.0) for t in run_cfg.teachers)
+
+
+_TEACHER_CACHE: TeacherLogitsCache | None = None
+
+
+def _process_teacher_cache() -> TeacherLogitsCache:
+    """This process's teacher cache, shared by the runs it trains."""
+    global _TEACHER_CACHE
+    if _TEACHER_CACHE is None:
+        _TEACHER_CACHE = TeacherLogitsCache()
+    return _TEACHER_CACHE
 
 
 def _write_if_changed(path: Path, text: str) -> None:
@@ -611,8 +666,15 @@ def _write_if_changed(path: Path, text: str) -> None:
         path.write_text(text)
 
 
-def run_demo(out: str | Path = "demo_out", fast: bool = False, progress: bool = True, echo=print, **overrides) -> dict:
+def run_demo(
+    out: str | Path = "demo_out",
+    fast: bool = False,
+    progress: bool = True,
+    echo=print,
+    teacher_cache: bool = True,
+    **overrides,
+) -> dict:
     cfg = fast_config() if fast else full_config()
     if overrides:
         cfg = replace(cfg, **overrides)
-    return Demo(out, cfg, progress=progress, echo=echo).run()
+    return Demo(out, cfg, progress=progress, echo=echo, teacher_cache=teacher_cache).run()

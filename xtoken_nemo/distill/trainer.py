@@ -31,6 +31,7 @@ from xtoken_nemo.distill.kd import KDOptions
 from xtoken_nemo.distill.preemption import PreemptionFlag
 from xtoken_nemo.distill.progress import ProgressLog
 from xtoken_nemo.distill.run_checkpoints import finalize_pending_save, resume_latest, save_checkpoint
+from xtoken_nemo.distill.teacher_cache import TeacherLogitsCache, teacher_key
 from xtoken_nemo.distill.teacher_loss import build_teacher_spec, check_teacher_tokenizer
 from xtoken_nemo.errors import XTokenError
 from xtoken_nemo.losses import adaptive_alphas_host
@@ -122,9 +123,18 @@ def _params_dtype(cfg: DistillConfig) -> torch.dtype:
 class Trainer:
     """``progress``: a tqdm bar on rank 0 when stderr is a terminal (progress lines in the log
     otherwise). ``preemption``: a flag installed by the caller before the heavy imports (``xtoken
-    train`` does); without one the trainer installs its own first thing, before building models."""
+    train`` does); without one the trainer installs its own first thing, before building models.
+    ``teacher_cache``: a :class:`~xtoken_nemo.distill.teacher_cache.TeacherLogitsCache` shared by the
+    runs of one process (the CPU demo), so the frozen teachers' forward is paid once per sequence;
+    None (``xtoken train``): the teachers run on every batch."""
 
-    def __init__(self, cfg: DistillConfig, progress: bool = True, preemption: PreemptionFlag | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DistillConfig,
+        progress: bool = True,
+        preemption: PreemptionFlag | None = None,
+        teacher_cache: TeacherLogitsCache | None = None,
+    ) -> None:
         # first thing: a signal that arrives while the models load is remembered, not lost
         self.preemption = preemption if preemption is not None else PreemptionFlag()
         self._owns_preemption = not self.preemption.installed
@@ -140,10 +150,12 @@ class Trainer:
         )
         self.rank = torch.distributed.get_rank()
         self.tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.tp_rank = parallel_state.get_tensor_model_parallel_rank()
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.progress = progress and self.rank == 0
         self.dtype = _params_dtype(cfg)
+        self.teacher_cache = teacher_cache
         self._build()
 
     # ..........................................................................................
@@ -166,6 +178,7 @@ class Trainer:
         self.student_vocab = self.student_tok.vocab_size
         self.student_padded = s_padded
         self.teachers, self.teacher_specs, self.teacher_archs = [], [], []
+        self.teacher_keys, self._teacher_cache_checked = [], set()  # teacher_cache only
         for tc, tok in zip(cfg.teachers, self.teacher_toks):
             model, arch, t_padded = model_setup.build_model(
                 tc.model, tok.vocab_size, self.tp, self.dtype, trainable=False, kernels=kernels
@@ -174,6 +187,11 @@ class Trainer:
             self.teachers.append(model)
             self.teacher_specs.append(spec)
             self.teacher_archs.append(arch)
+            if self.teacher_cache is not None:
+                device = next(model.parameters()).device
+                self.teacher_keys.append(
+                    teacher_key(tc.model, t_padded, self.tp_rank, self.tp, self.dtype, device, cfg.parallel)
+                )
 
         use_dist_opt = cfg.optim.use_distributed_optimizer and _distributed_optimizer_works()
         ddp_options, ddp_off = cfg.parallel.ddp_options(self.dp_size, use_dist_opt)
@@ -250,11 +268,17 @@ class Trainer:
         teacher_outputs = []
         with torch.no_grad():
             for m, (teacher, spec) in enumerate(zip(self.teachers, self.teacher_specs)):
-                t_tokens = batch[f"teacher{m}_tokens"].to(device)
-                T = t_tokens.shape[1]
-                t_pos = torch.arange(T, device=device)[None].expand(B, T)
+                t_tokens = batch[f"teacher{m}_tokens"]
                 with record_function(f"xtoken/teacher_forward/{spec.config.name}"):
-                    t_logits = teacher(t_tokens, t_pos, causal_mask(B, T, device))
+                    forward = partial(_teacher_forward, teacher, device=device)
+                    if self.teacher_cache is None:
+                        t_logits = forward(t_tokens)
+                    else:
+                        check = m not in self._teacher_cache_checked
+                        before = self.teacher_cache.stats.checked_batches
+                        t_logits = self.teacher_cache.logits(self.teacher_keys[m], t_tokens, forward, check=check)
+                        if self.teacher_cache.stats.checked_batches > before:
+                            self._teacher_cache_checked.add(m)
                 # bf16 on GPU as they come: the losses accumulate in fp32 block by block
                 # (logits, labels on the device, host chunk table, host labels: jkl reads the
                 # realised pieces on the host without waiting for the device)
@@ -570,6 +594,13 @@ class Trainer:
         self.batches.close()
         if self.owns_process_group:
             destroy_distributed()
+
+
+def _teacher_forward(teacher, tokens: torch.Tensor, device) -> torch.Tensor:
+    """A frozen teacher's logits [B, T, V_T_pad/tp] for tokens [B, T] (under the caller's no_grad)."""
+    tokens = tokens.to(device)
+    B, T = tokens.shape
+    return teacher(tokens, torch.arange(T, device=device)[None].expand(B, T), causal_mask(B, T, device))
 
 
 def _hook_grad_sync_into_schedule(student, ddp_model, ddp_config) -> None:
