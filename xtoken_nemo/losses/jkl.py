@@ -200,17 +200,22 @@ class _PairLogProbs(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         x, rows, pair_row, lse, col, own = ctx.saved_tensors
         shard, temperature, block = ctx.cfg
-        g = grad.to(lse.dtype)
-        per_row = torch.zeros_like(lse).index_add_(0, pair_row, g)  # [U] sum of the pairs' gradients
-        out = torch.zeros_like(x)
+        g = torch.where(own, grad.to(lse.dtype), lse.new_zeros(()))  # the one-hot part, on the id's owner
+        per_row = torch.zeros_like(lse).index_add_(0, pair_row, grad.to(lse.dtype))  # [U] sum over the row's pairs
+        vals = x.new_empty(rows.shape[0], x.shape[1])  # [U, n]: the gradient of the rows used, nothing else
         for a, b in token_blocks(rows.shape[0], block):
-            p = _load_rows(x, rows[a:b], shard, temperature, lse.dtype).sub_(lse[a:b, None]).exp_()
-            blk = p.mul_(-per_row[a:b, None])
-            in_blk = (pair_row >= a) & (pair_row < b) & own
-            blk.index_put_((pair_row[in_blk] - a, col[in_blk]), g[in_blk], accumulate=True)
+            blk = _load_rows(x, rows[a:b], shard, temperature, lse.dtype).sub_(lse[a:b, None]).exp_()
+            blk.mul_(-per_row[a:b, None])
+            # the pairs of this block (others add 0 at a clamped place): no boolean-mask indexing,
+            # which would read a count on the host
+            mine = (pair_row >= a) & (pair_row < b)
+            blk.index_put_(((pair_row - a).clamp(0, b - a - 1), col), torch.where(mine, g, g.new_zeros(())), True)
             if temperature != 1.0:
                 blk.div_(temperature)
-            out.index_add_(0, rows[a:b], blk.to(out.dtype))
+            vals[a:b] = blk
+        # row-sparse (the rows are distinct): autograd adds it into the dense gradient of the
+        # logits that P-KL's backward returns, instead of a second [R, n] dense buffer
+        out = torch.sparse_coo_tensor(rows[None], vals, x.shape, is_coalesced=True)
         return out, None, None, None, None, None, None, None
 
 
@@ -235,6 +240,16 @@ def pair_log_probs_parallel(
 # ----------------------------------------------------------------------------------------------
 # the term
 # ----------------------------------------------------------------------------------------------
+ROW_BLOCK_DIVISOR = 4
+"""The term loads its rows in blocks of ``block_size // 4``: a quarter of the losses' [block, V]
+buffer per side, so that beside P-KL (which the mode runs too) the term adds well under one such
+buffer (bench/losses.py, ``jkl``)."""
+
+
+def _row_block(block_size: int) -> int:
+    return max(1, check_block(block_size) // ROW_BLOCK_DIVISOR)
+
+
 def jkl_teacher_log_probs(
     teacher_flat: torch.Tensor,
     entries: JointEntries,
@@ -249,7 +264,13 @@ def jkl_teacher_log_probs(
     shard = make_shard(teacher_flat.shape[-1], teacher_vocab_size, group, "teacher")
     with torch.no_grad():
         lp = pair_log_probs_parallel(
-            teacher_flat.detach(), entries.teacher_pos, entries.teacher_ids, shard, temperature, group, block_size
+            teacher_flat.detach(),
+            entries.teacher_pos,
+            entries.teacher_ids,
+            shard,
+            temperature,
+            group,
+            _row_block(block_size),
         )
         chain_pair, chain_slot, entry_pair, entry_slot = to_device(
             lp.device, entries.chain_pair, entries.chain_slot, entries.entry_pair, entries.entry_slot
@@ -299,7 +320,13 @@ def jkl_term_parallel(
         raise LossInputError("the prefix support names student ids beyond the student vocab; rebuild it")
     log_q = jkl_teacher_log_probs(teacher_flat, entries, teacher_vocab_size, temperature, group, block_size)
     log_p = pair_log_probs_parallel(
-        student_chunks, entries.rows[entries.entry_row], entries.entry_student, s_shard, temperature, group, block_size
+        student_chunks,
+        entries.rows[entries.entry_row],
+        entries.entry_student,
+        s_shard,
+        temperature,
+        group,
+        _row_block(block_size),
     )
     entry_row, rows = to_device(log_p.device, entries.entry_row, entries.rows)
     per_joint = partition_kl(log_q.to(cdt), log_p, entry_row, int(entries.rows.numel()))
