@@ -148,6 +148,7 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
         }
         (jkl,) = configs[2]["teachers"]
         assert jkl["mode"] == "jkl" and jkl["support"].endswith("S_llama3_qwen3.safetensors")
+        assert jkl["joint_weight"] == fast_config().joint_weight == 2.0
 
     # resumable: a second run finds every result and trains nothing
     assert main(["demo", "--fast", "--out", str(out), "--no-progress"]) == 0
