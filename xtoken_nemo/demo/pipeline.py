@@ -592,7 +592,7 @@ class Demo:
                         # the exact sort: at 174-256 ids it is far cheaper than the histogram's
                         # 12,800 bins per row (built for 128k-200k vocabularies)
                         uld_method="sort",
-                        joint_weight=self.cfg.joint_weight,
+                        joint_weight=self.cfg.joint_weight if KDMode(mode).needs_support else 1.0,
                         model=ModelConfig(
                             tokenizer=str(self.vocab_path(t)),
                             family=TEACHER_FAMILY[t],
