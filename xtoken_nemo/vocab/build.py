@@ -78,6 +78,18 @@ def greedy_byte_pieces(data: bytes, teacher_index: dict[bytes, int], max_len: in
     return pieces
 
 
+def pair_metadata(student: Tokenizer, teacher: Tokenizer) -> dict[str, str]:
+    """What a file built from two tokenizers records about them (W, the prefix support): names,
+    fingerprints (checked when the file is loaded) and the version that wrote it."""
+    return {
+        "student_name": student.name,
+        "teacher_name": teacher.name,
+        "student_fingerprint": student.fingerprint,
+        "teacher_fingerprint": teacher.fingerprint,
+        "xtoken_nemo_version": xtoken_nemo.__version__,
+    }
+
+
 def teacher_pieces(
     student: Tokenizer,
     teacher: Tokenizer,
@@ -180,15 +192,11 @@ def build_projection_matrix(
         "seconds": round(time.perf_counter() - started, 3),
     }
     metadata = {
-        "student_name": student.name,
-        "teacher_name": teacher.name,
-        "student_fingerprint": student.fingerprint,
-        "teacher_fingerprint": teacher.fingerprint,
+        **pair_metadata(student, teacher),
         "student_vocab_size": str(student.vocab_size),
         "teacher_vocab_size": str(teacher.vocab_size),
         "builder": json.dumps(asdict(config), sort_keys=True),
         "stats": json.dumps(stats, sort_keys=True),
-        "xtoken_nemo_version": xtoken_nemo.__version__,
     }
     log.info("built W %s -> %s: %s", student.name, teacher.name, stats)
     return ProjectionMatrix(indices, values, teacher.vocab_size, metadata)

@@ -31,10 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import xtoken_nemo
 from xtoken_nemo.errors import ProjectionMatrixError
 from xtoken_nemo.tokenizers.base import Tokenizer
-from xtoken_nemo.vocab.build import teacher_pieces
+from xtoken_nemo.vocab.build import pair_metadata, teacher_pieces
 from xtoken_nemo.vocab.canonical import exact_matches
 
 FORMAT_NAME = "xtoken-nemo/prefix-support"
@@ -216,12 +215,5 @@ def build_prefix_support(student: Tokenizer, teacher: Tokenizer, progress: bool 
         "largest_row": max((len(v) for v in by_prefix.values()), default=0),
         "seconds": round(time.perf_counter() - started, 3),
     }
-    metadata = {
-        "student_name": student.name,
-        "teacher_name": teacher.name,
-        "student_fingerprint": student.fingerprint,
-        "teacher_fingerprint": teacher.fingerprint,
-        "stats": json.dumps(stats, sort_keys=True),
-        "xtoken_nemo_version": xtoken_nemo.__version__,
-    }
+    metadata = {**pair_metadata(student, teacher), "stats": json.dumps(stats, sort_keys=True)}
     return PrefixSupport.from_prefix_map(by_prefix, student.vocab_size, teacher.vocab_size, metadata)
