@@ -288,3 +288,8 @@ def test_default_demo_trains_exactly_the_runs_its_claims_compare():
     digit_names = {r.name for r in digit_task_runs(cfg.all_methods)}
     assert digit_names == {n for c in DIGIT_CLAIMS for n in (c[1], c[2])}
     assert [r.name for r in digit_task_runs(True)] == DIGIT_RUNS
+    # every mode has a cost for the workers' longest-first order (J-KL runs cost about what P-KL's do)
+    from xtoken_nemo.demo.pipeline import RUN_COST
+    from xtoken_nemo.distill.config import KD_MODES
+
+    assert set(RUN_COST) == set(KD_MODES)

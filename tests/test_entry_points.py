@@ -32,6 +32,8 @@ def test_every_command_is_in_the_parser():
         "build-w",
         "audit",
         "inspect-w",
+        "build-support",
+        "inspect-support",
         "align",
         "preprocess",
         "convert",

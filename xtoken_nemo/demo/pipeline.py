@@ -67,7 +67,7 @@ TEACHER_FAMILY = {"qwen3": "qwen3", "phi4mini": "phi3"}
 MODES = ("gold", "uld", "pkl", "hkl")
 #: a run's time relative to a CE-only run, per teacher's mode (measured, with the teacher cache):
 #: the order in which the workers take the runs, longest first, so that they finish together
-RUN_COST = {"kl": 0.3, "pkl": 0.4, "hkl": 0.6, "uld": 0.8, "gold": 0.9}
+RUN_COST = {"kl": 0.3, "pkl": 0.4, "jkl": 0.4, "hkl": 0.6, "uld": 0.8, "gold": 0.9}
 
 
 @dataclass
