@@ -32,7 +32,7 @@ from xtoken_nemo.losses.common import (
     compute_dtype,
     top_columns,
 )
-from xtoken_nemo.losses.pkl import LocalProjection, local_projection
+from xtoken_nemo.losses.pkl import LocalProjection, load_vocab_major, local_projection
 from xtoken_nemo.losses.shard import Shard, check_block, cross_vocab_shards, raise_if_not_finite, token_blocks
 from xtoken_nemo.vocab.projection import ProjectionMatrix
 
@@ -55,15 +55,6 @@ def select_teacher_columns(teacher_logits: torch.Tensor, shard: Shard, k: int, g
     ids = gathered[top_columns(gathered[:, 0], k), 1].to(torch.int64) - shard.start
     ids = torch.where((ids >= 0) & (ids < shard.width), ids, shard.width)  # other ranks' -> a spare slot
     return torch.zeros(shard.width + 1, dtype=torch.bool, device=dev).index_fill_(0, ids, True)[: shard.width]
-
-
-def _load(x_blk: torch.Tensor, rows: torch.Tensor, temperature: float, dtype: torch.dtype) -> torch.Tensor:
-    """[B, n] block -> [n, B] contiguous compute-dtype logits / T; rows where ``rows`` [n] is
-    False (padded or not selected columns) set to MASK_VALUE."""
-    y = x_blk.new_empty(x_blk.shape[1], x_blk.shape[0], dtype=dtype).copy_(x_blk.t())
-    if temperature != 1.0:
-        y.div_(temperature)
-    return y.masked_fill_(~rows[:, None], MASK_VALUE)
 
 
 def paper_pkl_value_parallel(
@@ -94,12 +85,12 @@ def paper_pkl_value_parallel(
         n, dev, cdt = s_loc.shape[0], s_loc.device, compute_dtype(s_loc)
         selected = select_teacher_columns(t_loc, t_shard, min(topk, teacher_vocab_size), group)
         sel = selected.to(cdt)
-        s_real = torch.arange(s_shard.width, device=dev) < s_shard.valid
         w_t = proj.rows_t(cdt, dev)
         out = s_loc.new_zeros(n, dtype=cdt)
         for a, b in token_blocks(n, block):
-            ys = _load(s_loc[a:b], s_real, temperature, cdt)  # [n_S, B]
-            yt = _load(t_loc[a:b], selected, temperature, cdt)  # [n_T, B], only K's columns
+            ys = load_vocab_major(s_loc[a:b], s_shard, temperature, cdt)  # [n_S, B]
+            # [n_T, B], only K's columns (K holds no padded column)
+            yt = load_vocab_major(t_loc[a:b], t_shard, temperature, cdt).masked_fill_(~selected[:, None], MASK_VALUE)
             m = torch.stack([ys.amax(0), yt.amax(0)])
             comm.all_reduce_(m, "max", group)
             z = torch.stack([(ys - m[0]).exp_().sum(0), (yt - m[1]).exp_().sum(0)])

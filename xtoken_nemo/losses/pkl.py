@@ -166,6 +166,17 @@ def _pkl_grad_q_(log_pt: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return log_pt.exp_().div_(q.clamp_min_(PROB_FLOOR)).neg_().mul_(keep)
 
 
+def load_vocab_major(x_blk: torch.Tensor, shard: Shard, temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """[B, n] input block -> [n, B] contiguous compute-dtype logits / T, padded rows masked (the
+    P-KL layout; NVIDIA's P-KL value in :mod:`xtoken_nemo.losses.paper_pkl` loads the same way)."""
+    y = x_blk.new_empty(x_blk.shape[1], x_blk.shape[0], dtype=dtype).copy_(x_blk.t())  # always a fresh copy
+    if temperature != 1.0:
+        y.div_(temperature)
+    if shard.valid < shard.width:
+        y[shard.valid :] = MASK_VALUE
+    return y
+
+
 # CSR x dense runs fastest with a contiguous vocab-major [V, B] operand; elementwise math on a
 # transposed view is several times slower than on a contiguous tensor, so both sides pay one
 # transposing copy instead.
@@ -173,16 +184,6 @@ class _VocabParallelPKL(torch.autograd.Function):
     """P-KL in vocab-major layout: every block is transposed once on load ([V/tp, B], fp32), so the
     sparse products, the reduce-scatter/all-gather (over rows) and the elementwise math all run on
     contiguous tensors; the gradient is transposed back once when written."""
-
-    @staticmethod
-    def _load(x_blk, shard, temperature, dtype):
-        """[B, n] input block -> [n, B] contiguous compute-dtype logits / T, padded rows masked."""
-        y = x_blk.new_empty(x_blk.shape[1], x_blk.shape[0], dtype=dtype).copy_(x_blk.t())  # always a fresh copy
-        if temperature != 1.0:
-            y.div_(temperature)
-        if shard.valid < shard.width:
-            y[shard.valid :] = MASK_VALUE
-        return y
 
     @staticmethod
     def _row_max(x_blk, shard, temperature, dtype):
@@ -214,8 +215,8 @@ class _VocabParallelPKL(torch.autograd.Function):
         local = s_loc.new_empty(3, n, dtype=cdt)  # (reached KL, unreached sum p_T log p_T, unreached mass)
         reached, unreached = proj.column_masks(t_shard, cdt, s_loc.device)
         for a, b in token_blocks(n, block):
-            ys = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt)  # [n_S, B]
-            yt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt)  # [n_T, B]
+            ys = load_vocab_major(s_loc[a:b], s_shard, temperature, cdt)  # [n_S, B]
+            yt = load_vocab_major(t_loc[a:b], t_shard, temperature, cdt)  # [n_T, B]
             m = torch.stack(
                 [
                     _VocabParallelPKL._row_max(s_loc[a:b], s_shard, temperature, cdt),
@@ -242,8 +243,8 @@ class _VocabParallelPKL(torch.autograd.Function):
         out = torch.empty_like(s_loc)
         for a, b in token_blocks(s_loc.shape[0], block):
             cdt = lse_s.dtype
-            ps = _VocabParallelPKL._load(s_loc[a:b], s_shard, temperature, cdt).sub_(lse_s[a:b]).exp_()
-            log_pt = _VocabParallelPKL._load(t_loc[a:b], t_shard, temperature, cdt).sub_(lse_t[a:b])
+            ps = load_vocab_major(s_loc[a:b], s_shard, temperature, cdt).sub_(lse_s[a:b]).exp_()
+            log_pt = load_vocab_major(t_loc[a:b], t_shard, temperature, cdt).sub_(lse_t[a:b])
             q = _VocabParallelPKL._project(ps, proj, group)  # recomputed, [n_T, B]
             g_q = _pkl_grad_q_(log_pt, q).mul_(grad[a:b].to(cdt))  # consumes log_pt and q
             del log_pt, q
