@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 from xtoken_nemo.errors import XTokenError
@@ -86,16 +87,23 @@ def cmd_inspect_w(args: argparse.Namespace) -> int:
             indent=2,
         )
     )
-    for text in args.token or []:
+    for text, sid in _single_tokens(args.token, student, teacher):
+        row = {teacher.token_text(t): round(w, 4) for t, w in W.row(sid).items()}
+        print(f"{text!r} (student id {sid}) -> {row}")
+    return 0
+
+
+def _single_tokens(texts: list[str] | None, student, teacher) -> Iterator[tuple[str, int]]:
+    """(text, student id) of each ``--token`` text that is one student token; a line for each that
+    is not. ``--token`` needs both tokenizers (an error otherwise)."""
+    for text in texts or []:
         if student is None or teacher is None:
             raise XTokenError("--token needs --student and --teacher to turn text into ids")
         ids = student.encode(text, add_bos=False).ids
         if len(ids) != 1:
             print(f"{text!r} is {len(ids)} student tokens, not one: {[student.token_text(i) for i in ids]}")
             continue
-        row = {teacher.token_text(t): round(w, 4) for t, w in W.row(ids[0]).items()}
-        print(f"{text!r} (student id {ids[0]}) -> {row}")
-    return 0
+        yield text, ids[0]
 
 
 def cmd_build_support(args: argparse.Namespace) -> int:
@@ -118,19 +126,16 @@ def cmd_build_support(args: argparse.Namespace) -> int:
     return 0
 
 
-def support_row_text(support, student, teacher, text: str) -> str:
-    """One line: the teacher pieces of student token ``text`` and the support under its prefix."""
-    ids = student.encode(text, add_bos=False).ids
-    if len(ids) != 1:
-        return f"{text!r} is {len(ids)} student tokens, not one: {[student.token_text(i) for i in ids]}"
+def support_row_text(support, student, teacher, text: str, sid: int) -> str:
+    """One line: the teacher pieces of student token ``text`` (id ``sid``) and the support under its prefix."""
     pieces = teacher.encode_batch([text])[0]
     shown = [teacher.token_text(t) for t in pieces]
     if len(pieces) < 2:
-        return f"{text!r} (student id {ids[0]}) is one teacher piece {shown}: no joint chunk, P-KL only"
+        return f"{text!r} (student id {sid}) is one teacher piece {shown}: no joint chunk, P-KL only"
     row = support.entries(tuple(pieces[:-1]))
     tokens = sorted(student.token_text(v) for _, v in row)
     return (
-        f"{text!r} (student id {ids[0]}) = teacher pieces {shown}; under prefix {shown[:-1]}: "
+        f"{text!r} (student id {sid}) = teacher pieces {shown}; under prefix {shown[:-1]}: "
         f"{len(tokens)} student tokens {tokens}"
     )
 
@@ -143,10 +148,8 @@ def cmd_inspect_support(args: argparse.Namespace) -> int:
     support = PrefixSupport.load(args.support, student, teacher)
     meta = {k: v for k, v in support.metadata.items() if k != "stats"}
     print(json.dumps({**meta, "stats": support.stats()}, indent=2))
-    for text in args.token or []:
-        if student is None or teacher is None:
-            raise XTokenError("--token needs --student and --teacher to turn text into ids")
-        print(support_row_text(support, student, teacher, text))
+    for text, sid in _single_tokens(args.token, student, teacher):
+        print(support_row_text(support, student, teacher, text, sid))
     return 0
 
 
