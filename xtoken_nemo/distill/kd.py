@@ -193,7 +193,7 @@ def teacher_kd_loss(
         per_chunk = chunk_mass_kl_parts(s_mass, t_mass, per_chunk, reduction="none")
     if spec.support is not None:  # jkl: the joint-chunk term on top of the P-KL term
         host_labels = teacher_labels if teacher_labels_host is None else teacher_labels_host
-        entries = joint_entries(spec.support, s_spans, t_spans, host_labels.reshape(-1).cpu())
+        entries = joint_entries(spec.support, s_spans, t_spans, host_labels.reshape(-1))
         joint = jkl_term_parallel(
             s, t_flat.detach(), entries, student_vocab_size, spec.vocab_size, cfg.temperature, block_size=block_size
         )

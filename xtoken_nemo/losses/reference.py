@@ -501,8 +501,9 @@ def jkl_term(
     dtype = compute_dtype(student_logits)
     per_chunk = []
     for s_chunk, t_chunk in zip(student_chunks, teacher_chunks):
-        entries = jkl_teacher_support(teacher_logits, t_chunk, teacher_targets, support, temperature)
-        if len(s_chunk) != 1 or len(t_chunk) < 2 or not entries:
+        joint = len(s_chunk) == 1 and len(t_chunk) >= 2
+        entries = jkl_teacher_support(teacher_logits, t_chunk, teacher_targets, support, temperature) if joint else []
+        if not entries:
             per_chunk.append(torch.zeros((), dtype=dtype))
             continue
         log_ps = log_probs(student_logits[s_chunk[0]][None], temperature)[0]
