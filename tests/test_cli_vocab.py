@@ -36,7 +36,7 @@ def test_build_w_and_inspect(capsys, tmp_path):
     assert "'Hund': 0.9091" in shown
     assert main(["inspect-w", str(out), "--student", "llama3", "--teacher", "qwen3"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "rebuild W" in err
+    assert err.count("\n") == 0 and "rebuild it with `xtoken build-w`" in err
 
 
 @pytest.mark.parametrize(

@@ -98,7 +98,7 @@ def test_load_refuses_other_tokenizers(tmp_path, w_qwen, llama3, phi4mini):
     path = tmp_path / "W.safetensors"
     w_qwen.save(path)
     with pytest.raises(
-        ProjectionMatrixError, match="built for teacher tokenizer 'qwen3'.*rebuild W with `xtoken build-w"
+        ProjectionMatrixError, match="built for teacher tokenizer 'qwen3'.*rebuild it with `xtoken build-w`"
     ):
         ProjectionMatrix.load(path, llama3, phi4mini)
     with pytest.raises(ProjectionMatrixError, match="built for student tokenizer 'llama3'"):

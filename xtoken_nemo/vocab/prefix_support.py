@@ -35,6 +35,7 @@ from xtoken_nemo.errors import ProjectionMatrixError
 from xtoken_nemo.tokenizers.base import Tokenizer
 from xtoken_nemo.vocab.build import pair_metadata, teacher_pieces
 from xtoken_nemo.vocab.canonical import exact_matches
+from xtoken_nemo.vocab.pair_file import PairFileKind, check_pair_tokenizers, read_pair_file
 
 FORMAT_NAME = "xtoken-nemo/prefix-support"
 FORMAT_VERSION = "1"
@@ -43,6 +44,11 @@ _TENSORS = ("prefix_offsets", "prefix_pieces", "entry_offsets", "entry_pieces", 
 
 class PrefixSupportError(ProjectionMatrixError):
     """A prefix-support file is missing, corrupt or built for other tokenizers."""
+
+
+SUPPORT_FILE = PairFileKind(
+    FORMAT_NAME, FORMAT_VERSION, "prefix-support file", "`xtoken build-support`", PrefixSupportError
+)
 
 
 @dataclass
@@ -148,27 +154,7 @@ class PrefixSupport:
         cls, path: str | os.PathLike, student: Tokenizer | None = None, teacher: Tokenizer | None = None
     ) -> PrefixSupport:
         """Read a support file; with tokenizers given, refuse one built for other tokenizers."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        rebuild = "build it with `xtoken build-support --student S --teacher T --out FILE`"
-        if not path.is_file():
-            raise PrefixSupportError(f"prefix-support file {path} does not exist; {rebuild}")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                if meta.get("format") != FORMAT_NAME:
-                    raise PrefixSupportError(f"{path} is not an xtoken-nemo prefix-support file; {rebuild}")
-                tensors = {name: f.get_tensor(name) for name in _TENSORS}
-        except PrefixSupportError:
-            raise
-        except Exception as exc:  # safetensors' own errors for corrupt headers/data
-            raise PrefixSupportError(f"prefix-support file {path} is corrupt or truncated ({exc}); {rebuild}") from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise PrefixSupportError(
-                f"{path} has format version {meta.get('format_version')}, this xtoken-nemo reads "
-                f"{FORMAT_VERSION}; {rebuild}"
-            )
+        meta, tensors = read_pair_file(path, SUPPORT_FILE, _TENSORS)
         support = cls(**tensors, num_student_tokens=int(meta["num_student_tokens"]),
                       num_teacher_tokens=int(meta["num_teacher_tokens"]), metadata=meta)  # fmt: skip
         support.check_tokenizers(student, teacher, source=str(path))
@@ -176,20 +162,8 @@ class PrefixSupport:
 
     def check_tokenizers(self, student: Tokenizer | None, teacher: Tokenizer | None, source: str = "support") -> None:
         """Raise PrefixSupportError unless the support was built from exactly these tokenizers."""
-        for side, tok, size in (
-            ("student", student, self.num_student_tokens),
-            ("teacher", teacher, self.num_teacher_tokens),
-        ):
-            if tok is None:
-                continue
-            want = self.metadata.get(f"{side}_fingerprint")
-            if want != tok.fingerprint or size != tok.vocab_size:
-                raise PrefixSupportError(
-                    f"{source} was built for {side} tokenizer '{self.metadata.get(f'{side}_name', '?')}' "
-                    f"(fingerprint {str(want)[:12]}, {size} ids) but the {side} given is '{tok.name}' "
-                    f"(fingerprint {tok.fingerprint[:12]}, {tok.vocab_size} ids); rebuild it with "
-                    "`xtoken build-support`"
-                )
+        sizes = {"student": self.num_student_tokens, "teacher": self.num_teacher_tokens}
+        check_pair_tokenizers(self.metadata, sizes, student, teacher, source, SUPPORT_FILE)
 
     def stats(self) -> dict:
         return json.loads(self.metadata.get("stats", "{}"))

@@ -18,9 +18,11 @@ import torch
 
 from xtoken_nemo.errors import ProjectionMatrixError
 from xtoken_nemo.tokenizers.base import Tokenizer
+from xtoken_nemo.vocab.pair_file import PairFileKind, check_pair_tokenizers, read_pair_file
 
 FORMAT_NAME = "xtoken-nemo/projection-matrix"
 FORMAT_VERSION = "1"
+W_FILE = PairFileKind(FORMAT_NAME, FORMAT_VERSION, "W file", "`xtoken build-w`", ProjectionMatrixError)
 
 
 @dataclass
@@ -153,63 +155,16 @@ class ProjectionMatrix:
         teacher: Tokenizer | None = None,
     ) -> ProjectionMatrix:
         """Read W; with tokenizers given, refuse a W that was built for other tokenizers."""
-        from safetensors import safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ProjectionMatrixError(f"W file {path} does not exist; build it with `xtoken build-w`")
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = dict(f.metadata() or {})
-                if meta.get("format") != FORMAT_NAME:
-                    raise ProjectionMatrixError(
-                        f"{path} is a safetensors file but not an xtoken-nemo projection matrix; "
-                        "build one with `xtoken build-w`"
-                    )
-                indices, values = f.get_tensor("indices"), f.get_tensor("values")
-        except ProjectionMatrixError:
-            raise
-        except Exception as exc:  # safetensors raises its own error types for corrupt headers/data
-            raise ProjectionMatrixError(
-                f"W file {path} is corrupt or truncated ({exc}); rebuild it with `xtoken build-w`"
-            ) from None
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ProjectionMatrixError(
-                f"W file {path} has format version {meta.get('format_version')}, this xtoken-nemo "
-                f"reads version {FORMAT_VERSION}; rebuild it with `xtoken build-w`"
-            )
-        W = cls(indices, values, int(meta["num_teacher_tokens"]), meta)
+        meta, tensors = read_pair_file(path, W_FILE, ("indices", "values"))
+        W = cls(tensors["indices"], tensors["values"], int(meta["num_teacher_tokens"]), meta)
         W.check_tokenizers(student, teacher, source=str(path))
         return W
 
     def check_tokenizers(self, student: Tokenizer | None, teacher: Tokenizer | None, source: str = "W") -> None:
-        """Raise ProjectionMatrixError unless W was built from exactly these tokenizers."""
-        for side, tok in (("student", student), ("teacher", teacher)):
-            if tok is None:
-                continue
-            want = self.metadata.get(f"{side}_fingerprint")
-            if want != tok.fingerprint:
-                raise ProjectionMatrixError(
-                    f"{source} was built for {side} tokenizer '{self.metadata.get(f'{side}_name', '?')}' "
-                    f"(fingerprint {str(want)[:12]}) but the {side} given is '{tok.name}' "
-                    f"(fingerprint {tok.fingerprint[:12]}); rebuild W with "
-                    f"`xtoken build-w --student {student.name if student else '...'} "
-                    f"--teacher {teacher.name if teacher else '...'} --out W.safetensors`"
-                )
-        expected_rows = {
-            "student": student.vocab_size if student else None,
-            "teacher": teacher.vocab_size if teacher else None,
-        }
-        if expected_rows["student"] is not None and expected_rows["student"] != self.shape[0]:
-            raise ProjectionMatrixError(
-                f"{source} has {self.shape[0]} student rows but the student tokenizer has "
-                f"{expected_rows['student']} ids; rebuild W with `xtoken build-w`"
-            )
-        if expected_rows["teacher"] is not None and expected_rows["teacher"] != self.shape[1]:
-            raise ProjectionMatrixError(
-                f"{source} has {self.shape[1]} teacher columns but the teacher tokenizer has "
-                f"{expected_rows['teacher']} ids; rebuild W with `xtoken build-w`"
-            )
+        """Raise ProjectionMatrixError unless W was built from exactly these tokenizers (their
+        fingerprints, and W's rows and columns their sizes)."""
+        sizes = {"student": self.shape[0], "teacher": self.shape[1]}
+        check_pair_tokenizers(self.metadata, sizes, student, teacher, source, W_FILE)
 
     def builder_stats(self) -> dict:
         """Build summary stored in the metadata (exact rows, rows by piece count, zero rows...)."""
