@@ -158,8 +158,7 @@ def _spec(pair: dict, mode: str, merge: str, tc_extra: dict | None = None):
         mode=mode,
         merge=merge,
         projection=pair["W"] if mode in ("pkl", "hkl") else None,
-        uld_method="sort",
-        **(tc_extra or {}),
+        **{"uld_method": "sort", **(tc_extra or {})},
     )
     spec = build_teacher_spec(tc, student, teacher, _padded(student.vocab_size), _padded(teacher.vocab_size))
     return spec, student.vocab_size
@@ -183,16 +182,21 @@ DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.
         ("uld", "chain"),
         ("kl", "chain"),
         ("pkl", "chain"),
+        ("hkl-hist", "chain"),
+        ("gold-hist", "chain"),
+        ("uld-hist", "chain"),
     ],
 )
 def test_loss_path_leaves_the_host_free_on_a_device(sp_pair, device, mode, merge):  # noqa: F811
     """teacher_kd_loss (forward and backward) and the "ce" confidence of distillation_loss on
     device logits with the host chunk table of a micro-batch: after a first call (the per-device
-    copies of the spec), nothing waits for the device. (H-KL/GOLD/ULD by the sort: the histogram
-    ULD's bincount has no meta kernel.)"""
+    copies of the spec), nothing waits for the device. H-KL/GOLD/ULD by the sort, and ("-hist") by
+    the histogram with its default static contested-entry buffer (the exact size read a count on
+    the host, which fails on meta)."""
     if device == "meta" and mode == "pkl":
         pytest.skip("P-KL's sparse CSR products have no meta kernels (checked on CUDA)")
-    spec, student_vocab = _spec(sp_pair, mode, merge)
+    mode, _, method = mode.partition("-")
+    spec, student_vocab = _spec(sp_pair, mode, merge, {"uld_method": method} if method else None)
     B, S, T = 2, 24, 20
     chunks = _random_table(np.random.default_rng(3), B, S, T, pad_rows=2)
     s_width, t_width = _padded(student_vocab), _padded(spec.vocab_size)
