@@ -239,8 +239,8 @@ def test_unused_slots_leave_entry_zero_alone(monkeypatch, zero_first):
 
 def test_static_overflow_is_nan_never_a_wrong_number(monkeypatch):
     """Identical rows contest every non-empty bin: a buffer for 1% of the entries overflows, and the
-    value and the gradient are NaN (the trainer skips a non-finite step) with the overflow reported;
-    a buffer large enough gives the exact 0."""
+    value and the gradient are NaN with the overflow reported (the trainer recomputes such a step
+    with a larger buffer); a buffer large enough gives the exact 0."""
     a, _ = _block(3, rows=4, na=2000)
     monkeypatch.setattr(uld_hist, "CONTESTED_MIN", 16, raising=False)
     monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", 0.01, raising=False)
