@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import sys
 
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 from distributed_utils import run_distributed
-from sync_counting import calling_file, is_host_read
+from sync_counting import SYNC_METHODS, calling_file, is_host_read
 from test_distill import sp_config, sp_pair  # noqa: F401  (module-scoped fixture, rebuilt here)
 from torch.overrides import TorchFunctionMode
 
@@ -63,9 +64,11 @@ def _blocking_copy(func, args: tuple, kwargs: dict) -> bool:
 
 class StepSyncCounter(TorchFunctionMode):
     """test_cluster_job's SyncCounter (float/bool tensor -> host conversions by our code; integer
-    tensors there are host batch data) plus the blocking copies of index and mask tensors (integer,
-    bool: what the loss path builds on the host) to a device, made by the loss path. (On this CPU
-    the device is the host: float tensors there are computed values, already on the device.)"""
+    tensors there are host batch data), every tensor -> host conversion made by the losses (which
+    get no host batch data in a step: an integer read there is a computed count, e.g. the exact-size
+    histogram ULD's contested-entry count), plus the blocking copies of index and mask tensors
+    (integer, bool: what the loss path builds on the host) to a device, made by the loss path. (On
+    this CPU the device is the host: float tensors there are computed values, already on the device.)"""
 
     def __init__(self) -> None:
         super().__init__()
@@ -76,7 +79,8 @@ class StepSyncCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         if self.active and args and isinstance(args[0], torch.Tensor):
             where = calling_file(__file__)
-            if is_host_read(func, args) and "xtoken_nemo" in where:
+            read = getattr(func, "__name__", "") in SYNC_METHODS
+            if (is_host_read(func, args) and "xtoken_nemo" in where) or (read and LOSS_PATH[0] in where):
                 self.calls.append(f"{func.__name__} {where}")
             elif (
                 any(p in where for p in LOSS_PATH)
@@ -154,8 +158,7 @@ def _spec(pair: dict, mode: str, merge: str, tc_extra: dict | None = None):
         mode=mode,
         merge=merge,
         projection=pair["W"] if mode in ("pkl", "hkl") else None,
-        uld_method="sort",
-        **(tc_extra or {}),
+        **{"uld_method": "sort", **(tc_extra or {})},
     )
     spec = build_teacher_spec(tc, student, teacher, _padded(student.vocab_size), _padded(teacher.vocab_size))
     return spec, student.vocab_size
@@ -179,16 +182,21 @@ DEVICES = ["meta", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.
         ("uld", "chain"),
         ("kl", "chain"),
         ("pkl", "chain"),
+        ("hkl-hist", "chain"),
+        ("gold-hist", "chain"),
+        ("uld-hist", "chain"),
     ],
 )
 def test_loss_path_leaves_the_host_free_on_a_device(sp_pair, device, mode, merge):  # noqa: F811
     """teacher_kd_loss (forward and backward) and the "ce" confidence of distillation_loss on
     device logits with the host chunk table of a micro-batch: after a first call (the per-device
-    copies of the spec), nothing waits for the device. (H-KL/GOLD/ULD by the sort: the histogram
-    ULD's bincount has no meta kernel.)"""
+    copies of the spec), nothing waits for the device. H-KL/GOLD/ULD by the sort, and ("-hist") by
+    the histogram with its default static contested-entry buffer (the exact size read a count on
+    the host, which fails on meta)."""
     if device == "meta" and mode == "pkl":
         pytest.skip("P-KL's sparse CSR products have no meta kernels (checked on CUDA)")
-    spec, student_vocab = _spec(sp_pair, mode, merge)
+    mode, _, method = mode.partition("-")
+    spec, student_vocab = _spec(sp_pair, mode, merge, {"uld_method": method} if method else None)
     B, S, T = 2, 24, 20
     chunks = _random_table(np.random.default_rng(3), B, S, T, pad_rows=2)
     s_width, t_width = _padded(student_vocab), _padded(spec.vocab_size)
@@ -267,6 +275,98 @@ def test_one_host_sync_per_global_step_with_hkl_gold_uld_teachers(sp_pair, tmp_p
     assert len(trainer.batches.for_step(0)) == 2
     counts, calls = _count_syncs_per_step(trainer, 2)
     assert counts == [1, 1], collections.Counter(c for step in calls for c in step).most_common(8)
+
+
+def test_uld_overflow_recomputes_the_step_with_a_doubled_share(sp_pair, tmp_path, monkeypatch, caplog):  # noqa: F811
+    """A static contested-entry buffer far too small (1/1024 of a block's entries, at least 4):
+    the histogram ULD overflows, the trainer doubles the share and recomputes the step on the same
+    micro-batches (kept as they were read, whether in-process or by data workers: no second read),
+    no step is skipped, a warning says so, and the run equals one with the exact-size buffer bit for
+    bit (the static walk is the exact one's plus unused slots sorted last)."""
+    from test_distill import _params
+
+    from xtoken_nemo.distill.trainer import Trainer
+    from xtoken_nemo.losses import uld_hist
+
+    monkeypatch.setattr(uld_hist, "CONTESTED_MIN", 4)
+
+    def run(share: float | None, name: str):
+        monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", share)  # the trainer reads it when it starts
+        trainer = Trainer(_hybrid_config(sp_pair, tmp_path / name, "hist", steps=3), progress=False)
+        reads = collections.Counter()
+        read_step = trainer.batches.iterator
+
+        def counting(step):
+            reads[step] += 1
+            return read_step(step)
+
+        trainer.batches.iterator = counting
+        out = trainer.run()
+        assert reads == {0: 1, 1: 1, 2: 1}
+        return trainer, out
+
+    exact_trainer, exact = run(None, "exact")
+    with caplog.at_level(logging.WARNING, logger="xtoken_nemo"):
+        static_trainer, static = run(1 / 1024, "static")
+    warnings = [r.getMessage() for r in caplog.records if "contested-entry buffer overflowed" in r.getMessage()]
+    assert warnings and all("step recomputed" in w for w in warnings), warnings
+    assert warnings[0].startswith("step 1: ") and f"share raised to {1 / 512:g}" in warnings[0]
+    assert static_trainer.uld_share == 2 ** len(warnings) / 1024 and exact_trainer.uld_share is None
+    assert static["skipped_steps"] == exact["skipped_steps"] == 0
+    assert static["status"] == "completed" and len(static["history"]) == 3
+    timing = {"tokens_per_s", "memory_gb"}
+    for got, want in zip(static["history"], exact["history"]):
+        assert {k: v for k, v in got.items() if k not in timing} == {k: v for k, v in want.items() if k not in timing}
+    got, want = _params(static_trainer.student), _params(exact_trainer.student)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def _overflow_runs(pair: dict, run_dir: str, tp: int) -> dict:
+    """The exact-size run and the too-small static buffer's run (as above) in this process group:
+    histories (timings left out), the grown share, and whether this rank's weights are equal."""
+    from test_distill import _params
+
+    from xtoken_nemo.distill.trainer import Trainer
+    from xtoken_nemo.losses import uld_hist
+
+    uld_hist.CONTESTED_MIN = 4
+    out, params = {}, {}
+    for name, share in (("exact", None), ("static", 1 / 1024)):
+        uld_hist.CONTESTED_SHARE = share
+        cfg = _hybrid_config(pair, run_dir / name, "hist", steps=2)
+        cfg.train.tensor_parallel = tp
+        trainer = Trainer(cfg, progress=False)
+        run = trainer.run()
+        history = [{k: v for k, v in h.items() if k not in ("tokens_per_s", "memory_gb")} for h in run["history"]]
+        out[name] = (history, run["skipped_steps"], trainer.uld_share)
+        params[name] = _params(trainer.student)
+    out["same_weights"] = all(torch.equal(params["static"][k], params["exact"][k]) for k in params["exact"])
+    return out
+
+
+def _tp2_dp2_overflow_worker(rank: int, world_size: int, pair: dict, run_dir: str) -> dict:
+    from pathlib import Path
+
+    from megatron.core import parallel_state
+
+    tp2 = _overflow_runs(pair, Path(run_dir) / "tp2", tp=2)
+    parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
+    # DP=2: each rank its own micro-batches, so its own overflow; the step-end all-reduce decides
+    return {"tp2": tp2, "dp2": _overflow_runs(pair, Path(run_dir) / "dp2", tp=1)}
+
+
+@pytest.mark.distributed
+def test_uld_overflow_recompute_at_tp2_and_dp2(sp_pair, tmp_path):  # noqa: F811
+    """TP=2 and DP=2: both ranks overflow-recompute the same steps (same grown share), skip none,
+    and equal the exact-size run of the same layout bit for bit."""
+    ranks = run_distributed(_tp2_dp2_overflow_worker, world_size=2, tp=2, args=(sp_pair, str(tmp_path)))
+    for layout in ("tp2", "dp2"):
+        (h0, skipped0, share0), (h1, skipped1, share1) = (r[layout]["static"] for r in ranks)
+        assert share0 == share1 > 1 / 1024 and skipped0 == skipped1 == 0, layout
+        assert h0 == h1, layout  # reduced metrics: the same on every rank
+        for r in ranks:
+            assert r[layout]["static"][0] == r[layout]["exact"][0] and r[layout]["same_weights"], layout
 
 
 def test_pairs_and_layout_are_built_once_per_teacher_not_per_micro_batch(sp_pair, tmp_path, monkeypatch):  # noqa: F811

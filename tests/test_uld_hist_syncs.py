@@ -6,11 +6,14 @@ A TorchFunctionMode counts the calls that do so when they come from our code (th
 tests/test_cluster_job.py's ``SyncCounter``); the meta device, which holds no data at all, checks
 the same thing another way: any read of a value fails there.
 
-- a static contested-entry buffer (``CONTESTED_SHARE`` set): forward and backward make no host
-  read, on CPU and on the meta device; values and gradients equal the exact sort's; a block whose
-  contested entries do not fit returns NaN (value and gradient), never a wrong number;
-- the default (exact size): one host read per ``uld_block`` call (the contested-entry count), none
-  in ``uld_grad``; same values and gradients as the static buffer, bit for bit;
+- the default, a static contested-entry buffer (``CONTESTED_SHARE`` = 1/16): forward and backward
+  make no host read, on CPU and on the meta device; values and gradients equal the exact sort's; a
+  block whose contested entries do not fit returns NaN (value and gradient), never a wrong number;
+- ``contested_buffer(share)``: its share replaces ``CONTESTED_SHARE`` inside, and it sums the
+  blocks' overflow as a device tensor (what the trainer reads at the end of a step);
+- the exact size (``CONTESTED_SHARE = None``): one host read per ``uld_block`` call (the
+  contested-entry count), none in ``uld_grad``; same values and gradients as the static buffer,
+  bit for bit;
 - TP=2: both modes equal TP=1; an overflow on one rank poisons the value on every rank.
 """
 
@@ -114,6 +117,48 @@ def static_share(monkeypatch):
     monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", 0.5, raising=False)
 
 
+@pytest.fixture
+def exact_size(monkeypatch):
+    monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", None, raising=False)
+
+
+def test_default_is_a_static_buffer_and_makes_no_host_sync():
+    """The default configuration: uld_block and uld_grad make no host read (the old default, the
+    exact size, read the contested-entry count once per block)."""
+    assert uld_hist.CONTESTED_SHARE == 1 / 16
+    a, b = _block(2)
+    with SyncCounter() as counter:
+        blk = uld_block(a, b, rows=4)
+        uld_grad(a, blk, rows=4)
+        v = sorted_l1_hist(a.clone().requires_grad_(True), b)
+        v.sum().backward()
+    assert counter.calls == []
+    assert int(blk.contested) > 0 and int(blk.overflow) == 0
+
+
+def test_contested_buffer_sets_the_share_and_sums_the_overflow(monkeypatch):
+    """Inside contested_buffer(s) uld_block takes s (not CONTESTED_SHARE) and adds its overflow to
+    the context's device tensor, with no host read; outside, CONTESTED_SHARE again."""
+    a, _ = _block(3, rows=4, na=2000)
+    monkeypatch.setattr(uld_hist, "CONTESTED_MIN", 16, raising=False)
+    monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", 1.0, raising=False)  # every entry fits
+    cap = uld_hist.contested_capacity(a.numel(), 0.01)
+    with SyncCounter() as counter, uld_hist.contested_buffer(0.01) as buffer:
+        assert buffer.overflow is None
+        first = uld_block(a, a.clone())
+        second = uld_block(a, a.clone())
+    assert counter.calls == []
+    assert int(first.overflow) == 2 * (a.numel() - cap) and torch.equal(first.overflow, second.overflow)
+    assert buffer.share == 0.01 and int(buffer.overflow) == 2 * int(first.overflow)
+    with uld_hist.contested_buffer(1.0) as fits, uld_hist.contested_buffer(None) as exact:
+        blk = uld_block(a, a.clone())  # the innermost context
+    assert int(blk.overflow) == 0 and int(exact.overflow) == 0 and fits.overflow is None
+    assert int(uld_block(a, a.clone()).overflow) == 0  # outside: CONTESTED_SHARE again
+    with pytest.raises(ValueError, match="contested share"):
+        with uld_hist.contested_buffer(0.0):
+            pass
+
+
 def test_static_buffer_makes_no_host_sync(static_share):
     """Forward + backward on a [rows, V] block: no host read from our code (the old code made 32
     here: bincount per side and key pass, bool(amb.any()), nonzero per side and pass, and
@@ -129,8 +174,12 @@ def test_static_buffer_makes_no_host_sync(static_share):
     assert counter.calls == []
 
 
-def test_static_buffer_runs_on_the_meta_device(static_share):
-    """The meta device holds no values: forward and backward run there only if nothing reads one."""
+@pytest.mark.parametrize("share", ["default", 0.5])
+def test_static_buffer_runs_on_the_meta_device(monkeypatch, share):
+    """The meta device holds no values: forward and backward run there only if nothing reads one
+    (the default share, and another; the old default, the exact size, read a count)."""
+    if share != "default":
+        monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", share, raising=False)
     a = torch.rand(5, 300, device="meta").requires_grad_(True)
     b = torch.rand(5, 350, device="meta")
     v = sorted_l1_hist(a, b)
@@ -138,8 +187,8 @@ def test_static_buffer_runs_on_the_meta_device(static_share):
     assert v.shape == (5,) and a.grad.shape == (5, 300) and a.grad.device.type == "meta"
 
 
-def test_exact_size_reads_the_host_once_per_block():
-    """Default: the contested-entry count is the one host read of uld_block; uld_grad reads none."""
+def test_exact_size_reads_the_host_once_per_block(exact_size):
+    """Exact size: the contested-entry count is the one host read of uld_block; uld_grad reads none."""
     a, b = _block(1)
     with SyncCounter() as counter:
         blk = uld_block(a, b, rows=4)
@@ -157,6 +206,7 @@ def test_static_and_exact_equal_each_other_and_the_sort(monkeypatch, dtype, seed
     is a +-1 sign per entry; no ties in these inputs)."""
     a, b = _block(seed, dtype=dtype)
     a[:, ::7] = 0.0  # zeros below the floor, as the uncommon parts have
+    monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", None, raising=False)
     exact = _value_and_grad(a, b)
     monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", 0.5, raising=False)
     static = _value_and_grad(a, b)
@@ -175,6 +225,7 @@ def test_unused_slots_leave_entry_zero_alone(monkeypatch, zero_first):
     a[:, 1::3] = 0.0  # never contested: the buffer (all entries) keeps unused slots
     if zero_first:
         a[0, 0] = 0.0
+    monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", None, raising=False)
     exact = _value_and_grad(a, a.clone())
     monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", 1.0, raising=False)
     static = _value_and_grad(a, a.clone())
@@ -184,8 +235,8 @@ def test_unused_slots_leave_entry_zero_alone(monkeypatch, zero_first):
 
 def test_static_overflow_is_nan_never_a_wrong_number(monkeypatch):
     """Identical rows contest every non-empty bin: a buffer for 1% of the entries overflows, and the
-    value and the gradient are NaN (the trainer skips a non-finite step) with the overflow reported;
-    a buffer large enough gives the exact 0."""
+    value and the gradient are NaN with the overflow reported (the trainer recomputes such a step
+    with a larger buffer); a buffer large enough gives the exact 0."""
     a, _ = _block(3, rows=4, na=2000)
     monkeypatch.setattr(uld_hist, "CONTESTED_MIN", 16, raising=False)
     monkeypatch.setattr(uld_hist, "CONTESTED_SHARE", 0.01, raising=False)

@@ -26,7 +26,7 @@ from torch.profiler import record_function
 from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu, outside_cuda_redirect
 from xtoken_nemo.distill import kd, model_setup  # called through the module: tests wrap these functions
 from xtoken_nemo.distill.batches import MicroBatches, build_dataset
-from xtoken_nemo.distill.config import DistillConfig
+from xtoken_nemo.distill.config import DistillConfig, KDMode
 from xtoken_nemo.distill.kd import KDOptions
 from xtoken_nemo.distill.preemption import PreemptionFlag
 from xtoken_nemo.distill.progress import ProgressLog
@@ -34,7 +34,7 @@ from xtoken_nemo.distill.run_checkpoints import finalize_pending_save, resume_la
 from xtoken_nemo.distill.teacher_cache import TeacherLogitsCache, teacher_key
 from xtoken_nemo.distill.teacher_loss import build_teacher_spec, check_teacher_tokenizer
 from xtoken_nemo.errors import XTokenError
-from xtoken_nemo.losses import adaptive_alphas_host
+from xtoken_nemo.losses import adaptive_alphas_host, uld_hist
 from xtoken_nemo.losses.checks import nonfinite_checks_deferred
 from xtoken_nemo.models.build import causal_mask
 from xtoken_nemo.models.checkpoint import write_metadata
@@ -250,6 +250,15 @@ class Trainer:
                     )
         self.state = RunState()
         self._step_kd_scale, self._step_alphas = None, None  # set by train_step
+        # the histogram ULD's contested-entry share (None: exact size, one host read per block);
+        # doubled when a step overflows it, for the rest of the run (uld_hist.contested_buffer)
+        self.uld_share = uld_hist.CONTESTED_SHARE
+        self._uld_can_overflow = self.uld_share is not None and any(
+            KDMode(spec.config.mode) in (KDMode.HKL, KDMode.GOLD, KDMode.ULD)
+            and spec.config.uld_method == "hist"
+            and spec.config.uld_topk is None
+            for spec in self.teacher_specs
+        )
 
     # ..........................................................................................
     def _forward_step(self, data_iterator, model):
@@ -287,7 +296,7 @@ class Trainer:
         t = self.cfg.train
         # NaN/inf is not raised here (one rank raising while the others wait in a collective would
         # hang the job): it is flagged, and train_step skips the step on every rank at once
-        with nonfinite_checks_deferred():
+        with nonfinite_checks_deferred(), uld_hist.contested_buffer(self.uld_share) as contested:
             losses = kd.distillation_loss(
                 student_logits,
                 labels.to(device),
@@ -310,6 +319,9 @@ class Trainer:
             "total": losses.total.detach().clone(),
             "nonfinite": (~finite).float(),
         }
+        if self._uld_can_overflow:  # internal: contested entries that did not fit (train_step recomputes)
+            none = losses.ce.detach().new_zeros((), dtype=torch.float32)
+            metrics["_uld_overflow"] = none if contested.overflow is None else contested.overflow.float()
         if losses.kd is not None:
             metrics["kd"] = losses.kd.detach()
             metrics["kd_scale"] = losses.kd_scale.detach()  # the factor applied
@@ -404,28 +416,25 @@ class Trainer:
     # ..........................................................................................
     def train_step(self, step: int) -> dict:
         """One global step; returns averaged metrics (ce, kd, total, grad_norm, lr, ...) and
-        ``preempted`` (a signal reached some rank before this step's reduction)."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
+        ``preempted`` (a signal reached some rank before this step's reduction). A step whose
+        histogram ULD overflowed its contested-entry buffer is recomputed on the same
+        micro-batches with a doubled share (:meth:`_grow_uld_share`), not skipped."""
         num_micro = self.batches.num_micro
         S = self.cfg.data.seq_length
         self._step_kd_scale, self._step_alphas = self._batch_stats_for_step(num_micro)
         lr = self.optimizer.param_groups[0]["lr"]  # the scheduler set it for this step
         with cuda_to_cpu():
-            self.model.zero_grad_buffer()
-            self.optimizer.zero_grad()
-            outputs = get_forward_backward_func()(
-                forward_step_func=self._forward_step,
-                # lazy with data workers: the first forward does not wait for the step's last read
-                data_iterator=self.batches.iterator(step),
-                model=[self.model],
-                num_microbatches=num_micro,
-                seq_length=S,
-                micro_batch_size=self.cfg.train.micro_batch_size,
-                forward_only=False,
-            )
-            metrics, flags = self._reduce_step_metrics(outputs, {"preempted": self.preemption.raised})
-            # every rank takes the same branch: the flags are global
+            # lazy with data workers: the first forward does not wait for the step's last read
+            data = self.batches.iterator(step)
+            kept: list[dict] = []  # the step's micro-batches, for a recompute after a ULD overflow
+            if self._uld_can_overflow:
+                data = _keeping(data, kept)
+            metrics, flags = self._forward_backward(data, num_micro, S)
+            # every rank takes the same branch: the flags and the overflow are global
+            while (overflow := metrics.pop("_uld_overflow", 0.0)) > 0:
+                # NaN went into the loss and the gradients: not a non-finite step, a buffer too small
+                self._grow_uld_share(step, overflow * num_micro * self.dp_size)
+                metrics, flags = self._forward_backward(iter(kept), num_micro, S)
             if flags["nonfinite"]:
                 self.state.consecutive_nonfinite += 1
                 self.state.skipped_steps += 1
@@ -461,6 +470,38 @@ class Trainer:
         metrics["lr"] = lr
         metrics["preempted"] = float(flags["preempted"])
         return metrics
+
+    def _forward_backward(self, data, num_micro: int, seq_length: int) -> tuple[dict, dict]:
+        """Zeroed gradients, then megatron's forward-backward schedule over ``num_micro``
+        micro-batches from ``data``; the reduced metrics and flags (:meth:`_reduce_step_metrics`)."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        outputs = get_forward_backward_func()(
+            forward_step_func=self._forward_step,
+            data_iterator=data,
+            model=[self.model],
+            num_microbatches=num_micro,
+            seq_length=seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size,
+            forward_only=False,
+        )
+        return self._reduce_step_metrics(outputs, {"preempted": self.preemption.raised})
+
+    def _grow_uld_share(self, step: int, entries: float) -> None:
+        """Double the ULD contested-entry share after an overflow of ``entries`` (over the global
+        batch); at 1 every entry fits, so the recomputes of a step end."""
+        if self.uld_share >= 1.0:
+            raise TrainingError(f"step {step + 1}: ULD's contested-entry buffer overflowed at share 1")
+        self.uld_share = min(1.0, 2.0 * self.uld_share)
+        if self.rank == 0:
+            log.warning(
+                "step %d: ULD's contested-entry buffer overflowed (%d entries); share raised to %g, step recomputed",
+                step + 1,
+                round(entries),
+                self.uld_share,
+            )
 
     # ..........................................................................................
     def resume(self) -> bool:
@@ -594,6 +635,13 @@ class Trainer:
         self.batches.close()
         if self.owns_process_group:
             destroy_distributed()
+
+
+def _keeping(data, kept: list):
+    """The items of ``data``, each appended to ``kept`` as it is taken (so a step can be replayed)."""
+    for item in data:
+        kept.append(item)
+        yield item
 
 
 def _teacher_forward(teacher, tokens: torch.Tensor, device) -> torch.Tensor:

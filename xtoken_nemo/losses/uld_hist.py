@@ -33,12 +33,20 @@ float64) and ties: where a student value equals a teacher value exactly, the sor
 0 (|x| at 0) and this gives +-1, both subgradients; tied student values get the signs of one
 particular order of the tie, as the sort does.
 
-Host synchronizations (each one stalls the GPU's stream): the buffer of step 3 is the only
-data-dependent size. With ``CONTESTED_SHARE = None`` (default) its size is the exact count, read on
-the host once per :func:`uld_block` call; with a static share there is no host read at all, and a
-block whose contested entries do not fit returns NaN (value and gradient) instead of a wrong
-number. :func:`uld_grad` never synchronizes. No bincount (it reads its largest key on the host),
-no nonzero, no boolean-mask indexing, no ``bool(tensor)``.
+Host synchronizations (each one stalls the GPU's stream): none in :func:`uld_block` and
+:func:`uld_grad` by default. The buffer of step 3 is the only data-dependent size; it is sized
+statically, ``contested_capacity(entries, CONTESTED_SHARE)`` per side (1/16 of a side's entries,
+at least 65,536), and a block whose contested entries do not fit returns NaN (value and gradient)
+and reports how many did not fit (``UldBlock.overflow``), never a wrong number. Inside
+:func:`contested_buffer` the calls take that context's share and add their overflow to it: the
+trainer reads it with its one step-end host copy, doubles the share and recomputes the step (the
+grown share stays). ``CONTESTED_SHARE = None`` (or ``contested_buffer(None)``) sizes the buffer
+exactly instead, from the count read on the host once per :func:`uld_block` call (one
+device-to-host synchronization per block on GPU; never overflows). No bincount (it reads its
+largest key on the host), no nonzero, no boolean-mask indexing, no ``bool(tensor)``. Checked on
+CPU and on the meta device; not yet checked under CUDA's sync debug mode (that CUDA's
+``nonzero_static`` and ``index_put_`` make no hidden synchronization is unverified until a GPU
+runs ``tests/test_uld_hist_syncs.py``).
 
 Cost: O(V) per row (bit shift, two index_adds per side, one table lookup per student entry in
 backward) plus a sort of the contested elements only; memory: one int32 key scratch of KEY_ROWS
@@ -48,8 +56,11 @@ at 150k vocabularies), no [B, V] int64 index buffer.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -141,17 +152,22 @@ KEY_ROWS = 64
 """Rows per pass over the int32 bin keys: the key scratch is KEY_ROWS x (wider side) int32, a quarter
 of a [256, V] fp32 block buffer, reused for every pass (no full-block int32 key buffer)."""
 
-CONTESTED_SHARE: float | None = None
-"""How the buffer of contested entries (step 3) is sized; read at each call.
+CONTESTED_SHARE: float | None = 1 / 16
+"""How the buffer of contested entries (step 3) is sized; read at each call outside
+:func:`contested_buffer` (the trainer reads it once, when it starts).
 
-None (the default): exactly, from their count, which the host reads once per :func:`uld_block`
-call (one device-to-host synchronization per block on GPU; exact for every input).
-A float s in (0, 1]: statically, ``contested_capacity(entries, s)`` entries per side: no host
-synchronization at all, but a block whose contested entries do not fit gets NaN as its value and
-in its gradient (``UldBlock.overflow`` > 0), never a wrong number. The share of contested entries
-depends on the data (docs/losses.md): 0.2-3.3% of a side's entries for random logits over
-128k/152k columns, up to 99% when the sorted student is within 1% of the sorted teacher (which ULD
-training moves towards): no static share short of 1 fits every input."""
+A float s in (0, 1] (default 1/16): statically, ``contested_capacity(entries, s)`` entries per
+side: no host synchronization, but a block whose contested entries do not fit gets NaN as its
+value and in its gradient (``UldBlock.overflow`` > 0), never a wrong number. None: exactly, from
+their count, which the host reads once per :func:`uld_block` call (one device-to-host
+synchronization per block on GPU; exact for every input).
+
+Why 1/16: the share of contested entries depends on the data (docs/losses.md): 0.2-3.3% of a
+side's entries for random logits over 128k/152k columns, 3.7% for Zipf-like rows; 1/16 = 6.25%
+holds all of these with room (1.7x the largest), at twice the records of 1/32. It cannot hold
+every input: up to 99% are contested when the sorted student is within 1% of the sorted teacher
+(which ULD training moves towards; no share short of 1 fits every input), hence the trainer's
+overflow check and doubling (:func:`contested_buffer`)."""
 
 CONTESTED_MIN = 1 << 16
 """Smallest static buffer per side (entries): small blocks always fit (exact)."""
@@ -159,9 +175,39 @@ CONTESTED_MIN = 1 << 16
 
 def contested_capacity(entries: int, share: float) -> int:
     """Static contested-entry capacity for one side of ``entries`` entries (rows x columns)."""
-    if not 0.0 < share <= 1.0:
+    if share is None or not 0.0 < share <= 1.0:
         raise ValueError(f"contested share must be in (0, 1], got {share!r}")
     return min(entries, max(CONTESTED_MIN, math.ceil(share * entries)))
+
+
+@dataclass
+class ContestedBuffer:
+    """The contested-entry share of the :func:`uld_block` calls inside :func:`contested_buffer`,
+    and the entries that did not fit, summed over those calls."""
+
+    share: float | None
+    overflow: torch.Tensor | None = None  # [] int64 on the blocks' device; None: no call yet
+
+
+_ACTIVE_BUFFER: contextvars.ContextVar[ContestedBuffer | None] = contextvars.ContextVar(
+    "xtoken_uld_contested_buffer", default=None
+)
+
+
+@contextlib.contextmanager
+def contested_buffer(share: float | None) -> Iterator[ContestedBuffer]:
+    """Inside this block :func:`uld_block` sizes its buffer by ``share`` (None: exactly) in place
+    of ``CONTESTED_SHARE`` and adds its overflow to the yielded record's ``overflow`` (a device
+    tensor: nothing is read on the host). The trainer wraps each micro-batch's loss in one and
+    reads the overflow with its step-end metrics."""
+    if share is not None and not 0.0 < share <= 1.0:
+        raise ValueError(f"contested share must be in (0, 1] or None (exact), got {share!r}")
+    buffer = ContestedBuffer(share)
+    token = _ACTIVE_BUFFER.set(buffer)
+    try:
+        yield buffer
+    finally:
+        _ACTIVE_BUFFER.reset(token)
 
 
 def key_scratch(rows: int, cols: int, device, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -239,8 +285,9 @@ def uld_block(
     concatenation over the group), without sorting them. No autograd: see :class:`UldBlock`.
 
     The bin keys are computed ``rows`` rows at a time into ``scratch`` (flat int32, allocated when
-    not given or too small; pass one to reuse it across blocks). Host synchronizations: one (the
-    contested-entry count) with ``CONTESTED_SHARE = None``, none with a static share."""
+    not given or too small; pass one to reuse it across blocks). Host synchronizations: none with
+    a static share (the default), one (the contested-entry count) with the exact size (share None).
+    Inside :func:`contested_buffer`: that context's share, and the overflow is added to it."""
     grid = Grid.of(a.dtype, bits)
     B, na_cols = a.shape
     nb_cols = b.shape[1]
@@ -271,7 +318,8 @@ def uld_block(
 
     # contested entries -> fixed-size records (row, value, side): no data-dependent shapes below
     have = torch.stack([(la * amb).sum(), (lb * amb).sum()])  # this rank's contested entries per side
-    share = CONTESTED_SHARE
+    active = _ACTIVE_BUFFER.get()
+    share = CONTESTED_SHARE if active is None else active.share
     if share is None:
         # exact size: the one host read; the largest rank's count, as the all-gather needs one size
         need = comm.all_reduce_(have.clone(), "max", group)
@@ -293,6 +341,8 @@ def uld_block(
     heads = allrec.view(ws, Mr, 3)[:, Mr - 1, 1]
     overflow = heads.sum().long()
     heads.zero_()
+    if active is not None:
+        active.overflow = overflow if active.overflow is None else active.overflow + overflow
     row_f, val, lab = allrec.unbind(1)
     contested = (lab != 0).sum()
     # order: row ascending, value descending, ties in record order (this rank's a's, then b's, then
@@ -402,10 +452,12 @@ def sorted_l1_hist(
 __all__ = [
     "CONTESTED_MIN",
     "CONTESTED_SHARE",
+    "ContestedBuffer",
     "DEFAULT_GRID_BITS",
     "FLOOR_LOG2",
     "KEY_ROWS",
     "Grid",
+    "contested_buffer",
     "contested_capacity",
     "key_scratch",
     "UldBlock",
