@@ -8,7 +8,8 @@
 - On a device, the loss path reads no device value, puts no host tensor into a device op (an index
   copied to the device and waited for) and makes no blocking copy. Checked on the "meta" device,
   the stand-in for CUDA of test_losses_device.py (a value read raises there; the other two are
-  recorded), and on a machine with CUDA under torch's sync debug mode as well.
+  recorded), and on a machine with CUDA under torch's sync debug mode as well; J-KL's joint term
+  (its host index, its row-sparse gradient) the same way.
 - The common pairs and their layout (``hkl_pairs``, ``check_pairs``, ``_hybrid_layout``) are built
   once per teacher when the trainer starts, never in a step.
 - The vectorised chunk indexing (``chunk_index``, ``kd._flat_chunks``) gives the loops it replaced
@@ -224,6 +225,43 @@ def test_loss_path_leaves_the_host_free_on_a_device(sp_pair, device, mode, merge
             if device == "cuda":
                 torch.cuda.set_sync_debug_mode(debug)
     assert mix.calls == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_jkl_joint_term_leaves_the_host_free_on_a_device(device):
+    """J-KL's joint term (forward and its row-sparse backward) on device logits with the host
+    index of a micro-batch (built from the host chunk table and host labels): no device value read,
+    no host tensor in a device op, no blocking copy. The jkl mode's P-KL term is the pkl case above
+    (no meta kernels for its sparse CSR products: checked on CUDA only)."""
+    from test_jkl import V_S, V_T, synthetic_case
+
+    from xtoken_nemo.losses.jkl import jkl_term_parallel, joint_entries
+
+    case = synthetic_case(0, torch.float32)
+    entries = joint_entries(case["support"], case["s_spans"], case["t_spans"], case["targets"])
+    assert entries is not None and entries.num_entries > 0
+    n, t_len = len(case["s_spans"].starts), case["teacher"].shape[0]
+
+    def call() -> torch.Tensor:
+        s = torch.randn(n, V_S, device=device, requires_grad=True)
+        t = torch.randn(t_len, V_T, device=device)
+        jkl_term_parallel(s, t, entries, V_S, V_T, block_size=16).sum().backward()
+        return s.grad
+
+    with nonfinite_checks_deferred():
+        call()
+        mix = DeviceHostMix()
+        debug = torch.cuda.get_sync_debug_mode() if device == "cuda" else None
+        try:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode("error")
+            with mix:
+                grad = call()
+        finally:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(debug)
+    assert mix.calls == []
+    assert grad.layout == torch.sparse_coo and grad.device.type == device  # the rows it reached, not [N, V]
 
 
 # ----------------------------------------------------------------------------------------------
