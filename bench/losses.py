@@ -26,7 +26,7 @@ buffer than P-KL).
 Runtime on 2 CPU cores at 2048 chunks: a few minutes (the ``*_sort`` losses sort full vocabularies).
 
     .venv/bin/python bench/losses.py [--chunks 2048] [--block 256]
-        [--losses kl,gold,gold_sort,pkl,jkl,hkl,hkl_sort,uld,uld_sort]
+        [--losses kl,gold,gold_sort,gold_exact,pkl,jkl,hkl,hkl_sort,hkl_exact,uld,uld_sort,uld_exact]
     .venv/bin/python bench/losses.py --chunks 256      # quick run
 Last line: one JSON object with every figure.
 """
@@ -46,9 +46,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-LOSSES = ("kl", "gold", "gold_sort", "pkl", "jkl", "hkl", "hkl_sort", "uld", "uld_sort")
+LOSSES = (
+    *("kl", "gold", "gold_sort", "gold_exact", "pkl", "jkl"),
+    *("hkl", "hkl_sort", "hkl_exact", "uld", "uld_sort", "uld_exact"),
+)
 """``*_sort``: the same loss with ``uld_method="sort"`` (the exact full sort, the old path); without
-the suffix the default ``uld_method="hist"`` (layer-cake histogram, no sort: xtoken_nemo/losses/uld_hist.py)."""
+the suffix the default ``uld_method="hist"`` (layer-cake histogram, no sort: xtoken_nemo/losses/uld_hist.py)
+with its default static contested-entry buffer; ``*_exact``: the histogram with the buffer sized
+exactly (``uld_hist.CONTESTED_SHARE = None``: one host read per block)."""
 
 
 def _pad(v: int, multiple: int = 128) -> int:
@@ -111,7 +116,11 @@ def run_child(args: argparse.Namespace) -> dict:
     else:
         teacher = logits(vt_pad)
         base, _, method = args.loss.partition("_")
-        method = method or "hist"
+        if method == "exact":
+            from xtoken_nemo.losses import uld_hist
+
+            uld_hist.CONTESTED_SHARE = None
+        method = "hist" if method in ("", "exact") else method
         if args.loss == "pkl":
             proj = P.prepare_projection(W, vs_pad, vt_pad)
             fn = lambda s, t: P.pkl_loss_parallel(s, t, proj, v_s, v_t, block_size=args.block)  # noqa: E731
@@ -131,12 +140,25 @@ def run_child(args: argparse.Namespace) -> dict:
     import gc
 
     gc.collect()
-    with _RssSampler() as mem:
-        t0 = time.perf_counter()
-        loss = fn(student, teacher)
-        t1 = time.perf_counter()
-        loss.backward()
-        t2 = time.perf_counter()
+    from xtoken_nemo.losses import uld_hist
+
+    # the histogram ULD's contested-entry buffer, as the trainer sizes it: the default share,
+    # doubled until the call fits (each try is a full call; the last one is the one reported)
+    share, tries = uld_hist.CONTESTED_SHARE, 0
+    while True:
+        tries += 1
+        student.grad = None
+        with uld_hist.contested_buffer(share) as buffer, _RssSampler() as mem:
+            t0 = time.perf_counter()
+            loss = fn(student, teacher)
+            t1 = time.perf_counter()
+            loss.backward()
+            t2 = time.perf_counter()
+        if buffer.overflow is None or int(buffer.overflow) == 0 or share >= 1.0:
+            break
+        share = min(1.0, 2 * share)
+    if buffer.overflow is not None:
+        extra = dict(extra, uld_share=share, uld_tries=tries)
     return {
         "loss": args.loss,
         "value": float(loss.detach()),
@@ -345,11 +367,13 @@ def main() -> None:
     for base in side:
         res = results[base]
         srt = results.get(base + "_sort")
+        exact = results.get(base + "_exact")
         summary[f"aim_{base}_time_le_2x_kl"] = res["time_ratio"] <= 2.0
         summary[f"aim_{base}_extra_le_2_block_buffers"] = res["extra_vs_kl_in_block_buffers"] <= 2.0
         line = (
-            f"{base:5s} hist: time x{res['time_ratio']:.2f} KL, "
-            f"extra {res['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
+            f"{base:5s} hist (contested share {res.get('uld_share', float('nan')):g}, "
+            f"{res.get('uld_tries', 1)} tries): "
+            f"time x{res['time_ratio']:.2f} KL, extra {res['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
         )
         if srt is not None:
             line += (
@@ -359,6 +383,12 @@ def main() -> None:
                 f"|value diff| {abs(res['value'] - srt['value']):.2e}"
             )
             summary[f"{base}_hist_vs_sort_value_diff"] = abs(res["value"] - srt["value"])
+        if exact is not None:  # the default static contested-entry buffer against the exact size
+            line += (
+                f" | exact-size buffer: time x{exact['time_ratio']:.2f} KL, "
+                f"extra {exact['extra_vs_kl_in_block_buffers']:+.2f} block buffers"
+            )
+            summary[f"{base}_static_vs_exact_value_diff"] = abs(res["value"] - exact["value"])
         print(line)
     print(json.dumps(summary))
 

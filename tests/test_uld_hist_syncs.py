@@ -6,7 +6,7 @@ A TorchFunctionMode counts the calls that do so when they come from our code (th
 tests/test_cluster_job.py's ``SyncCounter``); the meta device, which holds no data at all, checks
 the same thing another way: any read of a value fails there.
 
-- the default, a static contested-entry buffer (``CONTESTED_SHARE`` = 1/16): forward and backward
+- the default, a static contested-entry buffer (``CONTESTED_SHARE`` = 1/64): forward and backward
   make no host read, on CPU and on the meta device; values and gradients equal the exact sort's; a
   block whose contested entries do not fit returns NaN (value and gradient), never a wrong number;
 - ``contested_buffer(share)``: its share replaces ``CONTESTED_SHARE`` inside, and it sums the
@@ -125,7 +125,7 @@ def exact_size(monkeypatch):
 def test_default_is_a_static_buffer_and_makes_no_host_sync():
     """The default configuration: uld_block and uld_grad make no host read (the old default, the
     exact size, read the contested-entry count once per block)."""
-    assert uld_hist.CONTESTED_SHARE == 1 / 16
+    assert uld_hist.CONTESTED_SHARE == 1 / 64
     a, b = _block(2)
     with SyncCounter() as counter:
         blk = uld_block(a, b, rows=4)

@@ -35,7 +35,7 @@ particular order of the tie, as the sort does.
 
 Host synchronizations (each one stalls the GPU's stream): none in :func:`uld_block` and
 :func:`uld_grad` by default. The buffer of step 3 is the only data-dependent size; it is sized
-statically, ``contested_capacity(entries, CONTESTED_SHARE)`` per side (1/16 of a side's entries,
+statically, ``contested_capacity(entries, CONTESTED_SHARE)`` per side (1/64 of a side's entries,
 at least 65,536), and a block whose contested entries do not fit returns NaN (value and gradient)
 and reports how many did not fit (``UldBlock.overflow``), never a wrong number. Inside
 :func:`contested_buffer` the calls take that context's share and add their overflow to it: the
@@ -152,22 +152,25 @@ KEY_ROWS = 64
 """Rows per pass over the int32 bin keys: the key scratch is KEY_ROWS x (wider side) int32, a quarter
 of a [256, V] fp32 block buffer, reused for every pass (no full-block int32 key buffer)."""
 
-CONTESTED_SHARE: float | None = 1 / 16
+CONTESTED_SHARE: float | None = 1 / 64
 """How the buffer of contested entries (step 3) is sized; read at each call outside
 :func:`contested_buffer` (the trainer reads it once, when it starts).
 
-A float s in (0, 1] (default 1/16): statically, ``contested_capacity(entries, s)`` entries per
+A float s in (0, 1] (default 1/64): statically, ``contested_capacity(entries, s)`` entries per
 side: no host synchronization, but a block whose contested entries do not fit gets NaN as its
 value and in its gradient (``UldBlock.overflow`` > 0), never a wrong number. None: exactly, from
 their count, which the host reads once per :func:`uld_block` call (one device-to-host
 synchronization per block on GPU; exact for every input).
 
-Why 1/16: the share of contested entries depends on the data (docs/losses.md): 0.2-3.3% of a
-side's entries for random logits over 128k/152k columns, 3.7% for Zipf-like rows; 1/16 = 6.25%
-holds all of these with room (1.7x the largest), at twice the records of 1/32. It cannot hold
-every input: up to 99% are contested when the sorted student is within 1% of the sorted teacher
-(which ULD training moves towards; no share short of 1 fits every input), hence the trainer's
-overflow check and doubling (:func:`contested_buffer`)."""
+Why 1/64: the buffer's records and the walk over them cost memory and time in proportion to the
+share, whether used or not (bench/losses.py, 512 rows of Llama-3.2 x Qwen3 at block 256: 1/16 cost
++6 to +7 fp32 [block, V_T] buffers over KL and 2.3-2.6x its time; 1/64 +1.5 to +2.4 and 1.1-1.8x;
+the exact size +0 to +0.7 and 1.2-1.6x). The share the data needs (docs/losses.md): 0.2-0.7% of a
+side's entries for a student near a teacher of another vocabulary, 1.4% for the bench's bf16 random
+logits of std 3 over 128k/152k columns, 3.3% for std 1-2, 3.7% for Zipf-like rows, up to 99% when the
+sorted student is within 1% of the sorted teacher over one vocabulary (no share short of 1 fits
+every input). So the default fits the cheap cases and the trainer doubles it when a step overflows
+(:func:`contested_buffer`): 1/16 after two recomputed steps for the worst measured ones."""
 
 CONTESTED_MIN = 1 << 16
 """Smallest static buffer per side (entries): small blocks always fit (exact)."""
