@@ -34,8 +34,8 @@ in it. Prints the check's output, then its summary and the wall time of each pha
   --venv DIR     use DIR as the venv: created if missing, reused (install skipped when it holds
                  exactly bench/gpu_env_packages.txt), always kept
   --out DIR      the check's gpu_check.json/.log and this script's logs (default: a new temp folder)
-  --timeout-s S  kill the check after S seconds (default 3600: a safety net above the check's
-                 own hard stop, which --tiny put at 3,300 s on 2026-12-03)
+  --timeout-s S  kill the check after S seconds (default 7200: a safety net above the check's
+                 own hard stop, budget + margin = (310 + 20) s x 20 = 6,600 s under --tiny)
   --help         this text
 
 Python 3.12: $PYTHON312, else the newest 3.12 under pyenv, else python3.12 / python3 on PATH.
@@ -46,7 +46,7 @@ EOF
 
 die() { echo "gpu_env_check: $1" >&2; exit "${2:-$EXIT_ENV}"; }
 
-KEEP=0 VENV="" OUT_DIR="" TIMEOUT_S=3600
+KEEP=0 VENV="" OUT_DIR="" TIMEOUT_S=7200
 while [ $# -gt 0 ]; do
   case "$1" in
     --help | -h) usage; exit 0 ;;

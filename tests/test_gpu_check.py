@@ -441,6 +441,18 @@ def test_the_budget_table_adds_up():
     assert g.RUN_TIMEOUT_S <= 6 * 60
 
 
+def test_the_emulated_environment_waits_longer_than_the_tiny_check_s_own_hard_stop():
+    """bench/gpu_env_check.sh's default --timeout-s is a safety net: it must not kill a --tiny
+    check that its own hard stop (budget + margin, times TINY_MULT) would still let finish. It did:
+    3,600 s against a 6,600 s hard stop after TINY_MULT went from 10 to 20."""
+    g = gpu_check
+    text = (REPO / "bench" / "gpu_env_check.sh").read_text()
+    default = int(re.search(r"\bTIMEOUT_S=(\d+)", text).group(1))
+    hard_stop = (g.DEFAULT_BUDGET_S + g.HARD_MARGIN_S) * g.time_scale(tiny=True)
+    assert default > hard_stop
+    assert f"{hard_stop:,.0f} s under --tiny" in text  # the help text says the same number
+
+
 def test_the_tiny_multiplier_scales_every_figure_alike():
     g = gpu_check
     tiny = g.parse_args(["--allow-cpu", "--tiny"])
