@@ -127,6 +127,12 @@ def check_temperature(temperature: float) -> None:
         raise LossInputError(f"temperature must be a positive finite number, got {temperature!r}")
 
 
+def check_topk(topk: int) -> None:
+    """A count of teacher columns to keep (NVIDIA's P-KL value): a positive int."""
+    if not isinstance(topk, int) or topk < 1:
+        raise LossInputError(f"topk must be a positive int, got {topk!r}")
+
+
 def check_reduction(reduction: str) -> None:
     if reduction not in ("mean", "none"):
         raise LossInputError(f"reduction must be 'mean' (over chunks) or 'none' (per chunk), got {reduction!r}")

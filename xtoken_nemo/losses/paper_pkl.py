@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import torch
 
-from xtoken_nemo.errors import LossInputError
 from xtoken_nemo.losses import comm
-from xtoken_nemo.losses.checks import reduce_chunks
+from xtoken_nemo.losses.checks import check_topk, reduce_chunks
 from xtoken_nemo.losses.common import (
     DEFAULT_BLOCK,
     MASK_VALUE,
@@ -76,8 +75,7 @@ def paper_pkl_value_parallel(
     group, s_shard, t_shard = cross_vocab_shards(
         student_logits, teacher_logits, student_vocab_size, teacher_vocab_size, temperature, reduction, group
     )
-    if not isinstance(topk, int) or topk < 1:
-        raise LossInputError(f"topk must be a positive int, got {topk!r}")
+    check_topk(topk)
     proj = local_projection(W, s_shard, t_shard)
     block = check_block(block_size)
     with torch.no_grad():

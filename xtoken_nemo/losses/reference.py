@@ -64,6 +64,7 @@ from xtoken_nemo.losses.checks import (
     check_reduction,
     check_same_chunks,
     check_temperature,
+    check_topk,
     reduce_chunks,
 )
 from xtoken_nemo.losses.common import (
@@ -89,6 +90,25 @@ from xtoken_nemo.vocab.projection import ProjectionMatrix
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """[N, V] -> [N, V] log-softmax in fp32 (fp64 kept) after dividing by the temperature."""
     return F.log_softmax(logits.to(compute_dtype(logits)) / temperature, dim=-1)
+
+
+def _check_chunk_inputs(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    temperature: float,
+    reduction: str,
+    W: ProjectionMatrix | torch.Tensor | None = None,
+) -> None:
+    """The checks the ULD, GOLD and P-KL references start with: temperature, reduction, finite
+    [N, V] logits on both sides with the same N, and (given W) W's shape [V_S, V_T]. (KL checks
+    the same vocabulary on both sides, H-KL its W before building the pairs: their own lines.)"""
+    check_temperature(temperature)
+    check_reduction(reduction)
+    check_logits("student logits", student_logits)
+    check_logits("teacher logits", teacher_logits)
+    check_same_chunks(student_logits, teacher_logits)
+    if W is not None:
+        check_projection_shape(tuple(W.shape), student_logits.shape[-1], teacher_logits.shape[-1])
 
 
 # ------------------------------------------------------------------------------------------
@@ -127,11 +147,7 @@ def uld_loss(
     reduction: str = "mean",
 ) -> torch.Tensor:
     """ULD: L1 between the sorted student and teacher probabilities (zero-padded), per chunk."""
-    check_temperature(temperature)
-    check_reduction(reduction)
-    check_logits("student logits", student_logits)
-    check_logits("teacher logits", teacher_logits)
-    check_same_chunks(student_logits, teacher_logits)
+    _check_chunk_inputs(student_logits, teacher_logits, temperature, reduction)
     ps = log_probs(student_logits, temperature).exp()
     pt = log_probs(teacher_logits, temperature).exp()
     return reduce_chunks(sorted_l1(ps, pt), reduction)
@@ -167,11 +183,7 @@ def gold_loss(
 
     student_logits [N, V_S], teacher_logits [N, V_T], common_pairs [P, 2] (student_id, teacher_id).
     """
-    check_temperature(temperature)
-    check_reduction(reduction)
-    check_logits("student logits", student_logits)
-    check_logits("teacher logits", teacher_logits)
-    check_same_chunks(student_logits, teacher_logits)
+    _check_chunk_inputs(student_logits, teacher_logits, temperature, reduction)
     v_s, v_t = student_logits.shape[-1], teacher_logits.shape[-1]
     pairs = check_pairs(common_pairs, v_s, v_t)
     log_ps = log_probs(student_logits, temperature)
@@ -245,12 +257,7 @@ def pkl_loss_parts(
     trainable = sum_R p_T (log p_T - log q) - M log M, M = sum_R p_T. On the other columns q = 0:
     uncovered = sum_{not R} p_T and constant = sum_{not R} p_T (log p_T - log eps) + M log M.
     """
-    check_temperature(temperature)
-    check_reduction(reduction)
-    check_logits("student logits", student_logits)
-    check_logits("teacher logits", teacher_logits)
-    check_same_chunks(student_logits, teacher_logits)
-    check_projection_shape(tuple(W.shape), student_logits.shape[-1], teacher_logits.shape[-1])
+    _check_chunk_inputs(student_logits, teacher_logits, temperature, reduction, W)
     if isinstance(W, torch.Tensor):
         check_finite("W", W)
         if bool((W < 0).any()):
@@ -305,14 +312,8 @@ def paper_pkl_value(
     log eps. NVIDIA multiplies by T^2; this value does not (our trainable P-KL carries no T^2; at
     T = 1 they agree).
     """
-    check_temperature(temperature)
-    check_reduction(reduction)
-    check_logits("student logits", student_logits)
-    check_logits("teacher logits", teacher_logits)
-    check_same_chunks(student_logits, teacher_logits)
-    check_projection_shape(tuple(W.shape), student_logits.shape[-1], teacher_logits.shape[-1])
-    if not isinstance(topk, int) or topk < 1:
-        raise LossInputError(f"topk must be a positive int, got {topk!r}")
+    _check_chunk_inputs(student_logits, teacher_logits, temperature, reduction, W)
+    check_topk(topk)
     with torch.no_grad():
         cols = top_columns(teacher_logits.max(dim=0).values, min(topk, teacher_logits.shape[-1]))
         log_pt = log_probs(teacher_logits[:, cols], temperature)
