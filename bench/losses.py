@@ -156,7 +156,7 @@ def run_child(args: argparse.Namespace) -> dict:
             t2 = time.perf_counter()
         if buffer.overflow is None or int(buffer.overflow) == 0 or share >= 1.0:
             break
-        share = min(1.0, 2 * share)
+        share = uld_hist.grown_share(share)
     if buffer.overflow is not None:
         extra = dict(extra, uld_share=share, uld_tries=tries)
     return {

@@ -26,7 +26,7 @@ from torch.profiler import record_function
 from xtoken_nemo.compat.cuda_redirect import cuda_to_cpu, outside_cuda_redirect
 from xtoken_nemo.distill import kd, model_setup  # called through the module: tests wrap these functions
 from xtoken_nemo.distill.batches import MicroBatches, build_dataset
-from xtoken_nemo.distill.config import DistillConfig, KDMode
+from xtoken_nemo.distill.config import DistillConfig
 from xtoken_nemo.distill.kd import KDOptions
 from xtoken_nemo.distill.preemption import PreemptionFlag
 from xtoken_nemo.distill.progress import ProgressLog
@@ -36,6 +36,7 @@ from xtoken_nemo.distill.teacher_loss import build_teacher_spec, check_teacher_t
 from xtoken_nemo.errors import XTokenError
 from xtoken_nemo.losses import adaptive_alphas_host, uld_hist
 from xtoken_nemo.losses.checks import nonfinite_checks_deferred
+from xtoken_nemo.losses.hybrid import uld_by_histogram
 from xtoken_nemo.models.build import causal_mask
 from xtoken_nemo.models.checkpoint import write_metadata
 from xtoken_nemo.models.config import DEFAULT_VOCAB_DIVISOR
@@ -254,9 +255,8 @@ class Trainer:
         # doubled when a step overflows it, for the rest of the run (uld_hist.contested_buffer)
         self.uld_share = uld_hist.CONTESTED_SHARE
         self._uld_can_overflow = self.uld_share is not None and any(
-            KDMode(spec.config.mode) in (KDMode.HKL, KDMode.GOLD, KDMode.ULD)
-            and spec.config.uld_method == "hist"
-            and spec.config.uld_topk is None
+            spec.common is not None  # H-KL, GOLD, ULD: the hybrid losses
+            and uld_by_histogram(spec.config.uld_method, spec.config.uld_topk)
             for spec in self.teacher_specs
         )
 
@@ -494,7 +494,7 @@ class Trainer:
         batch); at 1 every entry fits, so the recomputes of a step end."""
         if self.uld_share >= 1.0:
             raise TrainingError(f"step {step + 1}: ULD's contested-entry buffer overflowed at share 1")
-        self.uld_share = min(1.0, 2.0 * self.uld_share)
+        self.uld_share = uld_hist.grown_share(self.uld_share)
         if self.rank == 0:
             log.warning(
                 "step %d: ULD's contested-entry buffer overflowed (%d entries); share raised to %g, step recomputed",

@@ -453,6 +453,12 @@ def _hybrid_block(
     return (w_c * common + w_u * uld) / ws  # replicated on every rank -> each owns 1/ws
 
 
+def uld_by_histogram(uld_method: str, uld_topk: int | None) -> bool:
+    """Whether the hybrid losses compute their ULD term by the histogram (``uld_hist``), the path
+    whose contested-entry buffer can overflow; else by a sort (``"sort"`` or a top-k)."""
+    return uld_method == "hist" and uld_topk is None
+
+
 def gold_loss_parallel(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -494,7 +500,7 @@ def gold_loss_parallel(
     block = check_block(block_size)
     if uld_method not in ULD_METHODS:
         raise LossInputError(f"uld_method must be one of {ULD_METHODS}, got {uld_method!r}")
-    if uld_method == "hist" and uld_topk is None:
+    if uld_by_histogram(uld_method, uld_topk):
         per_chunk = _VocabParallelHybrid.apply(
             student_logits,
             teacher,

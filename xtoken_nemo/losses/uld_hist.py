@@ -213,6 +213,11 @@ def contested_buffer(share: float | None) -> Iterator[ContestedBuffer]:
         _ACTIVE_BUFFER.reset(token)
 
 
+def grown_share(share: float) -> float:
+    """The share after an overflow: doubled, at most 1 (where every entry fits, so growing ends)."""
+    return min(1.0, 2.0 * share)
+
+
 def key_scratch(rows: int, cols: int, device, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """A flat int32 scratch of at least rows * cols entries (``scratch`` itself when it is large enough)."""
     if scratch is not None and scratch.numel() >= rows * cols:
@@ -462,6 +467,7 @@ __all__ = [
     "Grid",
     "contested_buffer",
     "contested_capacity",
+    "grown_share",
     "key_scratch",
     "UldBlock",
     "sorted_l1_hist",
