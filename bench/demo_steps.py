@@ -150,7 +150,8 @@ def main() -> None:
         ]
         print(f"| {name} | {' | '.join(cells)} |")
     total = {s: sum(median[n][s] for n in names) for s in shapes}
-    print(f"| one step of every run | {' | '.join(f'{total[s]:.1f} ({total[s] / total[first]:.2f}x)' for s in shapes)} |")
+    sums = [f"{total[s]:.1f} ({total[s] / total[first]:.2f}x)" for s in shapes]
+    print(f"| one step of every run | {' | '.join(sums)} |")
     print(
         json.dumps(
             {

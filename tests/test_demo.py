@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,6 +158,18 @@ def test_demo_fast_end_to_end(tmp_path, capsys):
     again = capsys.readouterr().out
     assert again.count("finished earlier") == len(RUNS + DIGIT_RUNS) * len(seeds) + 2
     assert json.loads((out / "results.json").read_text())["runs"]["qwen3-pkl"] == results["runs"]["qwen3-pkl"]
+
+    # bench/demo_steps.py times this demo's run configurations with students of other shapes
+    bench = Path(__file__).resolve().parents[1] / "bench" / "demo_steps.py"
+    args = ["--demo", str(out), "--runs", "ce-only,qwen3-pkl", "--shapes", "1x0,1x16", "--steps", "2", "--warmup", "1"]
+    proc = subprocess.run([sys.executable, str(bench), *args, "--reps", "1"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    figures = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(figures["median_ms_per_step"]) == {"ce-only", "qwen3-pkl"}
+    assert all(ms > 0 for per in figures["median_ms_per_step"].values() for ms in per.values())
+    assert figures["ratio_to_first_shape"]["1x0"] == 1.0 and "| one step of every run |" in proc.stdout
+    proc = subprocess.run([sys.executable, str(bench), "--demo", str(out / "runs")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "holds no finished demo" in proc.stderr
 
 
 # ----------------------------------------------------------------------------------------------

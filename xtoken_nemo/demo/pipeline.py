@@ -111,8 +111,8 @@ class DemoConfig:
     # the second task (docs/demo.md, "J-KL"): students whose text keeps each number's true first
     # digit and scrambles the second, distilled from Qwen3 with P-KL and with J-KL, beside CE only
     digit_task: bool = True
-    # training runs at once, each in its own process with one thread: these models are so small
-    # that a step is mostly Python overhead, so two runs on two cores take about the time of one
+    # training runs at once, each in its own process with one thread: two such runs on two cores
+    # take about the time of one (docs/demo.md, step 5)
     workers: int = 2
     multi_alphas: tuple = (0.5, 0.5)  # qwen3, phi4mini
     # J-KL's joint term weighs 2 beside its P-KL term in the second task: with 1, one seed of ten
