@@ -68,7 +68,15 @@ def build_model(mc: ModelConfig, vocab_size: int, tp: int, params_dtype: torch.d
     else:
         arch = arch_from_hf_config(hf_config_for(mc, vocab_size))
         padded = arch.padded_vocab_size(tp)
-        model = build_gpt_model(arch, padded, tp=tp, params_dtype=params_dtype, kernels=kernels, init_seed=mc.init_seed)
+        model = build_gpt_model(
+            arch,
+            padded,
+            tp=tp,
+            params_dtype=params_dtype,
+            kernels=kernels,
+            init_seed=mc.init_seed,
+            init_method_std=mc.init_method_std,
+        )
     mark_tensor_parallel_params(model)
     if params_dtype != torch.float32:
         # megatron keeps the norm weights in fp32; its mixed-precision optimizer expects every
@@ -122,7 +130,9 @@ def save_random_checkpoint(mc: ModelConfig, vocab_size: int, out_dir: str, pad_f
     dividing ``pad_for_tp`` (call with megatron initialized at TP=1)."""
     arch = arch_from_hf_config(hf_config_for(mc, vocab_size))
     padded = arch.padded_vocab_size(pad_for_tp)
-    model = build_gpt_model(arch, padded, tp=1, params_dtype=torch.float32, init_seed=mc.init_seed)
+    model = build_gpt_model(
+        arch, padded, tp=1, params_dtype=torch.float32, init_seed=mc.init_seed, init_method_std=mc.init_method_std
+    )
     from pathlib import Path
 
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -133,7 +143,7 @@ def save_random_checkpoint(mc: ModelConfig, vocab_size: int, out_dir: str, pad_f
         DEFAULT_VOCAB_DIVISOR,
         pad_for_tp,
         torch.float32,
-        source=f"random init seed {mc.init_seed}",
+        source=f"random init seed {mc.init_seed}, std {mc.init_method_std:g}",
         write=False,
     )
     save_mcore_checkpoint(model, out_dir, meta)
