@@ -140,6 +140,41 @@ def test_run_models_seed_the_tracker_from_init_seed(tmp_path):
     assert _equal(seen[0], seen[2]) == []
 
 
+def test_init_method_std_sets_the_random_weights_std(tmp_path):
+    """ModelConfig.init_method_std reaches megatron's init (the demo's students use 0.08): the run's
+    random build and save_random_checkpoint draw the matrices with that std; 0.02 by default."""
+    from xtoken_nemo.distill.model_setup import save_random_checkpoint
+    from xtoken_nemo.models.checkpoint import load_mcore_checkpoint
+
+    ensure_model_parallel(1)
+    stds = {}
+    for std in (0.02, 0.08):
+        mc = ModelConfig(family="llama", init_seed=7, init_method_std=std, **SHAPE)
+        model, _, _ = build_model(mc, VOCAB, tp=1, params_dtype=torch.float32, trainable=False)
+        fc1 = dict(model.named_parameters())["decoder.layers.0.mlp.linear_fc1.weight"]
+        save_random_checkpoint(mc, VOCAB, str(tmp_path / f"std{std}"), pad_for_tp=1)
+        saved, _, _ = load_mcore_checkpoint(str(tmp_path / f"std{std}"), params_dtype=torch.float32, tp=1)
+        stds[std] = (
+            fc1.std().item(),
+            dict(saved.named_parameters())["decoder.layers.0.mlp.linear_fc1.weight"].std().item(),
+        )
+    for std, (built, saved) in stds.items():
+        assert abs(built / std - 1) < 0.1 and abs(saved / std - 1) < 0.1, (std, built, saved)
+    assert ModelConfig().init_method_std == 0.02
+
+
+def test_a_random_model_needs_a_positive_init_std():
+    from xtoken_nemo.distill.config import CheckpointConfig, ConfigError, DataConfig, DistillConfig
+
+    cfg = DistillConfig(
+        student=ModelConfig(init_method_std=0.0), data=DataConfig(paths=["d"]), checkpoint=CheckpointConfig()
+    )
+    with pytest.raises(ConfigError, match="student: init_method_std=0.0 must be > 0"):
+        cfg.validate()
+    cfg.student.checkpoint = "some/checkpoint"  # a loaded model's weights are not drawn: not checked
+    cfg.validate()
+
+
 # ----------------------------------------------------------------------------------------------
 # TP=2: each rank's shard repeats, and the ranks draw from different streams (seed + tp_rank)
 # ----------------------------------------------------------------------------------------------
