@@ -103,7 +103,7 @@ class DemoConfig:
     # cosine decay left some at the plateau (docs/demo.md, "Training")
     student: ModelSize = field(
         default_factory=lambda: ModelSize(
-            hidden_size=64, num_layers=1, steps=250, batch=16, lr=2e-2, min_lr_fraction=1.0, init_std=0.08
+            hidden_size=64, num_layers=1, steps=300, batch=16, lr=2e-2, min_lr_fraction=1.0, init_std=0.08
         )
     )
     seeds: tuple = (1, 2, 3, 4, 5)
