@@ -217,6 +217,20 @@ def test_items_agree_seeds_disagree_is_not_yes():
     assert claim_verdict(-c["diff"], [-hi, -lo], +1, False).startswith("not established")
 
 
+def test_an_at_least_claim_inside_the_noise_is_a_tie_whichever_side_its_estimate_is_on():
+    """Two kernel paths put "H-KL's numeral CE at most P-KL's" at -0.001 [-0.008, +0.005] and +0.003
+    [-0.010, +0.016] nats: both ties within noise, and the verdict must say the same on both (it
+    read "yes within noise" on one and "tie ..., leaning no" on the other); only the lean differs."""
+    one = claim_verdict(-0.001, [-0.008, 0.005], -1, True)
+    other = claim_verdict(0.003, [-0.010, 0.016], -1, True)
+    assert one == "tie within noise (CI includes 0), leaning yes"
+    assert other == "tie within noise (CI includes 0), leaning no"
+    # higher-is-better claims alike; outside the noise nothing changes
+    assert claim_verdict(0.002, [-0.01, 0.02], +1, True).startswith("tie within noise")
+    assert claim_verdict(-0.2, [-0.3, -0.1], -1, True).startswith("yes (95% CI")
+    assert claim_verdict(0.2, [0.1, 0.3], -1, True).startswith("no: the opposite")
+
+
 def test_all_seeds_agree_is_yes():
     a, b = _runs([True] * 5)
     idx = bootstrap_indices(DOCS, ITEMS, 1000, seed=1234)

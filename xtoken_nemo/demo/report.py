@@ -163,9 +163,10 @@ def claim_verdict(diff: float, ci: list[float], sign: int, at_least: bool) -> st
         return "yes (95% CI over seeds and items excludes 0)"
     if lo > 0:
         return "no: the opposite, outside noise"
-    if at_least:
-        return "yes within noise (CI includes 0)" if diff <= 0 else "tie within noise (CI includes 0), leaning no"
-    return "not established (CI includes 0)" + (", leaning yes" if diff < 0 else ", leaning no")
+    # inside the noise the verdict must not hang on the sign of the point estimate (a kernel path's
+    # rounding can move it across 0): only the lean does
+    lean = ", leaning yes" if diff < 0 else ", leaning no"
+    return ("tie within noise (CI includes 0)" if at_least else "not established (CI includes 0)") + lean
 
 
 def check_claim(a: list[EvalItems], b: list[EvalItems], metric: str, sign: int, at_least: bool, idx: Resamples) -> dict:
