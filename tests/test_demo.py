@@ -227,6 +227,7 @@ def test_an_at_least_claim_inside_the_noise_is_a_tie_whichever_side_its_estimate
     assert other == "tie within noise (CI includes 0), leaning no"
     # higher-is-better claims alike; outside the noise nothing changes
     assert claim_verdict(0.002, [-0.01, 0.02], +1, True).startswith("tie within noise")
+    assert claim_verdict(0.0, [-0.01, 0.02], +1, True) == "tie within noise (CI includes 0), an exact tie"
     assert claim_verdict(-0.2, [-0.3, -0.1], -1, True).startswith("yes (95% CI")
     assert claim_verdict(0.2, [0.1, 0.3], -1, True).startswith("no: the opposite")
 

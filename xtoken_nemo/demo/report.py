@@ -165,7 +165,7 @@ def claim_verdict(diff: float, ci: list[float], sign: int, at_least: bool) -> st
         return "no: the opposite, outside noise"
     # inside the noise the verdict must not hang on the sign of the point estimate (a kernel path's
     # rounding can move it across 0): only the lean does
-    lean = ", leaning yes" if diff < 0 else ", leaning no"
+    lean = ", leaning yes" if diff < 0 else ", leaning no" if diff > 0 else ", an exact tie"
     return ("tie within noise (CI includes 0)" if at_least else "not established (CI includes 0)") + lean
 
 
