@@ -98,7 +98,7 @@ class DemoConfig:
         default_factory=lambda: ModelSize(hidden_size=64, num_layers=2, steps=300, batch=16, lr=1e-2)
     )
     # a student learns the table in a breakthrough (KD loss from a plateau to 0.01): with megatron's
-    # init std 0.02 and 2 layers at step 100-234, with std 0.08 and 1 layer at step 44-101 (docs/demo.md,
+    # init std 0.02 and 2 layers at step 100-234, with std 0.08 and 1 layer at step 44-96 (docs/demo.md,
     # "Cost of the demo"); a constant lr after warm-up lets every seed of every run get there, a
     # cosine decay left some at the plateau (docs/demo.md, "Training")
     student: ModelSize = field(
