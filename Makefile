@@ -12,7 +12,7 @@ setup:
 # The CPU demo: W + coverage audit, a room-number lookup only the teachers' corpus states, compact
 # vocabularies, CE-only teachers with the Qwen3 and Phi-4-mini tokenizers, 5 seeds x the students the
 # paper's claims compare (CE, GOLD, P-KL, H-KL, two teachers) and the second task (J-KL against P-KL
-# and CE from Qwen3), evaluation, claims, demo_out/report.md. 4 min 29 s on 2 idle cores after set-up
+# and CE from Qwen3), evaluation, claims, demo_out/report.md. 5 min 4 s on 2 idle cores after set-up
 # (AMD EPYC, AVX-512 machine, kernels pinned to AVX2 by the demo; 45 1-layer students x 300 steps;
 # 2026-12-03).
 demo: setup
