@@ -418,14 +418,15 @@ class Demo:
         return docs, items
 
     # ------------------------------------------------------------------------------------------
-    def _run_config(
-        self, name: str, tok: str, family: str, size: ModelSize, data: Path, teachers: list, init: str | None, seed: int
-    ):
-        run_dir = self.out / "runs" / name
-        model = ModelConfig(
+    def _model_config(
+        self, tok: str, family: str, size: ModelSize, seed: int, checkpoint: str | None = None
+    ) -> ModelConfig:
+        """A demo model of ``size`` (random from ``seed``, or loaded from ``checkpoint``) with the
+        compact ``tok`` tokenizer; it holds 4 x seq_length positions."""
+        return ModelConfig(
             tokenizer=str(self.vocab_path(tok)),
             family=family,
-            checkpoint=init,
+            checkpoint=checkpoint,
             hidden_size=size.hidden_size,
             num_layers=size.num_layers,
             num_attention_heads=size.num_attention_heads,
@@ -433,9 +434,14 @@ class Demo:
             init_seed=seed,
             init_method_std=size.init_std,
         )
+
+    def _run_config(
+        self, name: str, tok: str, family: str, size: ModelSize, data: Path, teachers: list, init: str | None, seed: int
+    ):
+        run_dir = self.out / "runs" / name
         return DistillConfig(
             name=name,
-            student=model,
+            student=self._model_config(tok, family, size, seed, checkpoint=init),
             teachers=teachers,
             # no teacher padding: the demo's models hold 4 x seq_length positions, and a CPU has
             # no kernels that want few shapes
@@ -565,18 +571,8 @@ class Demo:
         """One random initial student checkpoint per seed, shared by every student run of that seed."""
         path = self.out / "runs" / f"student-init-s{seed}"
         if not (path / "xtoken_model.json").exists():
-            s = self.cfg.student
             ensure_model_parallel(1)
-            mc = ModelConfig(
-                tokenizer=str(self.vocab_path(STUDENT_TOK)),
-                family="llama",
-                hidden_size=s.hidden_size,
-                num_layers=s.num_layers,
-                num_attention_heads=s.num_attention_heads,
-                max_position_embeddings=4 * self.cfg.seq_length,
-                init_seed=seed,
-                init_method_std=s.init_std,
-            )
+            mc = self._model_config(STUDENT_TOK, "llama", self.cfg.student, seed)
             save_random_checkpoint(mc, load_tokenizer(mc.tokenizer).vocab_size, str(path), pad_for_tp=1)
         return str(path)
 
